@@ -1,0 +1,41 @@
+"""Exceptions raised by influence_hooks.
+
+Every error says what went wrong and how to fix it. All derive from InfluenceHooksError so callers
+can catch the library's errors in one place.
+"""
+
+
+class InfluenceHooksError(Exception):
+    """Base class of every error raised by influence_hooks."""
+
+
+class ConfigurationError(InfluenceHooksError, ValueError):
+    """An argument or combination of arguments is invalid; raised at construction time."""
+
+
+class RunDirectoryError(InfluenceHooksError):
+    """The run directory is missing, holds a different run, or its manifest is unreadable."""
+
+
+class CorruptShardError(InfluenceHooksError):
+    """A finished shard cannot be read (truncated, corrupt, or from another run)."""
+
+
+class SampleIdError(InfluenceHooksError):
+    """The sample ids of a training batch cannot be determined."""
+
+
+class NonFiniteGradientError(InfluenceHooksError, FloatingPointError):
+    """A recorded per-sample gradient contains NaN or inf and on_nonfinite='raise'."""
+
+
+class StorageError(InfluenceHooksError, OSError):
+    """Writing the run failed (e.g. a full disk); finished shards stay readable."""
+
+
+class WindowError(InfluenceHooksError, ValueError):
+    """A window of steps is empty, reversed, or outside the recorded run."""
+
+
+class MissingDataError(InfluenceHooksError):
+    """The run lacks something a method needs (query gradients, parameter snapshots, ...)."""

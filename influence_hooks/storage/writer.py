@@ -1,0 +1,425 @@
+"""Streaming writer of a run directory.
+
+Training threads hand finished steps to `RunWriter`, which queues them (bounded) and lets a
+background thread write HDF5 shards. Training waits on disk only when the queue is full. Each shard
+is assembled in memory and written under a temporary name, then renamed, so a crash at any moment
+leaves every earlier shard whole and readable.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import queue
+import shutil
+import threading
+import time
+import warnings
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+
+from .. import __version__
+from ..errors import ConfigurationError, NonFiniteGradientError, RunDirectoryError, StorageError
+from . import format as fmt
+from .jsonio import read_json, write_json_atomic
+
+
+@dataclass
+class StepRecord:
+    """Everything recorded for one optimizer step of one rank.
+
+    grads: [B, K] per-sample projected gradients g_t(i) (not divided by the batch size), on any
+    device; `ready` is an optional CUDA event the writer waits on before reading them.
+    update_weight: the factor w_t such that the step's update is -lr * w_t * sum_i g_t(i)
+    (1/|B_t| for a mean-reduced loss, 1 for a sum).
+    """
+
+    step: int
+    epoch: int
+    lr: float
+    lr_groups: list[float]
+    batch_size: int
+    update_weight: float
+    micro_batches: int
+    sample_ids: np.ndarray
+    grads: torch.Tensor
+    finite: torch.Tensor | None = None
+    loss: float = float("nan")
+    ready: Any = None
+
+
+@dataclass
+class _ShardBuffer:
+    index: int
+    steps: list[StepRecord] = field(default_factory=list)
+    query_steps: list[int] = field(default_factory=list)
+    query_grads: list[np.ndarray] = field(default_factory=list)
+    nbytes: int = 0
+
+
+_STOP = object()
+
+
+class RunWriter:
+    """Writes one rank's part of a run directory on a background thread.
+
+    Create with `RunWriter.create(...)` for a new run or `RunWriter.resume(...)` to continue one.
+    Errors raised on the writer thread (a full disk, say) are re-raised on the training thread at
+    the next call, as StorageError, naming what was written and where.
+    """
+
+    def __init__(self, path: Path, manifest: dict[str, Any], rank: int, rank_state: dict[str, Any],
+                 next_shard: int, storage_dtype: str, steps_per_shard: int, max_shard_mb: float,
+                 queue_size: int, on_nonfinite: str):
+        self.path = path
+        self.manifest = manifest
+        self.rank = rank
+        self._rank_state = rank_state
+        self._np_dtype = np.dtype(storage_dtype)
+        self._torch_dtype = getattr(torch, storage_dtype)
+        self._steps_per_shard = steps_per_shard
+        self._max_shard_bytes = int(max_shard_mb * 2**20)
+        self._on_nonfinite = on_nonfinite
+        self._buffer = _ShardBuffer(next_shard)
+        self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
+        self._error: BaseException | None = None
+        self._nonfinite_steps: list[int] = []
+        self._bytes_written = 0
+        self._shards_written = 0
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="influence-hooks-writer", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def create(cls, path: str | os.PathLike, manifest: dict[str, Any], *, rank: int = 0,
+               overwrite: bool = False, **options: Any) -> "RunWriter":
+        """Start a new run in `path`. Refuses a directory that already holds a run unless overwrite."""
+        path = Path(path)
+        mpath = path / fmt.MANIFEST
+        if mpath.exists():
+            if not overwrite:
+                old = _safe_manifest(mpath)
+                raise RunDirectoryError(
+                    f"{path} already holds a run (run_id {old.get('run_id', '?')}, "
+                    f"{old.get('created', 'unknown date')}). Choose a new directory, pass "
+                    "overwrite=True to replace it, or resume=True to continue it from a checkpoint.")
+            if rank == 0:
+                for sub in (fmt.SHARD_DIR, fmt.PARAM_DIR):
+                    shutil.rmtree(path / sub, ignore_errors=True)
+                for f in path.glob("rank-*.json"):
+                    f.unlink()
+                mpath.unlink()
+        elif path.exists() and any(path.iterdir()) and rank == 0 and not overwrite:
+            stray = sorted(p.name for p in path.iterdir())[:5]
+            raise RunDirectoryError(
+                f"{path} is not empty ({', '.join(stray)}, ...) and holds no influence_hooks run. "
+                "Pick an empty or new directory, or pass overwrite=True.")
+        (path / fmt.SHARD_DIR).mkdir(parents=True, exist_ok=True)
+        (path / fmt.PARAM_DIR).mkdir(parents=True, exist_ok=True)
+        manifest = dict(manifest)
+        manifest.update(format=fmt.FORMAT_NAME, format_version=fmt.FORMAT_VERSION,
+                        library_version=__version__, run_id=manifest.get("run_id") or uuid.uuid4().hex,
+                        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        if rank == 0:
+            write_json_atomic(mpath, manifest)
+        state = {"rank": rank, "segments": [{"from_step": 0, "first_shard": 0}], "complete": False,
+                 "last_step": None, "final_step": None}
+        write_json_atomic(path / fmt.rank_file_name(rank), state)
+        return cls(path, manifest, rank, state, 0, **_writer_options(manifest, options))
+
+    @classmethod
+    def resume(cls, path: str | os.PathLike, run_id: str, from_step: int, *, rank: int = 0,
+               **options: Any) -> "RunWriter":
+        """Continue run `run_id` in `path` from optimizer step `from_step` (a checkpoint's step).
+
+        Rows of steps >= from_step in earlier shards are superseded: the reader drops them, so a
+        resumed run has neither duplicated nor missing steps.
+        """
+        path = Path(path)
+        mpath = path / fmt.MANIFEST
+        if not mpath.exists():
+            raise RunDirectoryError(f"cannot resume: {path} holds no run (no {fmt.MANIFEST}).")
+        manifest = read_json(mpath)
+        if manifest.get("run_id") != run_id:
+            raise RunDirectoryError(
+                f"cannot resume: {path} holds run {manifest.get('run_id')}, but the checkpoint "
+                f"belongs to run {run_id}. Point the callback at the checkpoint's run directory.")
+        existing = [fmt.parse_shard_name(p.name) for p in (path / fmt.SHARD_DIR).iterdir()]
+        next_shard = 1 + max((i for r, i in filter(None, existing) if r == rank), default=-1)
+        rpath = path / fmt.rank_file_name(rank)
+        state = read_json(rpath) if rpath.exists() else {"rank": rank, "segments": []}
+        state["segments"].append({"from_step": int(from_step), "first_shard": next_shard})
+        state.update(complete=False, final_step=None)
+        write_json_atomic(rpath, state)
+        for tmp in (path / fmt.SHARD_DIR).glob(f"*{fmt.TMP_SUFFIX}"):
+            tmp.unlink()  # half-written leftovers of the crashed run
+        return cls(path, manifest, rank, state, next_shard, **_writer_options(manifest, options))
+
+    # ------------------------------------------------------------------ training-thread API
+    def write_step(self, record: StepRecord) -> None:
+        self._put(("step", record))
+
+    def write_queries(self, step: int, grads: torch.Tensor, ready: Any = None) -> None:
+        """Query gradients u_q(step), [Q, K], at the parameters w_step (before the update)."""
+        self._put(("query", int(step), grads, ready))
+
+    def write_params(self, kind: str, step: int, params: dict[str, torch.Tensor],
+                     optim_state: dict[str, dict[str, torch.Tensor]] | None = None,
+                     attrs: dict[str, Any] | None = None) -> None:
+        """A parameter file of `kind` ('snapshot' or 'checkpoint') holding w_step."""
+        if kind not in fmt.PARAM_KINDS:
+            raise ConfigurationError(f"parameter file kind must be one of {fmt.PARAM_KINDS}, got {kind!r}")
+        params = {k: v.detach().to("cpu", copy=True) for k, v in params.items()}
+        optim = {p: {k: v.detach().to("cpu", copy=True) for k, v in st.items()}
+                 for p, st in (optim_state or {}).items()}
+        self._put(("params", kind, int(step), params, optim, dict(attrs or {})))
+
+    def flush(self) -> None:
+        """Block until everything queued is on disk as finished shards."""
+        done = threading.Event()
+        self._put(("flush", done))
+        while not done.wait(0.1):
+            self._raise_pending()
+            if not self._thread.is_alive():
+                break
+        self._raise_pending()
+
+    def close(self, *, final_step: int | None = None, complete: bool = True) -> None:
+        """Flush, stop the thread and mark this rank complete (or not, after a failure)."""
+        if self._closed:
+            return
+        try:
+            self.flush()
+        finally:
+            self._closed = True
+            self._queue.put(_STOP)
+            self._thread.join()
+        if complete:
+            self._rank_state.update(complete=True, final_step=final_step)
+            write_json_atomic(self.path / fmt.rank_file_name(self.rank), self._rank_state)
+
+    def abort(self) -> None:
+        """Stop without finishing the open shard (used when training itself failed)."""
+        if not self._closed:
+            self._closed = True
+            self._queue.put(_STOP)
+            self._thread.join(timeout=60)
+
+    @property
+    def nonfinite_steps(self) -> list[int]:
+        return list(self._nonfinite_steps)
+
+    @property
+    def bytes_written(self) -> int:
+        return self._bytes_written
+
+    # ------------------------------------------------------------------ internals
+    def _put(self, item: Any) -> None:
+        self._raise_pending()
+        if self._closed:
+            raise StorageError(f"the writer of {self.path} is closed; nothing more can be recorded.")
+        while True:
+            try:
+                self._queue.put(item, timeout=0.5)
+                return
+            except queue.Full:
+                self._raise_pending()
+
+    def _raise_pending(self) -> None:
+        err = self._error
+        if err is None:
+            return
+        self._error = None
+        if isinstance(err, (NonFiniteGradientError, StorageError)):
+            raise err
+        raise StorageError(
+            f"recording to {self.path} failed on the writer thread: {err!r}. "
+            f"{self._shards_written} finished shard(s), {self._bytes_written / 2**20:.1f} MiB, stay "
+            "readable there.") from err
+
+    def _loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is _STOP:
+                return
+            if self._error is not None:
+                if item[0] == "flush":
+                    item[1].set()
+                continue  # after a failure, drop work but keep unblocking the producer
+            try:
+                self._handle(item)
+            except BaseException as e:  # noqa: BLE001 - re-raised on the training thread
+                self._error = self._describe(e)
+                if item[0] == "flush":
+                    item[1].set()
+
+    def _describe(self, e: BaseException) -> BaseException:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return StorageError(
+                f"disk full while writing {self.path}: {self._shards_written} shard(s), "
+                f"{self._bytes_written / 2**20:.1f} MiB were written and stay readable in "
+                f"{self.path / fmt.SHARD_DIR}. Free space (or record fewer layers / a smaller "
+                "projection / float16 storage) and resume from the last checkpoint.")
+        return e
+
+    def _handle(self, item: tuple) -> None:
+        kind = item[0]
+        if kind == "step":
+            rec: StepRecord = item[1]
+            _wait(rec.ready)
+            grads = rec.grads.to(self._torch_dtype).cpu().numpy()
+            finite = bool(rec.finite) if rec.finite is not None else bool(np.isfinite(grads).all())
+            if not finite:
+                self._nonfinite_steps.append(rec.step)
+                if self._on_nonfinite == "raise":
+                    raise NonFiniteGradientError(
+                        f"step {rec.step}: recorded per-sample gradients contain NaN/inf. Every "
+                        f"earlier step is saved in {self.path}. Pass on_nonfinite='warn' to record "
+                        "and flag such steps instead (aggregators skip flagged steps).")
+                warnings.warn(f"step {rec.step}: per-sample gradients contain NaN/inf; the step is "
+                              "flagged in the run and skipped by aggregators.", RuntimeWarning)
+            rec.grads, rec.finite = grads, torch.tensor(finite)
+            buf = self._buffer
+            buf.steps.append(rec)
+            buf.nbytes += grads.nbytes
+            if len(buf.steps) >= self._steps_per_shard or buf.nbytes >= self._max_shard_bytes:
+                self._finish_shard()
+        elif kind == "query":
+            _, step, grads, ready = item
+            _wait(ready)
+            arr = grads.to(self._torch_dtype).cpu().numpy()
+            self._buffer.query_steps.append(step)
+            self._buffer.query_grads.append(arr)
+            self._buffer.nbytes += arr.nbytes
+        elif kind == "params":
+            self._write_params(*item[1:])
+        elif kind == "flush":
+            self._finish_shard()
+            item[1].set()
+
+    def _finish_shard(self) -> None:
+        buf = self._buffer
+        if not buf.steps and not buf.query_steps:
+            return
+        final = self.path / fmt.SHARD_DIR / fmt.shard_name(self.rank, buf.index)
+        tmp = final.with_name(final.name + fmt.TMP_SUFFIX)
+        try:
+            with h5py.File(tmp, "w") as f:
+                self._fill_shard(f, buf)
+            _fsync(tmp)
+            os.replace(tmp, final)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        self._bytes_written += final.stat().st_size
+        self._shards_written += 1
+        last = max((r.step for r in buf.steps), default=None)
+        if last is not None:
+            self._rank_state["last_step"] = max(last, self._rank_state.get("last_step") or -1)
+        write_json_atomic(self.path / fmt.rank_file_name(self.rank), self._rank_state)
+        self._buffer = _ShardBuffer(buf.index + 1)
+
+    def _fill_shard(self, f: h5py.File, buf: _ShardBuffer) -> None:
+        f.attrs.update(format=fmt.FORMAT_NAME, format_version=fmt.FORMAT_VERSION,
+                       run_id=self.manifest["run_id"], rank=self.rank, shard_index=buf.index)
+        k = int(self.manifest["dim"])
+        counts = np.array([len(r.sample_ids) for r in buf.steps], dtype=np.int64)
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64) if len(counts) else counts
+        grads = (np.concatenate([r.grads for r in buf.steps]) if buf.steps
+                 else np.zeros((0, k), self._np_dtype))
+        n_groups = max((len(r.lr_groups) for r in buf.steps), default=1)
+        lr_groups = np.full((len(buf.steps), n_groups), np.nan)
+        for j, r in enumerate(buf.steps):
+            lr_groups[j, :len(r.lr_groups)] = r.lr_groups
+        f.create_dataset(fmt.ROWS_GRAD, data=grads, chunks=(max(1, min(len(grads), 4096 * 64 // max(k, 1))), k)
+                         if len(grads) else None)
+        f.create_dataset(fmt.ROWS_STEP, data=np.repeat([r.step for r in buf.steps], counts).astype(np.int64))
+        f.create_dataset(fmt.ROWS_SAMPLE_ID, data=np.concatenate(
+            [np.asarray(r.sample_ids, np.int64) for r in buf.steps]) if buf.steps else np.zeros(0, np.int64))
+        cols = {
+            "step": np.array([r.step for r in buf.steps], np.int64),
+            "epoch": np.array([r.epoch for r in buf.steps], np.int64),
+            "lr": np.array([r.lr for r in buf.steps], np.float64),
+            "lr_groups": lr_groups,
+            "batch_size": np.array([r.batch_size for r in buf.steps], np.int64),
+            "update_weight": np.array([r.update_weight for r in buf.steps], np.float64),
+            "micro_batches": np.array([r.micro_batches for r in buf.steps], np.int64),
+            "row_start": starts,
+            "row_count": counts,
+            "nonfinite": np.array([not bool(r.finite) for r in buf.steps], bool),
+            "loss": np.array([r.loss for r in buf.steps], np.float64),
+        }
+        g = f.create_group(fmt.STEPS)
+        for name in fmt.STEP_COLUMNS:
+            g.create_dataset(name, data=cols[name])
+        qsteps = np.array(buf.query_steps, np.int64)
+        f.create_dataset(fmt.QUERY_STEP, data=qsteps)
+        if buf.query_grads:
+            f.create_dataset(fmt.QUERY_GRAD, data=np.stack(buf.query_grads))
+
+    def _write_params(self, kind: str, step: int, params: dict[str, torch.Tensor],
+                      optim: dict[str, dict[str, torch.Tensor]], attrs: dict[str, Any]) -> None:
+        final = self.path / fmt.PARAM_DIR / fmt.param_file_name(kind, self.rank, step)
+        tmp = final.with_name(final.name + fmt.TMP_SUFFIX)
+        try:
+            with h5py.File(tmp, "w") as f:
+                f.attrs.update(format=fmt.FORMAT_NAME, run_id=self.manifest["run_id"], kind=kind,
+                               step=step, rank=self.rank, **attrs)
+                g = f.create_group(fmt.PARAMS_GROUP)
+                for name, t in params.items():
+                    g.create_dataset(name, data=_to_numpy(t))
+                for pname, state in optim.items():
+                    og = f.require_group(f"{fmt.OPTIM_GROUP}/{pname}")
+                    for key, t in state.items():
+                        og.create_dataset(key, data=_to_numpy(t))
+            os.replace(tmp, final)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        self._bytes_written += final.stat().st_size
+
+
+def _to_numpy(t: torch.Tensor) -> np.ndarray:
+    if t.dtype == torch.bfloat16:
+        t = t.float()  # numpy has no bfloat16; the loader casts back to the model's dtype
+    return t.numpy()
+
+
+def _wait(event: Any) -> None:
+    if event is not None:
+        event.synchronize()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _safe_manifest(path: Path) -> dict[str, Any]:
+    try:
+        return read_json(path)
+    except (OSError, ValueError):
+        return {}
+
+
+def _writer_options(manifest: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
+    opts = dict(storage_dtype=manifest["storage_dtype"], steps_per_shard=256, max_shard_mb=256.0,
+                queue_size=32, on_nonfinite="warn")
+    unknown = set(options) - set(opts)
+    if unknown:
+        raise ConfigurationError(f"unknown RunWriter option(s): {sorted(unknown)}")
+    opts.update(options)
+    if opts["storage_dtype"] not in fmt.STORAGE_DTYPES:
+        raise ConfigurationError(
+            f"storage dtype must be one of {fmt.STORAGE_DTYPES}, got {opts['storage_dtype']!r}")
+    return opts
