@@ -1,0 +1,214 @@
+"""InfluenceCallback: record per-sample gradients during `Trainer.fit`, with no change to the
+LightningModule. A thin layer over GradientRecorder."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.pytorch.utilities import move_data_to_device
+from torch.utils.data import Dataset, Subset, default_collate
+
+from .errors import ConfigurationError, SampleIdError
+from .ids import NO_IDS_HELP, IndexedDataset, TrackedBatchSampler, ids_from_indexed_batch, track_loader
+from .recorder import GradientRecorder, RecordingConfig
+
+
+class InfluenceCallback(pl.Callback):
+    """Records g_t(i) of selected layers at every optimizer step of `Trainer.fit` into `run_dir`.
+
+    Sample ids are found by tracking the train loader's batch sampler; for other loaders pass
+    `sample_ids=lambda batch, batch_idx: ids` or wrap the dataset in IndexedDataset.
+    Queries (a Dataset, e.g. a Subset of the validation set, or one batch) get their loss gradients
+    recorded at w_t on the query schedule and at the end of training, computed with
+    `query_loss_fn(pl_module, batch)` or, by default, the module's own training_step (logging muted).
+    Resuming from a Lightning checkpoint continues the same run directory.
+    See RecordingConfig for every other option.
+    """
+
+    def __init__(
+        self,
+        run_dir: str,
+        layers: Sequence[str] | str | None = None,
+        layer_types: Sequence[str] | None = None,
+        exclude: Sequence[str] | None = None,
+        projection: int | str | dict[str, int] | None = 1024,
+        projection_kind: str = "auto",
+        seed: int = 0,
+        loss_reduction: str = "mean",
+        storage_dtype: str | None = None,
+        queries: Any = None,
+        query_loss_fn: Callable[[pl.LightningModule, Any], torch.Tensor] | None = None,
+        query_every_n_steps: int | None = None,
+        sample_ids: Callable[[Any, int], Any] | None = None,
+        snapshot_every_n_steps: int | None = None,
+        snapshot_windows: Sequence[Sequence[int]] | None = None,
+        snapshot_scope: str = "layers",
+        checkpoint_every_n_steps: int | None = None,
+        on_nonfinite: str = "warn",
+        steps_per_shard: int = 256,
+        queue_size: int = 32,
+        overwrite: bool = False,
+        metadata: dict[str, Any] | None = None,
+    ):
+        super().__init__()
+        self.run_dir = str(run_dir)
+        self.config = RecordingConfig(
+            layers=layers, layer_types=layer_types, exclude=exclude, projection=projection,
+            projection_kind=projection_kind, seed=seed, loss_reduction=loss_reduction,
+            storage_dtype=storage_dtype, query_every_n_steps=query_every_n_steps,
+            snapshot_every_n_steps=snapshot_every_n_steps, snapshot_windows=snapshot_windows,
+            snapshot_scope=snapshot_scope, checkpoint_every_n_steps=checkpoint_every_n_steps,
+            on_nonfinite=on_nonfinite, steps_per_shard=steps_per_shard, queue_size=queue_size,
+            overwrite=overwrite)
+        self.query_batch, self.query_ids = _query_batch(queries)
+        self.query_loss_fn = query_loss_fn
+        self.sample_ids = sample_ids
+        self.metadata = metadata
+        self.recorder: GradientRecorder | None = None
+        self._trackers: dict[int, TrackedBatchSampler] = {}
+        self._orig_process_dataloader = None
+        self._resume_state: dict[str, Any] | None = None
+        self._last_batch_of_epoch = False
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(run_dir=self.run_dir)
+
+    # ------------------------------------------------------------------ setup
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        self._install_loader_tracking(trainer)
+
+    def _install_loader_tracking(self, trainer: pl.Trainer) -> None:
+        # Lightning creates the train loader's iterator (and draws the first indices) before any
+        # training hook runs; strategy.process_dataloader is the last point that sees the loader
+        # before that, so the batch sampler is wrapped there.
+        if self._orig_process_dataloader is not None or self.sample_ids is not None:
+            return
+        strategy = trainer.strategy
+        orig = strategy.process_dataloader
+
+        def process_dataloader(dataloader: Any) -> Any:
+            dataloader = orig(dataloader)
+            if trainer.training and not trainer.sanity_checking:
+                tracker = track_loader(dataloader)
+                if tracker is not None:
+                    self._trackers[id(dataloader)] = tracker
+            return dataloader
+
+        self._orig_process_dataloader = orig
+        strategy.process_dataloader = process_dataloader
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._orig_process_dataloader is not None:
+            trainer.strategy.process_dataloader = self._orig_process_dataloader
+            self._orig_process_dataloader = None
+        if self.recorder is not None:
+            self.recorder.capture.detach()
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not pl_module.automatic_optimization:
+            raise ConfigurationError(
+                "InfluenceCallback needs automatic optimization (one optimizer step per "
+                "training_step cycle). With manual optimization use GradientRecorder in the "
+                "training_step.")
+        if len(trainer.optimizers) != 1:
+            raise ConfigurationError(f"InfluenceCallback supports one optimizer, found {len(trainer.optimizers)}.")
+        queries = None
+        if self.query_batch is not None:
+            queries = move_data_to_device(self.query_batch, pl_module.device)
+        self.recorder = GradientRecorder(
+            self.run_dir, pl_module, queries=queries,
+            query_loss_fn=(self.query_loss_fn or _training_step_loss) if queries is not None else None,
+            query_ids=self.query_ids, config=self.config, metadata=self.metadata,
+            precision=str(trainer.precision), rank=trainer.global_rank)
+        extra = {
+            "gradient_clipping": ({"value": trainer.gradient_clip_val,
+                                   "algorithm": str(trainer.gradient_clip_algorithm or "norm")}
+                                  if trainer.gradient_clip_val else None),
+            "accumulate_grad_batches": trainer.accumulate_grad_batches,
+            "world_size": trainer.world_size,
+            "trainer": {"max_epochs": trainer.max_epochs, "max_steps": trainer.max_steps},
+        }
+        if self._resume_state is not None:
+            self.recorder.start(trainer.optimizers[0], resume_run_id=self._resume_state["run_id"],
+                                resume_step=trainer.global_step)
+        else:
+            self.recorder.start(trainer.optimizers[0], extra=extra)
+
+    # ------------------------------------------------------------------ per batch
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        self.recorder.begin_micro_batch(self._ids_for(trainer, batch, batch_idx))
+        n = trainer.num_training_batches
+        self._last_batch_of_epoch = isinstance(n, int) and batch_idx + 1 >= n
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                                 optimizer: torch.optim.Optimizer) -> None:
+        last = self._last_batch_of_epoch or (trainer.max_steps > 0 and trainer.global_step + 1 >= trainer.max_steps)
+        self.recorder.end_step(optimizer, step=trainer.global_step, epoch=trainer.current_epoch,
+                               epoch_end=last, grad_scaler=getattr(trainer.precision_plugin, "scaler", None))
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.recorder.finish(final_step=trainer.global_step)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if self.recorder is not None:
+            self.recorder.abort()
+
+    def _ids_for(self, trainer: pl.Trainer, batch: Any, batch_idx: int) -> Any:
+        if self.sample_ids is not None:
+            return self.sample_ids(batch, batch_idx)
+        loader = trainer.train_dataloader
+        if getattr(loader, "dataset", None) is not None and isinstance(loader.dataset, IndexedDataset):
+            return ids_from_indexed_batch(batch)
+        tracker = self._trackers.get(id(loader))
+        if tracker is None:
+            why = ("the train loader is not a torch DataLoader over a map-style dataset"
+                   if not hasattr(loader, "batch_sampler") or getattr(loader, "batch_sampler", None) is None
+                   else "its batch sampler could not be tracked")
+            raise SampleIdError(NO_IDS_HELP.format(why=why))
+        return tracker.pop()
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        if self.recorder is None or self.recorder.run_id is None:
+            return {}
+        self.recorder.flush()  # every step up to this checkpoint is in a finished shard
+        return {"run_id": self.recorder.run_id, "run_dir": self.run_dir, "step": self.recorder.step}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._resume_state = dict(state_dict) if state_dict.get("run_id") else None
+
+
+def _training_step_loss(pl_module: pl.LightningModule, batch: Any) -> torch.Tensor:
+    """The query loss by default: the module's own training_step, with its logging muted."""
+    mute = lambda *a, **k: None  # noqa: E731
+    pl_module.log, pl_module.log_dict = mute, mute  # instance attributes shadow the methods
+    try:
+        out = pl_module.training_step(batch, 0)
+    finally:
+        del pl_module.log, pl_module.log_dict
+    if isinstance(out, dict):
+        out = out["loss"]
+    if not isinstance(out, torch.Tensor):
+        raise ConfigurationError("training_step returned no loss tensor for the query batch; pass "
+                                 "query_loss_fn=(module, batch) -> loss to InfluenceCallback.")
+    return out
+
+
+def _query_batch(queries: Any) -> tuple[Any, np.ndarray | None]:
+    """Queries as one collated batch, with their ids (Subset indices where available)."""
+    if queries is None:
+        return None, None
+    if isinstance(queries, Dataset):
+        items = [queries[i] for i in range(len(queries))]  # type: ignore[arg-type]
+        if not items:
+            raise ConfigurationError("queries is an empty dataset.")
+        ids = np.asarray(queries.indices, np.int64) if isinstance(queries, Subset) else np.arange(len(items))
+        return default_collate(items), ids
+    return queries, None

@@ -1,0 +1,145 @@
+"""Per-sample gradients from the real backward pass, through module hooks.
+
+A forward hook on every selected module saves the module's inputs and puts a hook on its output
+tensor; when the backward pass reaches that output, the layer's projector turns (inputs,
+grad_output) into one projected gradient per sample. No extra forward or backward pass is run for
+training samples, and nothing here synchronises with the host.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from functools import partial
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from ..errors import ConfigurationError
+from ..projection import LayerProjector, ProjectionSpec
+from .rules import LayerRule
+
+
+@dataclass
+class CapturedLayer:
+    """A selected layer: its columns are [offset, offset + spec.out_dim) of a gradient row."""
+
+    name: str
+    module: nn.Module
+    rule: LayerRule
+    spec: ProjectionSpec
+    projector: LayerProjector
+    offset: int
+
+
+class GradientCapture:
+    """Collects per-sample projected gradients of `layers` during backward passes.
+
+    Contributions are grouped by micro-batch: `begin_micro_batch()` starts a new group. A module
+    called several times in one forward pass (shared weights) contributes the sum of its calls,
+    as its true per-sample gradient does.
+    """
+
+    def __init__(self, layers: list[CapturedLayer]):
+        self.layers = layers
+        self.dim = sum(l.spec.out_dim for l in layers)
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._enabled = False
+        self._current: dict[int, torch.Tensor] = {}
+        self._finished: list[tuple[int, dict[int, torch.Tensor]]] = []
+        self._current_rows = 0
+        self.seen_layers: set[int] = set()
+
+    # hooks ----------------------------------------------------------------
+    def attach(self) -> None:
+        if not self._handles:
+            self._handles = [l.module.register_forward_hook(partial(self._forward_hook, i))
+                             for i, l in enumerate(self.layers)]
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    @contextlib.contextmanager
+    def enabled(self) -> Iterator[None]:
+        previous, self._enabled = self._enabled, True
+        try:
+            yield
+        finally:
+            self._enabled = previous
+
+    def set_enabled(self, on: bool) -> None:
+        self._enabled = on
+
+    def _forward_hook(self, index: int, module: nn.Module, inputs: tuple, output) -> None:
+        if not self._enabled or not torch.is_grad_enabled():
+            return
+        if not isinstance(output, torch.Tensor) or not output.requires_grad:
+            return
+        saved = tuple(x.detach() if isinstance(x, torch.Tensor) else x for x in inputs)
+        out = output.detach()
+        output.register_hook(partial(self._on_grad, index, module, saved, out))
+
+    def _on_grad(self, index: int, module: nn.Module, inputs: tuple, output: torch.Tensor,
+                 grad: torch.Tensor) -> None:
+        g = self.layers[index].projector.per_sample(module, inputs, output, grad)
+        acc = self._current.get(index)
+        self._current[index] = g if acc is None else acc + g
+        self.seen_layers.add(index)
+
+    # micro-batches ---------------------------------------------------------
+    def begin_micro_batch(self, rows: int) -> None:
+        """Start collecting a micro-batch of `rows` samples (closing the previous one)."""
+        self._close_micro_batch()
+        self._current_rows = rows
+
+    def _close_micro_batch(self) -> None:
+        if self._current_rows or self._current:
+            self._finished.append((self._current_rows, self._current))
+        self._current, self._current_rows = {}, 0
+
+    def take_state(self) -> tuple:
+        """Set aside what was collected so far (to capture something else in between)."""
+        state = (self._current, self._finished, self._current_rows)
+        self._current, self._finished, self._current_rows = {}, [], 0
+        return state
+
+    def restore_state(self, state: tuple) -> None:
+        self._current, self._finished, self._current_rows = state
+
+    def discard(self) -> None:
+        """Drop everything collected since the last `collect`."""
+        self._current, self._finished, self._current_rows = {}, [], 0
+
+    def collect(self, row_scales: list[float | torch.Tensor] | None = None,
+                dtype: torch.dtype | None = None) -> tuple[torch.Tensor, list[int]]:
+        """Per-sample gradients of everything captured since the last collect.
+
+        Returns (grads [N, K], rows per micro-batch). `row_scales[j]` multiplies micro-batch j (it
+        undoes loss averaging and loss scaling). A layer that got no gradient in a micro-batch
+        (unused in that forward pass) contributes zeros.
+        """
+        self._close_micro_batch()
+        finished, self._finished = self._finished, []
+        blocks = []
+        for j, (rows, parts) in enumerate(finished):
+            for i, t in parts.items():
+                if t.shape[0] != rows:
+                    raise ConfigurationError(
+                        f"layer {self.layers[i].name!r} saw a batch of {t.shape[0]} samples, but "
+                        f"{rows} sample ids were given for this micro-batch. The ids must be those of "
+                        "the samples in the batch, in order (dim 0 of the layer's input).")
+            ref = next(iter(parts.values()), None)
+            dt = dtype or (ref.dtype if ref is not None else torch.float32)
+            dev = ref.device if ref is not None else next(self.layers[0].module.parameters()).device
+            cols = [parts[i].to(dt) if i in parts else torch.zeros(rows, l.spec.out_dim, dtype=dt, device=dev)
+                    for i, l in enumerate(self.layers)]
+            block = torch.cat(cols, dim=1) if cols else torch.zeros(rows, 0, dtype=dt, device=dev)
+            if row_scales is not None:
+                block = block * row_scales[j]
+            blocks.append(block)
+        if not blocks:
+            return torch.zeros(0, self.dim), []
+        return torch.cat(blocks), [rows for rows, _ in finished]
