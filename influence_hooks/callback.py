@@ -135,10 +135,9 @@ class InfluenceCallback(pl.Callback):
             "trainer": {"max_epochs": trainer.max_epochs, "max_steps": trainer.max_steps},
         }
         if self._resume_state is not None:
-            self.recorder.start(trainer.optimizers[0], resume_run_id=self._resume_state["run_id"],
-                                resume_step=trainer.global_step)
+            self.recorder.plan_start(resume_run_id=self._resume_state["run_id"], resume_step=trainer.global_step)
         else:
-            self.recorder.start(trainer.optimizers[0], extra=extra)
+            self.recorder.plan_start(extra=extra)
 
     # ------------------------------------------------------------------ per batch
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,

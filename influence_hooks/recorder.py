@@ -146,11 +146,13 @@ class GradientRecorder:
         selection = select_layers(model, self.config.layers, self.config.layer_types, self.config.exclude)
         self.layers = plan_layers(selection, self.config.projection if self.config.projected else None,
                                   self.config.projection_kind, self.config.seed)
+        _warn_tied_parameters(self.layers)
         self.capture = GradientCapture(self.layers)
         self.capture.attach()  # armed only between begin_micro_batch and end_step
         self.dim = self.capture.dim
         self._layer_params = {id(p) for l in self.layers for p in l.module.parameters(recurse=False)}
         self.writer: RunWriter | None = None
+        self._start_kwargs: dict[str, Any] = {}
         self._step = 0
         self._micro_ids: list[np.ndarray] = []
         self._last_epoch: int | None = None
@@ -159,6 +161,17 @@ class GradientRecorder:
         self.run_id: str | None = None
 
     # ------------------------------------------------------------------ lifecycle
+    def plan_start(self, *, resume_run_id: str | None = None, resume_step: int | None = None,
+                   extra: dict[str, Any] | None = None) -> None:
+        """How the first end_step opens the run directory: resume run `resume_run_id` from
+        `resume_step`, or create it with `extra` manifest entries. The directory is opened only
+        after the first step has validated the layers, so the manifest lists what is recorded."""
+        self._start_kwargs = dict(resume_run_id=resume_run_id, resume_step=resume_step, extra=extra)
+        if resume_run_id is None:
+            RunWriter.check_new_run_dir(self.run_dir, overwrite=self.config.overwrite, rank=self.rank)
+        if resume_step is not None:
+            self._step = int(resume_step)
+
     def start(self, optimizer: torch.optim.Optimizer | None = None, *, resume_run_id: str | None = None,
               resume_step: int | None = None, extra: dict[str, Any] | None = None) -> None:
         """Create (or resume) the run directory. Called by the first end_step if not before."""
@@ -237,8 +250,6 @@ class GradientRecorder:
                  grad_scaler: Any = None, micro_batches: int | None = None) -> None:
         """Finish optimizer step `step` (default: the next one). Call after the backward pass(es)
         and before optimizer.step(), so query gradients and snapshots see w_t."""
-        if self.writer is None:
-            self.start(optimizer)
         step = self._step if step is None else int(step)
         if not self._micro_ids:
             raise SampleIdError(f"step {step}: end_step() without begin_micro_batch(sample_ids); call it "
@@ -249,17 +260,22 @@ class GradientRecorder:
         self._micro_ids = []
         self.capture.set_enabled(False)
         if not self._first_step_checked:
-            self._check_first_step()
+            self._check_first_step(len(ids))
         scales = self._row_scales(sizes, n_micro, grad_scaler)
         grads, _ = self.capture.collect(scales)
+        # the update is -lr * sum_j sum_{i in micro-batch j} g_t(i) / (acc * |b_j|) (mean) or / acc
+        # (sum); with equal micro-batch sizes that is one weight for every sample of the step
+        acc = n_micro if self.config.loss_divided_by_micro_batches else 1
+        if self.writer is None:
+            self.start(optimizer, **self._start_kwargs)
         first_of_epoch = self._last_epoch != epoch
         self._last_epoch = epoch
         group_lrs = [float(g["lr"]) for g in optimizer.param_groups]
         rec = StepRecord(
             step=step, epoch=int(epoch), lr=self._recorded_lr(optimizer), lr_groups=group_lrs,
             batch_size=len(ids),
-            update_weight=(1.0 / len(ids) if self.config.loss_reduction == "mean"
-                           else 1.0 / (n_micro if self.config.loss_divided_by_micro_batches else 1)),
+            update_weight=(len(sizes) / (acc * len(ids)) if self.config.loss_reduction == "mean"
+                           else 1.0 / acc),
             micro_batches=n_micro, sample_ids=ids, grads=self._to_host(grads),
             finite=None if grads.device.type == "cpu" else torch.isfinite(grads).all(),
             loss=float(loss) if loss is not None else float("nan"))
@@ -347,16 +363,38 @@ class GradientRecorder:
                                      attrs={"scope": "model"})
 
     # ------------------------------------------------------------------ helpers
-    def _check_first_step(self) -> None:
-        missing = [l.name for i, l in enumerate(self.layers) if i not in self.capture.seen_layers]
+    def _check_first_step(self, n_rows: int) -> None:
+        """Validate the layers on the first step, before anything is written: raise for layers
+        that got no gradient, and leave out batch-broadcast layers (error if the user named them)."""
         self._first_step_checked = True
+        cap = self.capture
+        missing = [l.name for i, l in enumerate(cap.layers) if i not in cap.seen_layers]
         if missing:
-            self.capture.discard()
+            cap.discard()
             raise ConfigurationError(
                 f"selected layer(s) {missing} received no gradient in the first step: they are not "
                 "called as modules in the forward pass (e.g. weights used through a functional call, "
                 "like nn.MultiheadAttention.out_proj) or not used at all. Exclude them "
                 "(exclude=[...]) or select other layers.")
+        mismatch = dict(cap.batch_mismatch)
+        if not mismatch:
+            return
+        broadcast = {cap.layers[i].name for i, seen in mismatch.items() if seen == 1 and n_rows > 1}
+        if broadcast != {cap.layers[i].name for i in mismatch} or len(broadcast) == len(cap.layers):
+            return  # wrong sample ids: collect() raises with the details
+        explicit = self.config.layers is not None or self.config.layer_types is not None
+        if explicit:
+            cap.discard()
+            raise ConfigurationError(
+                f"layer(s) {sorted(broadcast)} are applied to an input shared by the whole batch "
+                "(batch dimension 1, e.g. position embeddings broadcast over samples), so their "
+                "per-sample gradients cannot be read from hooks. Leave them out (exclude=[...]).")
+        warnings.warn(f"not recording {sorted(broadcast)}: applied to an input shared by the whole "
+                      "batch (e.g. position embeddings), so per-sample gradients are not available "
+                      "from hooks. Pass exclude=[...] to silence this.", RuntimeWarning)
+        cap.drop_layers(broadcast)
+        self.layers, self.dim = cap.layers, cap.dim
+        self._layer_params = {id(p) for l in self.layers for p in l.module.parameters(recurse=False)}
 
     def _row_scales(self, sizes: list[int], n_micro: int, grad_scaler: Any) -> list[Any]:
         """Factors that turn what the hooks saw into g_t(i) = grad l_i: undo the mean over each
@@ -386,6 +424,21 @@ class GradientRecorder:
 
 
 # ---------------------------------------------------------------------- module helpers
+def _warn_tied_parameters(layers: list) -> None:
+    owners: dict[int, list[str]] = {}
+    for l in layers:
+        for p in l.module.parameters(recurse=False):
+            owners.setdefault(id(p), []).append(l.name)
+    tied = [names for names in owners.values() if len(names) > 1]
+    if tied:
+        warnings.warn(
+            f"layers {tied} share (tie) a parameter: each records its own part of that parameter's "
+            "per-sample gradient in a separate block, so inner products over the run miss the cross "
+            "terms between the parts. Exclude all but one of them (e.g. exclude=['lm_head']) for "
+            "estimates over the others, or untie the weights.", RuntimeWarning, stacklevel=3)
+
+
+
 def describe_optimizer(optimizer: torch.optim.Optimizer | None) -> dict[str, Any] | None:
     """The optimizer's class and hyperparameters, and whether it is plain SGD (the estimators'
     assumption): SGD without momentum and weight decay."""

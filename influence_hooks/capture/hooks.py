@@ -50,6 +50,8 @@ class GradientCapture:
         self._finished: list[tuple[int, dict[int, torch.Tensor]]] = []
         self._current_rows = 0
         self.seen_layers: set[int] = set()
+        # layers whose hook saw a different batch size than the micro-batch: {layer: rows seen}
+        self.batch_mismatch: dict[int, int] = {}
 
     # hooks ----------------------------------------------------------------
     def attach(self) -> None:
@@ -84,6 +86,12 @@ class GradientCapture:
 
     def _on_grad(self, index: int, module: nn.Module, inputs: tuple, output: torch.Tensor,
                  grad: torch.Tensor) -> None:
+        if self._current_rows and grad.shape[0] != self._current_rows:
+            # e.g. a position embedding applied to a [1, T] input broadcast over the batch: its
+            # output gradient is already summed over samples, per-sample values are lost
+            self.batch_mismatch[index] = grad.shape[0]
+            self.seen_layers.add(index)
+            return
         g = self.layers[index].projector.per_sample(module, inputs, output, grad)
         acc = self._current.get(index)
         self._current[index] = g if acc is None else acc + g
@@ -112,6 +120,25 @@ class GradientCapture:
     def discard(self) -> None:
         """Drop everything collected since the last `collect`."""
         self._current, self._finished, self._current_rows = {}, [], 0
+        self.batch_mismatch = {}
+
+    def drop_layers(self, names: set[str]) -> None:
+        """Stop recording `names`; what the other layers collected is kept, offsets recomputed."""
+        self.detach()
+        keep = [i for i, l in enumerate(self.layers) if l.name not in names]
+        new_index = {old: new for new, old in enumerate(keep)}
+        remap = lambda parts: {new_index[i]: t for i, t in parts.items() if i in new_index}  # noqa: E731
+        self._current = remap(self._current)
+        self._finished = [(rows, remap(parts)) for rows, parts in self._finished]
+        self.seen_layers = {new_index[i] for i in self.seen_layers if i in new_index}
+        self.batch_mismatch = {}
+        self.layers = [self.layers[i] for i in keep]
+        offset = 0
+        for l in self.layers:
+            l.offset = offset
+            offset += l.spec.out_dim
+        self.dim = offset
+        self.attach()
 
     def collect(self, row_scales: list[float | torch.Tensor] | None = None,
                 dtype: torch.dtype | None = None) -> tuple[torch.Tensor, list[int]]:
@@ -124,13 +151,14 @@ class GradientCapture:
         self._close_micro_batch()
         finished, self._finished = self._finished, []
         blocks = []
+        if self.batch_mismatch:
+            i, seen = next(iter(self.batch_mismatch.items()))
+            self.batch_mismatch = {}
+            raise ConfigurationError(
+                f"layer {self.layers[i].name!r} saw a batch of {seen} samples, but {finished[-1][0]} "
+                "sample ids were given for this micro-batch. The ids must be those of the samples in "
+                "the batch, in order (dim 0 of the layer's input).")
         for j, (rows, parts) in enumerate(finished):
-            for i, t in parts.items():
-                if t.shape[0] != rows:
-                    raise ConfigurationError(
-                        f"layer {self.layers[i].name!r} saw a batch of {t.shape[0]} samples, but "
-                        f"{rows} sample ids were given for this micro-batch. The ids must be those of "
-                        "the samples in the batch, in order (dim 0 of the layer's input).")
             ref = next(iter(parts.values()), None)
             dt = dtype or (ref.dtype if ref is not None else torch.float32)
             dev = ref.device if ref is not None else next(self.layers[0].module.parameters()).device

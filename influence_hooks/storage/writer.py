@@ -103,24 +103,13 @@ class RunWriter:
         """Start a new run in `path`. Refuses a directory that already holds a run unless overwrite."""
         path = Path(path)
         mpath = path / fmt.MANIFEST
-        if mpath.exists():
-            if not overwrite:
-                old = _safe_manifest(mpath)
-                raise RunDirectoryError(
-                    f"{path} already holds a run (run_id {old.get('run_id', '?')}, "
-                    f"{old.get('created', 'unknown date')}). Choose a new directory, pass "
-                    "overwrite=True to replace it, or resume=True to continue it from a checkpoint.")
-            if rank == 0:
-                for sub in (fmt.SHARD_DIR, fmt.PARAM_DIR):
-                    shutil.rmtree(path / sub, ignore_errors=True)
-                for f in path.glob("rank-*.json"):
-                    f.unlink()
-                mpath.unlink()
-        elif path.exists() and any(path.iterdir()) and rank == 0 and not overwrite:
-            stray = sorted(p.name for p in path.iterdir())[:5]
-            raise RunDirectoryError(
-                f"{path} is not empty ({', '.join(stray)}, ...) and holds no influence_hooks run. "
-                "Pick an empty or new directory, or pass overwrite=True.")
+        cls.check_new_run_dir(path, overwrite=overwrite, rank=rank)
+        if mpath.exists() and rank == 0:
+            for sub in (fmt.SHARD_DIR, fmt.PARAM_DIR):
+                shutil.rmtree(path / sub, ignore_errors=True)
+            for f in path.glob("rank-*.json"):
+                f.unlink()
+            mpath.unlink()
         (path / fmt.SHARD_DIR).mkdir(parents=True, exist_ok=True)
         (path / fmt.PARAM_DIR).mkdir(parents=True, exist_ok=True)
         manifest = dict(manifest)
@@ -133,6 +122,25 @@ class RunWriter:
                  "last_step": None, "final_step": None}
         write_json_atomic(path / fmt.rank_file_name(rank), state)
         return cls(path, manifest, rank, state, 0, **_writer_options(manifest, options))
+
+    @staticmethod
+    def check_new_run_dir(path: str | os.PathLike, *, overwrite: bool = False, rank: int = 0) -> None:
+        """Raise RunDirectoryError unless a new run may be started in `path`."""
+        path = Path(path)
+        mpath = path / fmt.MANIFEST
+        if overwrite:
+            return
+        if mpath.exists():
+            old = _safe_manifest(mpath)
+            raise RunDirectoryError(
+                f"{path} already holds a run (run_id {old.get('run_id', '?')}, "
+                f"{old.get('created', 'unknown date')}). Choose a new directory, pass "
+                "overwrite=True to replace it, or resume training from one of its checkpoints.")
+        if path.exists() and rank == 0 and any(p.name not in ("shards", "params") for p in path.iterdir()):
+            stray = sorted(p.name for p in path.iterdir())[:5]
+            raise RunDirectoryError(
+                f"{path} is not empty ({', '.join(stray)}, ...) and holds no influence_hooks run. "
+                "Pick an empty or new directory, or pass overwrite=True.")
 
     @classmethod
     def resume(cls, path: str | os.PathLike, run_id: str, from_step: int, *, rank: int = 0,
