@@ -1,0 +1,260 @@
+"""Random projections of per-sample gradients, one fixed projection per layer.
+
+A layer's projection ``P [k, p]`` maps its canonical per-sample gradient ``g [p]`` (layout in
+``capture/rules.py``) to ``P g`` with ``E[P^T P] = I``, so every layer preserves its own inner
+products in expectation and no layer is reweighted against another (REFERENCE.md, "Random
+projection"):
+
+- "gaussian": entries N(0, 1/k); "rademacher": entries +-1/sqrt(k). Dense: ``g @ P^T``.
+- "kronecker" (bilinear rules only, LoGra): ``P = P_L (x) P_R`` over ``vec(G)`` (row-major),
+  ``P_L [kL, dl]``, ``P_R [kR, dr]`` Gaussian with variances 1/kL and 1/kR. Computed from the
+  projected factors, ``vec((L P_L^T)^T (R P_R^T))``, so the ``[dl, dr]`` gradient is never
+  formed. A factor whose k reaches its dimension is the identity (exact on that side).
+- "none": the exact gradient.
+
+Matrices are drawn on the CPU in float64 from a generator seeded by sha256 of
+(seed, layer name, factor tag, shape), then cast and moved, so they are identical on every
+device and can be rebuilt after the run from the layer name and its ``ProjectionSpec``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import numbers
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from influence_hooks.capture.rules import LayerRule, compute_dtype
+from influence_hooks.errors import ConfigurationError
+
+__all__ = ["KINDS", "ProjectionSpec", "plan_projection", "LayerProjector", "split_k"]
+
+KINDS = ("none", "kronecker", "gaussian", "rademacher")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProjectionSpec:
+    """Everything, besides the layer name, that determines a layer's projection."""
+
+    kind: str = field(metadata={"help": "one of 'none', 'kronecker', 'gaussian', 'rademacher'"})
+    seed: int = field(metadata={"help": "run-wide seed; matrices also depend on the layer name"})
+    out_dim: int = field(metadata={"help": "length of a projected per-sample gradient"})
+    grad_dim: int = field(metadata={"help": "length of the exact canonical per-sample gradient"})
+    k_left: int | None = field(default=None, metadata={"help": "kronecker: rows of P_L"})
+    k_right: int | None = field(default=None, metadata={"help": "kronecker: rows of P_R"})
+    left_dim: int | None = field(default=None, metadata={"help": "kronecker: columns of P_L"})
+    right_dim: int | None = field(default=None, metadata={"help": "kronecker: columns of P_R"})
+
+    def __post_init__(self) -> None:
+        def bad(why: str) -> ConfigurationError:
+            return ConfigurationError(f"invalid ProjectionSpec {self}: {why}")
+
+        if self.kind not in KINDS:
+            raise bad(f"kind must be one of {KINDS}")
+        kron = (self.k_left, self.k_right, self.left_dim, self.right_dim)
+        if self.kind == "kronecker":
+            if not all(isinstance(v, int) and v >= 1 for v in kron):
+                raise bad("kronecker needs positive k_left, k_right, left_dim, right_dim")
+            if self.k_left > self.left_dim or self.k_right > self.right_dim:
+                raise bad("a factor's k exceeds its dimension")
+            if self.left_dim * self.right_dim != self.grad_dim:
+                raise bad("left_dim * right_dim must equal grad_dim")
+            if self.out_dim != self.k_left * self.k_right:
+                raise bad("out_dim must equal k_left * k_right")
+        elif any(v is not None for v in kron):
+            raise bad("k_left/k_right/left_dim/right_dim are for kind 'kronecker' only")
+        if self.kind == "none" and self.out_dim != self.grad_dim:
+            raise bad("kind 'none' keeps the exact gradient: out_dim must equal grad_dim")
+        if not 1 <= self.out_dim <= self.grad_dim:
+            raise bad("out_dim must be in [1, grad_dim]")
+
+    def to_dict(self) -> dict:
+        """JSON-safe dict; ``ProjectionSpec.from_dict`` inverts it."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ProjectionSpec:
+        names = {f.name for f in dataclasses.fields(cls)}
+        if set(d) - names:
+            raise ConfigurationError(f"unknown ProjectionSpec fields {sorted(set(d) - names)}")
+        return cls(**d)
+
+
+def split_k(k: int, left_dim: int, right_dim: int) -> tuple[int, int]:
+    """Rows ``(kL, kR)`` of the Kronecker factors for a budget of ``k`` output dims.
+
+    Maximises ``kL * kR <= k`` with ``kL <= left_dim``, ``kR <= right_dim``, keeping the two
+    within a factor 2 of each other unless a factor is capped by its dimension (a lopsided split
+    such as ``k x 1`` would leave one side almost unprojected and the other nearly rank one).
+    Ties go to the most balanced pair, then to the one compressing both sides most evenly.
+    """
+
+    def score(kl: int) -> tuple[bool, int, int, float]:
+        kr = min(right_dim, k // kl)
+        balanced = (kl <= 2 * kr or kr == right_dim) and (kr <= 2 * kl or kl == left_dim)
+        evenness = -abs(math.log(kl * right_dim / (kr * left_dim)))
+        return balanced, kl * kr, -abs(kl - kr), evenness
+
+    kl = max(range(1, min(left_dim, k) + 1), key=score)
+    return kl, min(right_dim, k // kl)
+
+
+def plan_projection(
+    layer_name: str,
+    module: nn.Module,
+    rule: LayerRule,
+    k: int | None,
+    kind: str = "auto",
+    seed: int = 0,
+) -> ProjectionSpec:
+    """Choose a layer's projection for a budget of ``k`` output dims.
+
+    ``k`` None, kind "none", or ``k >= grad_dim``: exact. kind "auto": "kronecker" for bilinear
+    rules (``out_dim = kL * kR <= k``), "gaussian" otherwise (``out_dim = k``).
+    """
+    if kind not in ("auto", *KINDS):
+        raise ConfigurationError(
+            f"{layer_name}: projection kind {kind!r} not in {('auto', *KINDS)}"
+        )
+    if k is not None and (isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1):
+        raise ConfigurationError(
+            f"{layer_name}: projection dim k must be a positive int, got {k!r}"
+        )
+    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
+        raise ConfigurationError(f"{layer_name}: seed must be an int, got {seed!r}")
+    k, seed = (None if k is None else int(k)), int(seed)  # JSON-safe spec fields
+    grad_dim = rule.grad_dim(module)
+    if k is None or kind == "none" or k >= grad_dim:
+        return ProjectionSpec(kind="none", seed=seed, out_dim=grad_dim, grad_dim=grad_dim)
+    bilinear = rule.is_bilinear(module)
+    if kind == "auto":
+        kind = "kronecker" if bilinear else "gaussian"
+    if kind != "kronecker":
+        return ProjectionSpec(kind=kind, seed=seed, out_dim=k, grad_dim=grad_dim)
+    if not bilinear:
+        raise ConfigurationError(
+            f"{layer_name}: a Kronecker projection needs a bilinear layer rule, and "
+            f"{type(module).__name__} (rule {rule.name!r}) is not; use 'gaussian' or 'auto'"
+        )
+    left_dim, right_dim = rule.factor_dims(module)
+    k_left, k_right = split_k(k, left_dim, right_dim)
+    return ProjectionSpec(
+        kind="kronecker",
+        seed=seed,
+        out_dim=k_left * k_right,
+        grad_dim=grad_dim,
+        k_left=k_left,
+        k_right=k_right,
+        left_dim=left_dim,
+        right_dim=right_dim,
+    )
+
+
+def _generator_seed(seed: int, layer_name: str, tag: str, shape: tuple[int, int]) -> int:
+    """Stable across processes and versions (unlike ``hash()``)."""
+    payload = json.dumps([seed, layer_name, tag, list(shape)]).encode()
+    return int.from_bytes(hashlib.sha256(payload).digest()[:8], "little") >> 1
+
+
+def _random_matrix(kind: str, seed: int, layer_name: str, tag: str, rows: int, cols: int) -> Tensor:
+    """``[rows, cols]`` float64 on the CPU with ``E[P^T P] = I`` (entry variance 1/rows)."""
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(_generator_seed(seed, layer_name, tag, (rows, cols)))
+    if kind == "rademacher":
+        m = torch.randint(0, 2, (rows, cols), generator=gen).to(torch.float64) * 2 - 1
+    else:
+        m = torch.randn(rows, cols, generator=gen, dtype=torch.float64)
+    return m / math.sqrt(rows)
+
+
+class LayerProjector:
+    """Applies one layer's fixed projection to per-sample gradients from its hooks.
+
+    Matrices are built lazily and cached per (device, dtype).
+    """
+
+    def __init__(self, layer_name: str, module: nn.Module, rule: LayerRule, spec: ProjectionSpec):
+        self.layer_name, self.rule, self.spec = layer_name, rule, spec
+        self._check_layout(module)
+        # kept for dense_matrix, which is called without the module
+        self._index = rule.canonical_index(module) if spec.kind == "kronecker" else None
+        self._cache: dict[tuple[torch.device, torch.dtype], tuple[Tensor | None, ...]] = {}
+
+    def _check_layout(self, module: nn.Module) -> None:
+        spec, rule = self.spec, self.rule
+        ok = rule.grad_dim(module) == spec.grad_dim
+        if ok and spec.kind == "kronecker":
+            ok = rule.is_bilinear(module) and tuple(rule.factor_dims(module)) == (
+                spec.left_dim,
+                spec.right_dim,
+            )
+        if not ok:
+            raise ConfigurationError(
+                f"{self.layer_name}: projection spec {spec} does not fit {type(module).__name__} "
+                "with its current trainable parameters (were parameters frozen or unfrozen "
+                "after planning?)"
+            )
+
+    def _host_matrices(self) -> tuple[Tensor | None, ...]:
+        """float64 CPU: ``(P_L, P_R)`` for kronecker (None = identity), ``(P,)`` for dense."""
+        s = self.spec
+        if s.kind == "kronecker":
+            sides = (("left", s.k_left, s.left_dim), ("right", s.k_right, s.right_dim))
+            return tuple(
+                None
+                if k == d
+                else _random_matrix("gaussian", s.seed, self.layer_name, f"kronecker/{tag}", k, d)
+                for tag, k, d in sides
+            )
+        if s.kind == "none":
+            return ()
+        return (_random_matrix(s.kind, s.seed, self.layer_name, s.kind, s.out_dim, s.grad_dim),)
+
+    def _matrices(self, device: torch.device, dtype: torch.dtype) -> tuple[Tensor | None, ...]:
+        key = (torch.device(device), dtype)
+        if key not in self._cache:
+            self._cache[key] = tuple(
+                None if m is None else m.to(dtype=dtype).to(device) for m in self._host_matrices()
+            )
+        return self._cache[key]
+
+    @torch.no_grad()  # hooks may hand over tensors still attached to the graph
+    def per_sample(
+        self, module: nn.Module, inputs: tuple, output: Tensor, grad_output: Tensor
+    ) -> Tensor:
+        """Projected per-sample gradients ``[N, out_dim]`` in ``compute_dtype`` (exact if kind
+        "none"). Arguments as a forward hook / full backward hook see them."""
+        self._check_layout(module)
+        if self.spec.kind == "none":
+            return self.rule.exact(module, inputs, output, grad_output)
+        mats = self._matrices(grad_output.device, compute_dtype(module, grad_output))
+        if self.spec.kind == "kronecker":
+            left, right = self.rule.project_factors(module, inputs, grad_output, *mats)
+            return torch.bmm(left.transpose(1, 2), right).reshape(left.shape[0], -1)
+        return self.rule.exact(module, inputs, output, grad_output) @ mats[0].T
+
+    def kronecker_factors(self, dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor]:
+        """``(P_L [kL, dl], P_R [kR, dr])`` on the CPU, identities materialised."""
+        if self.spec.kind != "kronecker":
+            raise ConfigurationError(f"{self.layer_name}: projection kind is {self.spec.kind!r}")
+        s = self.spec
+        eyes = (torch.eye(s.left_dim, dtype=dtype), torch.eye(s.right_dim, dtype=dtype))
+        return tuple(e if m is None else m for m, e in zip(self._matrices("cpu", dtype), eyes))
+
+    def dense_matrix(self, dtype: torch.dtype = torch.float64) -> Tensor:
+        """The equivalent ``[out_dim, grad_dim]`` matrix over the canonical layout (CPU).
+
+        Builds the full Kronecker product: for tests and post-hoc use on modest layers.
+        """
+        if self.spec.kind == "none":
+            return torch.eye(self.spec.grad_dim, dtype=dtype)
+        if self.spec.kind != "kronecker":
+            return self._matrices("cpu", dtype)[0].clone()
+        p = torch.kron(*self.kronecker_factors(dtype))  # over row-major vec(G)
+        # canonical entry c is vec(G)[index[c]], so its column is p[:, index[c]]
+        return p[:, self._index]
