@@ -149,8 +149,11 @@ class InfluenceCallback(pl.Callback):
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                                  optimizer: torch.optim.Optimizer) -> None:
         last = self._last_batch_of_epoch or (trainer.max_steps > 0 and trainer.global_step + 1 >= trainer.max_steps)
+        # Lightning divides every micro-batch loss by accumulate_grad_batches, also in an epoch's
+        # last step when fewer micro-batches are left
         self.recorder.end_step(optimizer, step=trainer.global_step, epoch=trainer.current_epoch,
-                               epoch_end=last, grad_scaler=getattr(trainer.precision_plugin, "scaler", None))
+                               epoch_end=last, grad_scaler=getattr(trainer.precision_plugin, "scaler", None),
+                               micro_batches=trainer.accumulate_grad_batches)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.recorder.finish(final_step=trainer.global_step)

@@ -157,6 +157,7 @@ class GradientRecorder:
         self._micro_ids: list[np.ndarray] = []
         self._last_epoch: int | None = None
         self._first_step_checked = False
+        self._warned_mixed_lr = False
         self._finished = False
         self.run_id: str | None = None
 
@@ -249,7 +250,11 @@ class GradientRecorder:
                  epoch_end: bool = False, loss: float | torch.Tensor | None = None,
                  grad_scaler: Any = None, micro_batches: int | None = None) -> None:
         """Finish optimizer step `step` (default: the next one). Call after the backward pass(es)
-        and before optimizer.step(), so query gradients and snapshots see w_t."""
+        and before optimizer.step(), so query gradients and snapshots see w_t.
+
+        micro_batches: the number each micro-batch loss was divided by (default: the number of
+        begin_micro_batch calls since the last step); Lightning divides by accumulate_grad_batches
+        even in an epoch's last step when fewer micro-batches are left."""
         step = self._step if step is None else int(step)
         if not self._micro_ids:
             raise SampleIdError(f"step {step}: end_step() without begin_micro_batch(sample_ids); call it "
@@ -407,11 +412,20 @@ class GradientRecorder:
         return scales
 
     def _recorded_lr(self, optimizer: torch.optim.Optimizer) -> float:
-        for g in optimizer.param_groups:
-            if any(id(p) in self._layer_params for p in g["params"]):
-                return float(g["lr"])
-        raise ConfigurationError("none of the recorded layers' parameters is in the optimizer; "
-                                 "record layers that are being trained.")
+        lrs = [float(g["lr"]) for g in optimizer.param_groups
+               if any(id(p) in self._layer_params for p in g["params"])]
+        if not lrs:
+            raise ConfigurationError("none of the recorded layers' parameters is in the optimizer; "
+                                     "record layers that are being trained.")
+        if len(set(lrs)) > 1 and not self._warned_mixed_lr:
+            # one lr per step is recorded: the other groups' layers would get the wrong eta_t
+            self._warned_mixed_lr = True
+            warnings.warn(
+                f"the recorded layers are in optimizer param groups with different learning rates "
+                f"{sorted(set(lrs))}; the run records one lr per step ({lrs[0]}, the first such group), "
+                "so estimates weight the other layers' gradients by the wrong learning rate. Record "
+                "layers of a single param group (layers=... / exclude=...).", RuntimeWarning)
+        return lrs[0]
 
     def _to_host(self, t: torch.Tensor) -> torch.Tensor:
         dtype = getattr(torch, self.writer.manifest["storage_dtype"])

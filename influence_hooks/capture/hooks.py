@@ -16,7 +16,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from ..errors import ConfigurationError
+from ..errors import SampleIdError
 from ..projection import LayerProjector, ProjectionSpec
 from .rules import LayerRule
 
@@ -154,7 +154,7 @@ class GradientCapture:
         if self.batch_mismatch:
             i, seen = next(iter(self.batch_mismatch.items()))
             self.batch_mismatch = {}
-            raise ConfigurationError(
+            raise SampleIdError(
                 f"layer {self.layers[i].name!r} saw a batch of {seen} samples, but {finished[-1][0]} "
                 "sample ids were given for this micro-batch. The ids must be those of the samples in "
                 "the batch, in order (dim 0 of the layer's input).")

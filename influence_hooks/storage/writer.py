@@ -204,7 +204,12 @@ class RunWriter:
         if self._closed:
             return
         try:
-            self.flush()
+            try:
+                self.flush()
+            except NonFiniteGradientError:
+                # the steps before the bad one are still buffered: write them, then report
+                self.flush()
+                raise
         finally:
             self._closed = True
             self._queue.put(_STOP)

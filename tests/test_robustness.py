@@ -1,0 +1,317 @@
+"""Failures: a killed process, bad input, broken files, a full disk, NaN gradients.
+
+Each failure must raise the library's own error type with a message that names the problem and
+the fix, and must not lose what was already recorded: every finished shard stays readable.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+
+from _tiny_lightning import TinyClassifier, make_trainer
+from influence_hooks.callback import InfluenceCallback
+from influence_hooks.capture import UnsupportedModuleError
+from influence_hooks.errors import (
+    ConfigurationError,
+    CorruptShardError,
+    NonFiniteGradientError,
+    RunDirectoryError,
+    SampleIdError,
+    StorageError,
+)
+from influence_hooks.recorder import GradientRecorder
+from influence_hooks.storage import format as fmt
+from influence_hooks.storage.reader import open_run
+from influence_hooks.storage.writer import RunWriter
+
+# Lightning's own noise
+pytestmark = pytest.mark.filterwarnings("ignore:.*LeafSpec.*is deprecated")
+
+N = 24
+_g = torch.Generator().manual_seed(11)
+X = torch.randn(N, 5, generator=_g)
+Y = torch.randint(0, 3, (N,), generator=_g)
+
+
+def mlp() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
+
+
+def train(rec: GradientRecorder, model: nn.Module, steps: int, *, poison: int | None = None) -> None:
+    """Plain SGD on batches of 4; at step `poison` the inputs are NaN and the update is skipped
+    (as a GradScaler skips an overflowing step)."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for t in range(steps):
+        ids = torch.arange(4 * t, 4 * t + 4) % N
+        x = X[ids] * float("nan") if t == poison else X[ids]
+        rec.begin_micro_batch(ids)
+        F.cross_entropy(model(x), Y[ids]).backward()
+        rec.end_step(opt)
+        if t != poison:
+            opt.step()
+        opt.zero_grad()
+
+
+def shard_files(run_dir: Path) -> list[Path]:
+    return sorted(p for p in (run_dir / fmt.SHARD_DIR).iterdir() if fmt.parse_shard_name(p.name))
+
+
+def record(run_dir: Path, steps: int, **options) -> GradientRecorder:
+    rec = GradientRecorder(run_dir, mlp(), projection=8, **options)
+    train(rec, rec.model, steps)
+    rec.finish()
+    return rec
+
+
+# ---------------------------------------------------------------------------- crash
+def test_kill_9_mid_training_leaves_every_finished_shard_readable(tmp_path):
+    run_dir = tmp_path / "run"
+    script = Path(__file__).with_name("_train_until_killed.py")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.Popen([sys.executable, str(script), str(run_dir)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and time.monotonic() < deadline:
+            if (run_dir / fmt.SHARD_DIR).is_dir() and len(shard_files(run_dir)) >= 3:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        proc.stderr.close()
+    # a half-written shard, as a crash during a write leaves it
+    (run_dir / fmt.SHARD_DIR / (fmt.shard_name(0, 999) + fmt.TMP_SUFFIX)).write_bytes(b"\x89HDF\r\n" + b"\0" * 100)
+
+    with open_run(run_dir) as run:
+        assert not run.complete
+        n = len(run.steps)
+        assert n >= 6 and run.steps.tolist() == list(range(n))  # 2 steps per shard, no gap
+        rows = 0
+        for b in run.iter_steps():
+            assert b.grads.shape == (8, run.dim) and torch.isfinite(b.grads).all()
+            assert ((b.sample_ids >= 0) & (b.sample_ids < 64)).all()
+            rows += len(b.grads)
+        assert rows == 8 * n
+        assert all(run.query_gradients(int(s)).shape == (3, run.dim) for s in run.query_steps)
+        assert all(run.load_parameters(int(s)) for s in run.snapshot_steps)
+        problems = run.verify()
+    assert len(problems) == 1 and "incomplete" in problems[0], problems
+
+
+# ---------------------------------------------------------------------------- run directory
+def test_directory_holding_another_run_is_refused_and_the_old_run_kept(tmp_path):
+    run_dir = tmp_path / "run"
+    old = record(run_dir, 3)
+    rec = GradientRecorder(run_dir, mlp(), projection=8)
+    with pytest.raises(RunDirectoryError) as err:
+        train(rec, rec.model, 2)
+    rec.abort()
+    msg = str(err.value)
+    assert "already holds a run" in msg and old.run_id in msg
+    assert "new directory" in msg and "overwrite=True" in msg
+    with open_run(run_dir) as run:
+        assert (run.run_id, run.steps.tolist(), run.complete) == (old.run_id, [0, 1, 2], True)
+
+
+def test_non_empty_directory_without_a_run_is_refused(tmp_path):
+    (tmp_path / "notes.txt").write_text("precious")
+    rec = GradientRecorder(tmp_path, mlp(), projection=8)
+    with pytest.raises(RunDirectoryError, match=r"not empty \(notes.txt.*overwrite=True"):
+        train(rec, rec.model, 1)
+    rec.abort()
+    assert (tmp_path / "notes.txt").read_text() == "precious"
+
+
+# ---------------------------------------------------------------------------- broken shards
+def test_truncated_shard_is_named_and_skipping_it_keeps_the_others(tmp_path):
+    run_dir = tmp_path / "run"
+    record(run_dir, 6, steps_per_shard=2)
+    shards = shard_files(run_dir)
+    assert len(shards) == 3
+    broken = shards[1]
+    with open(broken, "r+b") as f:
+        f.truncate(broken.stat().st_size // 2)
+
+    with pytest.raises(CorruptShardError) as err:
+        open_run(run_dir)
+    assert broken.name in str(err.value) and "on_corrupt='skip'" in str(err.value)
+
+    with pytest.warns(RuntimeWarning, match=broken.name):
+        run = open_run(run_dir, on_corrupt="skip")
+    with run:
+        assert run.steps.tolist() == [0, 1, 4, 5]
+        assert [b.step for b in run.iter_steps()] == [0, 1, 4, 5]
+        assert all(torch.isfinite(b.grads).all() for b in run.iter_steps())
+        assert any(broken.name in p for p in run.verify())
+
+
+# ---------------------------------------------------------------------------- layer selection
+class WithBatchNorm(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(5, 7), nn.Tanh())
+        self.bn = nn.BatchNorm1d(7)
+        self.head = nn.Linear(7, 3)
+
+    def forward(self, x):
+        return self.head(self.bn(self.encoder(x)))
+
+
+def test_layer_pattern_matching_nothing_fails_at_construction_listing_the_layers(tmp_path):
+    with pytest.raises(ConfigurationError) as err:
+        GradientRecorder(tmp_path / "run", WithBatchNorm(), layers=["decoder.*"])
+    msg = str(err.value)
+    assert "'decoder.*'" in msg and "encoder.0" in msg and "head" in msg
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("options", [{"layers": ["bn"]}, {"layer_types": [nn.BatchNorm1d]}], ids=["name", "type"])
+def test_selecting_batchnorm_raises_unsupported_module_error(tmp_path, options):
+    with pytest.raises(UnsupportedModuleError) as err:
+        GradientRecorder(tmp_path / "run", WithBatchNorm(), **options)
+    msg = str(err.value)
+    assert "'bn'" in msg and "BatchNorm" in msg and "LayerNorm" in msg and "freeze" in msg
+
+
+def test_default_selection_leaves_out_unsupported_layers(tmp_path):
+    rec = GradientRecorder(tmp_path / "run", WithBatchNorm())
+    assert [l.name for l in rec.layers] == ["encoder.0", "head"]
+    rec.close()
+
+
+# ---------------------------------------------------------------------------- NaN / inf
+def test_nonfinite_gradients_warn_and_the_step_is_flagged_and_skipped(tmp_path):
+    rec = GradientRecorder(tmp_path / "run", mlp(), projection=8, on_nonfinite="warn")
+    with pytest.warns(RuntimeWarning, match="step 2: per-sample gradients contain NaN"):
+        train(rec, rec.model, 5, poison=2)
+        rec.finish()
+    with open_run(tmp_path / "run") as run:
+        assert run.complete
+        assert run.nonfinite.tolist() == [False, False, True, False, False]
+        assert [b.step for b in run.iter_steps()] == [0, 1, 3, 4]
+        assert all(torch.isfinite(b.grads).all() for b in run.iter_steps())
+        flagged = [b for b in run.iter_steps(skip_nonfinite=False) if b.step == 2]
+        assert len(flagged) == 1 and not torch.isfinite(flagged[0].grads).all()
+        assert [int(b.steps[0]) for b in run.iter_blocks(max_rows=4)] == [0, 1, 3, 4]
+
+
+@pytest.mark.parametrize("poison", [1, 3], ids=["middle_step", "last_step"])
+def test_nonfinite_gradients_raise_and_earlier_steps_stay_on_disk(tmp_path, poison):
+    # with the NaN in the last step the error can only surface while the run is being closed
+    rec = GradientRecorder(tmp_path / "run", mlp(), projection=8, on_nonfinite="raise")
+    with pytest.raises(NonFiniteGradientError) as err:
+        train(rec, rec.model, 4, poison=poison)
+        rec.finish()
+    rec.abort()
+    assert f"step {poison}" in str(err.value) and "on_nonfinite='warn'" in str(err.value)
+    with open_run(tmp_path / "run") as run:
+        assert not run.complete
+        assert run.steps.tolist() == list(range(poison))
+        assert all(torch.isfinite(b.grads).all() for b in run.iter_steps())
+
+
+# ---------------------------------------------------------------------------- full disk
+def test_full_disk_raises_storage_error_and_earlier_shards_stay_readable(tmp_path, monkeypatch):
+    real_fill, calls = RunWriter._fill_shard, []
+
+    def fill_then_disk_full(self, f, buf):
+        calls.append(buf.index)
+        if len(calls) > 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_fill(self, f, buf)
+
+    monkeypatch.setattr(RunWriter, "_fill_shard", fill_then_disk_full)
+    run_dir = tmp_path / "run"
+    rec = GradientRecorder(run_dir, mlp(), projection=8, steps_per_shard=2)
+    with pytest.raises(StorageError) as err:
+        train(rec, rec.model, 8)
+        rec.finish()
+    rec.abort()
+    msg = str(err.value)
+    assert "disk full" in msg and "1 shard(s)" in msg and "MiB" in msg
+    assert str(run_dir / fmt.SHARD_DIR) in msg
+    assert not list((run_dir / fmt.SHARD_DIR).glob("*" + fmt.TMP_SUFFIX))
+    with open_run(run_dir) as run:
+        assert not run.complete
+        assert [b.step for b in run.iter_steps()] == [0, 1]
+        assert run.verify() == [p for p in run.verify() if "incomplete" in p]
+
+
+# ---------------------------------------------------------------------------- sample ids
+class Stream(IterableDataset):
+    def __iter__(self):
+        g = torch.Generator().manual_seed(0)
+        for _ in range(N):
+            yield torch.randn(5, generator=g, dtype=torch.float64), torch.randint(0, 3, (), generator=g)
+
+
+def test_iterable_dataset_without_sample_ids_fails_at_the_first_step(tmp_path):
+    cb = InfluenceCallback(tmp_path / "run")
+    with pytest.raises(SampleIdError) as err:
+        make_trainer([cb], 1, tmp_path).fit(TinyClassifier(), DataLoader(Stream(), batch_size=4))
+    msg = str(err.value)
+    assert "IndexedDataset" in msg and "sample_ids=" in msg
+
+
+def test_recorder_needs_integer_ids_before_each_forward_pass(tmp_path):
+    rec = GradientRecorder(tmp_path / "run", mlp(), projection=8)
+    opt = torch.optim.SGD(rec.model.parameters(), lr=0.1)
+    with pytest.raises(SampleIdError, match="begin_micro_batch"):
+        rec.end_step(opt)
+    with pytest.raises(SampleIdError, match="integers"):
+        rec.begin_micro_batch(torch.tensor([0.5, 1.5]))
+    with pytest.raises(SampleIdError, match="1-D"):
+        rec.begin_micro_batch(torch.zeros(2, 2, dtype=torch.long))
+    rec.abort()
+
+
+def test_wrong_number_of_ids_for_a_batch_keeps_earlier_steps(tmp_path):
+    rec = GradientRecorder(tmp_path / "run", mlp(), projection=8, steps_per_shard=1)
+    train(rec, rec.model, 2)
+    opt = torch.optim.SGD(rec.model.parameters(), lr=0.1)
+    rec.begin_micro_batch([0, 1, 2])  # the batch has 4 samples
+    F.cross_entropy(rec.model(X[:4]), Y[:4]).backward()
+    with pytest.raises(SampleIdError) as err:
+        rec.end_step(opt)
+    rec.abort()
+    assert "4 samples" in str(err.value) and "3 sample ids" in str(err.value)
+    with open_run(tmp_path / "run") as run:
+        assert run.steps.tolist() == [0, 1] and not run.complete
+
+
+class DictDataset(Dataset):
+    def __len__(self):
+        return N
+
+    def __getitem__(self, i):
+        return {"idx": i, "x": X[i].double(), "y": Y[i]}
+
+
+def test_sample_ids_callable_returning_too_few_ids_fails_and_keeps_earlier_steps(tmp_path):
+    def ids(batch, batch_idx):
+        return batch["idx"][:-1] if batch_idx == 2 else batch["idx"]
+
+    cb = InfluenceCallback(tmp_path / "run", sample_ids=ids, steps_per_shard=1)
+    with pytest.raises(SampleIdError, match="3 sample ids"):
+        make_trainer([cb], 1, tmp_path).fit(TinyClassifier(), DataLoader(DictDataset(), batch_size=4))
+    with open_run(tmp_path / "run") as run:
+        assert run.steps.tolist() == [0, 1] and not run.complete
+        assert np.concatenate([b.sample_ids.numpy() for b in run.iter_steps()]).tolist() == list(range(8))
