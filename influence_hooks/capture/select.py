@@ -147,7 +147,7 @@ def plan_layers(selection: list[tuple[str, nn.Module, LayerRule]],
 def layers_manifest(layers: list[CapturedLayer]) -> list[dict]:
     return [{"name": l.name, "rule": l.rule.name, "module_type": type(l.module).__name__,
              "offset": l.offset, "dim": l.spec.out_dim, "grad_dim": l.rule.grad_dim(l.module),
-             "param_shapes": {k: list(v) for k, v in l.rule.param_shapes(l.module).items()},
+             "param_shapes": [[k, list(v)] for k, v in l.rule.param_shapes(l.module).items()],
              "projection": l.spec.to_dict()} for l in layers]
 
 

@@ -32,7 +32,7 @@ class LayerInfo:
     offset: int
     dim: int
     grad_dim: int
-    param_shapes: dict[str, tuple[int, ...]]
+    param_shapes: dict[str, tuple[int, ...]]  # in the order of the row's columns
     projection: dict[str, Any]
 
 
@@ -75,6 +75,13 @@ class _Shard:
     index: int
 
 
+def _ordered_shapes(entry: Any) -> dict[str, tuple[int, ...]]:
+    """A layer's parameter shapes in row-column order: stored as [[name, shape], ...] because
+    JSON objects lose their key order when the manifest is written with sorted keys."""
+    pairs = entry.items() if isinstance(entry, dict) else entry
+    return {str(name): tuple(shape) for name, shape in pairs}
+
+
 def open_run(path: str | os.PathLike, *, on_corrupt: str = "raise") -> "Run":
     """Open the run recorded in `path`.
 
@@ -111,7 +118,7 @@ class Run:
         self.layers: list[LayerInfo] = [
             LayerInfo(name=l["name"], rule=l["rule"], module_type=l["module_type"], offset=int(l["offset"]),
                       dim=int(l["dim"]), grad_dim=int(l["grad_dim"]),
-                      param_shapes={k: tuple(v) for k, v in l["param_shapes"].items()},
+                      param_shapes=_ordered_shapes(l["param_shapes"]),
                       projection=dict(l["projection"]))
             for l in self.manifest["layers"]]
         self.skipped_shards: list[tuple[Path, str]] = []
@@ -273,6 +280,13 @@ class Run:
         return i
 
     # ------------------------------------------------------------------ gradients
+    def step_sample_ids(self, step: int) -> np.ndarray:
+        """The sample ids of step `step`'s batch, in batch order, without reading gradients."""
+        if int(step) not in self._step_rows:
+            raise KeyError(f"step {step} is not recorded")
+        return np.concatenate([self._dataset(sh, fmt.ROWS_SAMPLE_ID)[r0:r1]
+                               for sh, r0, r1 in self._step_rows[int(step)]])
+
     def iter_steps(self, window: tuple[int, int] | None = None, *, reverse: bool = False,
                    dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                    layers: Sequence[str] | None = None, skip_nonfinite: bool = True) -> Iterator[StepBatch]:
