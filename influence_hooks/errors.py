@@ -39,3 +39,11 @@ class WindowError(InfluenceHooksError, ValueError):
 
 class MissingDataError(InfluenceHooksError):
     """The run lacks something a method needs (query gradients, parameter snapshots, ...)."""
+
+
+class ProjectionMismatchError(ConfigurationError):
+    """Gradients from different projections (or dimensions) were combined; they are not comparable."""
+
+
+class CurvatureNotAvailableError(InfluenceHooksError, NotImplementedError):
+    """A curvature backend was asked for that is not installed or lacks what it needs."""

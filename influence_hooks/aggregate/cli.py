@@ -1,0 +1,174 @@
+"""Command-line subcommands of the aggregators: tracin, dit, dvemb, self-influence.
+
+`add_commands(subparsers)` adds them to an argparse parser; each sets `func`, which takes the
+parsed namespace, prints a readable summary and returns an exit code:
+
+    args = parser.parse_args(); sys.exit(args.func(args))
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..errors import ConfigurationError
+from ..storage.reader import Run, open_run
+from ._common import DEFAULT_CHUNK_ROWS
+from .dit import dit
+from .dvemb import DataValueEmbeddings, dvemb
+from .results import InfluenceScores
+from .tracin import self_influence, tracin
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Add the subcommands `tracin`, `dit`, `dvemb` and `self-influence`."""
+    p = _command(subparsers, "tracin", "TracIn scores of the recorded queries over a window.", _run_tracin)
+    p.add_argument("--before-first-query", choices=("error", "use_first"), default="error",
+                   help="steps before the first recorded query step: fail, or use that first step's queries")
+
+    p = _command(subparsers, "dit", "Dynamic influence: window-removal or accrued influence.", _run_dit)
+    p.add_argument("--mode", choices=("removal", "accrued"), default="removal")
+    p.add_argument("--curvature", default="fisher", help="none | fisher (exact / ggn need the Python API)")
+    p.add_argument("--eval-step", default=None,
+                   help="removal mode: step t_e where the query is evaluated (default: window end), or 'final'")
+
+    p = _command(subparsers, "dvemb", "Data value embeddings; scores the queries at the end of training.",
+                 _run_dvemb)
+    p.add_argument("--block-diagonal", choices=("auto", "true", "false"), default="auto",
+                   help="M per layer (true), full K x K (false), or full when it fits the memory budget")
+    p.add_argument("--memory-budget-mb", type=float, default=1024.0)
+    p.add_argument("--emb-path", default=None, help="embedding file (default RUN/dvemb.h5)")
+    p.add_argument("--reuse", action="store_true", help="reuse an existing embedding file instead of recomputing")
+
+    _command(subparsers, "self-influence", "Per-sample self-influence (flags mislabelled samples).",
+             _run_self_influence)
+
+
+def _command(subparsers: argparse._SubParsersAction, name: str, help: str,
+             func: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(name, help=help, description=help)
+    p.add_argument("run", metavar="RUN", help="run directory")
+    p.add_argument("--window", action="append", default=None, metavar="T1:T2",
+                   help="half-open step window; repeat it or give a comma list for many windows in one pass")
+    p.add_argument("--epochs", action="append", default=None, metavar="E1:E2",
+                   help="epochs E1..E2-1 (or one epoch E, or 'each'); repeat or comma list for many")
+    p.add_argument("--out", default=None, help="save scores to this HDF5 file (one per window: name-T1-T2.h5)")
+    p.add_argument("--csv", default=None, help="write scores as CSV (one per window: name-T1-T2.csv)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--device", default=None, help="e.g. cuda, cuda:1 (default cpu)")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    p.add_argument("--chunk-rows", type=int, default=DEFAULT_CHUNK_ROWS, help="rows per block read (memory bound)")
+    p.add_argument("--top", type=int, default=5, help="proponents/opponents shown per query")
+    p.add_argument("--show-queries", type=int, default=3, help="queries shown in the summary")
+    p.set_defaults(func=func)
+    return p
+
+
+# ---------------------------------------------------------------------- argument parsing
+def _pair(text: str, what: str) -> tuple[int, int]:
+    try:
+        a, b = text.split(":")
+        return int(a), int(b)
+    except ValueError:
+        raise ConfigurationError(f"{what} {text!r} is not of the form A:B (e.g. 0:500)") from None
+
+
+def window_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The window keyword arguments for an aggregator from --window / --epochs."""
+    if args.window and args.epochs:
+        raise ConfigurationError("give --window or --epochs, not both")
+    if args.window:
+        wins = [_pair(w, "window") for item in args.window for w in item.split(",") if w]
+        return {"windows": wins} if len(wins) > 1 else {"window": wins[0]}
+    if args.epochs:
+        items = [e for item in args.epochs for e in item.split(",") if e]
+        if items == ["each"]:
+            return {"epochs": "each"}
+        eps = [_pair(e, "epoch range") if ":" in e else int(e) for e in items]
+        return {"epochs": eps} if len(eps) > 1 else {"epochs": eps[0]}
+    return {}
+
+
+def _common(args: argparse.Namespace) -> dict[str, Any]:
+    return dict(chunk_rows=args.chunk_rows, dtype=getattr(torch, args.dtype), device=args.device,
+                progress=not args.quiet)
+
+
+def _emit(args: argparse.Namespace, results: InfluenceScores | list[InfluenceScores]) -> int:
+    many = isinstance(results, list)
+    for r in results if many else [results]:
+        print(r.summary(k=args.top, max_queries=args.show_queries))
+        print()
+        for target, write in ((args.out, r.save), (args.csv, r.to_csv)):
+            if target:
+                path = Path(target)
+                if many:
+                    path = path.with_name(f"{path.stem}-{r.window[0]}-{r.window[1]}{path.suffix}")
+                write(path)
+                print(f"wrote {path}")
+    return 0
+
+
+# ---------------------------------------------------------------------- commands
+def _open(args: argparse.Namespace) -> Run:
+    return open_run(args.run)
+
+
+def _run_tracin(args: argparse.Namespace) -> int:
+    with _open(args) as run:
+        return _emit(args, tracin(run, **window_args(args), before_first_query=args.before_first_query,
+                                  **_common(args)))
+
+
+def _run_dit(args: argparse.Namespace) -> int:
+    ev = args.eval_step
+    if ev is not None and ev != "final":
+        try:
+            ev = int(ev)
+        except ValueError:
+            raise ConfigurationError(f"--eval-step is a step number or 'final', got {ev!r}") from None
+    with _open(args) as run:
+        return _emit(args, dit(run, **window_args(args), mode=args.mode, curvature=args.curvature,
+                               eval_step=ev, **_common(args)))
+
+
+def _run_self_influence(args: argparse.Namespace) -> int:
+    with _open(args) as run:
+        return _emit(args, self_influence(run, **window_args(args), **_common(args)))
+
+
+def _run_dvemb(args: argparse.Namespace) -> int:
+    bd = {"auto": None, "true": True, "false": False}[args.block_diagonal]
+    with _open(args) as run:
+        path = Path(args.emb_path) if args.emb_path else None
+        target = path or run.path / "dvemb.h5"
+        if args.reuse and target.exists():
+            emb = DataValueEmbeddings.load(target, run=run)
+        else:
+            emb = dvemb(run, path=path, block_diagonal=bd, memory_budget_mb=args.memory_budget_mb,
+                        **_common(args))
+        print(emb)
+        with emb:
+            T = run.final_step
+            if T not in set(run.query_steps.tolist()):
+                print(f"no query gradients recorded at the end of training (step {T}); score queries later "
+                      "with DataValueEmbeddings.load(path).scores(u_q(T)).")
+                return 0
+            c = _common(args)
+            return _emit(args, emb.scores(run.query_gradients(T), **window_args(args), chunk_rows=c["chunk_rows"],
+                                          dtype=c["dtype"], device=c["device"], progress=c["progress"]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one aggregator subcommand on its own (the package CLI wires add_commands itself)."""
+    parser = argparse.ArgumentParser(prog="influence-hooks")
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,276 @@
+"""Data value embeddings (REFERENCE.md estimator 4, Wang et al. 2024).
+
+    emb_t(i) = (eta_t w_t) (I - M_t) g_t(i),  M = 0 after the last step,
+    after step t: M_{t-1} = M_t + sum_{z in B_t} emb_t(z) g_t(z)^T
+    R(i, q; W, T) ~= u_q(T) . sum_{t in W} emb_t(i)
+
+This equals dit(mode='removal', curvature='fisher', eval_step='final') for every window at once,
+with the query left open: the embeddings are computed once, in one backward pass over the shards
+(M changes after every step, so the pass goes step by step, each step one batched GEMM), and
+written per row to an HDF5 file, so any window and any query are scored later by dot products.
+M is K x K, or one block per recorded layer (block-diagonal) to bound memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+
+from ..errors import ConfigurationError, RunDirectoryError, WindowError
+from ..storage.reader import Run, open_run
+from . import _common as C
+from .curvature import FisherCurvature
+from .results import InfluenceScores
+
+EMB_FORMAT = "influence_hooks.dvemb"
+EMB_FORMAT_VERSION = 1
+DEFAULT_FILE = "dvemb.h5"
+
+
+def layer_blocks(run: Run) -> list[tuple[int, int]]:
+    """Column ranges [a, b) of the recorded layers, covering [0, K) (gaps become their own block)."""
+    spans = sorted((l.offset, l.offset + l.dim) for l in run.layers if l.dim > 0)
+    out, at = [], 0
+    for a, b in spans:
+        if a > at:
+            out.append((at, a))
+        out.append((a, b))
+        at = max(at, b)
+    if at < run.dim:
+        out.append((at, run.dim))
+    return out or [(0, run.dim)]
+
+
+def dvemb(run: Run, *, path: str | os.PathLike | None = None, window: Any = None, epochs: Any = None,
+          block_diagonal: bool | None = None, memory_budget_mb: float = 1024.0,
+          storage_dtype: str | None = None, chunk_rows: int = C.DEFAULT_CHUNK_ROWS,
+          dtype: torch.dtype = torch.float32, device: Any = None, progress: bool = True) -> "DataValueEmbeddings":
+    """Compute data value embeddings of every row and write them to `path` (default <run>/dvemb.h5).
+
+    window / epochs: store only the embeddings of these steps (the backward pass still starts at the
+    end of training, since M accumulates every later step). block_diagonal: True keeps one M per
+    layer, False one full K x K M, None chooses full when it fits in memory_budget_mb.
+    storage_dtype: 'float16' | 'float32' | 'float64', default the run's storage dtype.
+    Returns a DataValueEmbeddings; `.scores(u_q(T))` gives removal influence at the end of training.
+    """
+    wins, many = C.normalize_windows(run, window, epochs, None)
+    if many:
+        raise WindowError("dvemb stores one range of steps; score many windows later with "
+                          "DataValueEmbeddings.scores(..., windows=[...]).")
+    s1, s2 = wins[0]
+    dev = C.resolve_device(device)
+    K = run.dim
+    elem = torch.empty(0, dtype=dtype).element_size()
+    full_mb = K * K * elem / 2**20
+    blocks = layer_blocks(run)
+    if block_diagonal is None:
+        block_diagonal = full_mb > memory_budget_mb and len(blocks) > 1
+    if not block_diagonal:
+        blocks = [(0, K)]
+    need_mb = sum((b - a) ** 2 for a, b in blocks) * elem / 2**20
+    if need_mb > memory_budget_mb and block_diagonal:
+        raise ConfigurationError(
+            f"dvemb: even block-diagonal M needs {need_mb:.0f} MB (largest layer block "
+            f"{max(b - a for a, b in blocks)} columns) > memory_budget_mb={memory_budget_mb}. Raise the "
+            "budget or record with a smaller projection.")
+    sdtype = np.dtype(storage_dtype or run.manifest.get("storage_dtype") or "float32")
+    if sdtype.name not in ("float16", "float32", "float64"):
+        raise ConfigurationError(f"storage_dtype must be float16, float32 or float64, got {storage_dtype!r}")
+
+    path = Path(path) if path is not None else run.path / DEFAULT_FILE
+    tmp = path.with_name(path.name + ".tmp")
+    T = run.final_step
+    lo, hi = s1, run.last_step + 1
+    store = run.steps_in((s1, s2))[::-1]  # descending, the order the pass produces rows
+    counts = run.batch_sizes_recorded[np.searchsorted(run.steps, store)]
+    n_rows = int(counts.sum())
+    Ms = [torch.zeros(b - a, b - a, dtype=dtype, device=dev) for a, b in blocks]
+
+    notes = run.approximations() + [FisherCurvature.note, "the query is evaluated at the end of training (u_q(T))"]
+    if block_diagonal and len(blocks) > 1:
+        notes.append(f"M kept block-diagonal: {len(blocks)} per-layer blocks, cross-layer curvature ignored")
+    notes += C.window_notes(run, lo, hi)
+
+    bar = C.progress_bar(C.rows_between(run, lo, hi), "dvemb", progress)
+    try:
+        with h5py.File(tmp, "w") as f, bar:
+            f.attrs.update(format=EMB_FORMAT, format_version=EMB_FORMAT_VERSION, run_id=run.run_id,
+                           run_path=str(run.path.resolve()), dim=K, final_step=T, window=json.dumps([s1, s2]),
+                           projection_fingerprint=run.projection_fingerprint, block_diagonal=bool(block_diagonal),
+                           blocks=json.dumps(blocks), approximations=json.dumps(notes), complete=False)
+            chunk = max(1, min(max(n_rows, 1), (1 << 20) // max(K * sdtype.itemsize, 1)))
+            emb_ds = f.create_dataset("rows/emb", shape=(n_rows, K), dtype=sdtype, chunks=(chunk, K))
+            sid_ds = f.create_dataset("rows/sample_id", shape=(n_rows,), dtype=np.int64)
+            f.create_dataset("steps/step", data=store.astype(np.int64))
+            f.create_dataset("steps/row_count", data=counts.astype(np.int64))
+            f.create_dataset("steps/row_start", data=(np.cumsum(counts) - counts).astype(np.int64))
+            at = 0
+            E_buf = None
+            for blk in C.iter_row_blocks(run, (lo, hi), reverse=True, chunk_rows=chunk_rows, dtype=dtype, device=dev):
+                st = blk.steps
+                if E_buf is None or E_buf.shape[0] < len(st):
+                    E_buf = torch.empty_like(blk.grads)
+                E = E_buf[:len(st)]
+                for a, b in C.step_segments(st):
+                    c = float(blk.coef_np[a])
+                    for (ca, cb), M in zip(blocks, Ms):
+                        G = blk.grads[a:b, ca:cb]
+                        Eb = torch.addmm(G, G, M.T, alpha=-1.0).mul_(c)  # c (I - M) g, as rows
+                        M.addmm_(Eb.T, G)
+                        E[a:b, ca:cb] = Eb
+                sl = C.row_range(st, s1, s2)
+                if sl is not None:
+                    r = sl.stop - sl.start
+                    # torch converts to float16 many times faster than numpy does
+                    emb_ds[at:at + r] = E[sl].to(dtype=getattr(torch, sdtype.name)).cpu().numpy()
+                    sid_ds[at:at + r] = blk.sample_ids[sl].cpu().numpy()
+                    at += r
+                bar.update(len(st))
+            f.attrs["complete"] = True
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return DataValueEmbeddings(path, run=run)
+
+
+class DataValueEmbeddings:
+    """Per-row data value embeddings emb_t(i) [K] in an HDF5 file, rows in descending step order.
+
+    `scores(u_q(T), window)` = u_q(T) . sum_{t in window} emb_t(i) for every training sample:
+    the first-order change of f_q at the end of training when i is dropped from the window's steps.
+    """
+
+    def __init__(self, path: str | os.PathLike, run: Run | None = None):
+        self.path = Path(path)
+        self._f = h5py.File(self.path, "r")
+        a = self._f.attrs
+        if a.get("format") != EMB_FORMAT:
+            self._f.close()
+            raise ConfigurationError(f"{self.path} is not a data value embedding file.")
+        if not a.get("complete", False):
+            self._f.close()
+            raise ConfigurationError(f"{self.path} is incomplete (its computation was interrupted); rerun dvemb.")
+        self.run_id = str(a["run_id"])
+        self.dim = int(a["dim"])
+        self.final_step = int(a["final_step"])
+        self.window = tuple(json.loads(a["window"]))
+        self.block_diagonal = bool(a["block_diagonal"])
+        self.blocks = [tuple(b) for b in json.loads(a["blocks"])]
+        self.projection_fingerprint = str(a["projection_fingerprint"])
+        self.approximations = list(json.loads(a["approximations"]))
+        self.steps = self._f["steps/step"][()]
+        self._row_start = self._f["steps/row_start"][()]
+        self._row_count = self._f["steps/row_count"][()]
+        self.run = run if run is not None else self._open_run(Path(str(a["run_path"])))
+        if self.run.run_id != self.run_id:
+            raise RunDirectoryError(f"{self.path} belongs to run {self.run_id}, not {self.run.run_id}.")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, run: Run | None = None) -> "DataValueEmbeddings":
+        """Reopen embeddings written by `dvemb`; the run is found from the file (or pass it)."""
+        return cls(path, run)
+
+    def _open_run(self, recorded: Path) -> Run:
+        for cand in (recorded, self.path.parent):
+            if (cand / "manifest.json").is_file():
+                return open_run(cand)
+        raise RunDirectoryError(f"cannot find the run of {self.path} (recorded at {recorded}); "
+                                "pass run=open_run(<run directory>).")
+
+    # ------------------------------------------------------------------ queries
+    def _windows(self, window: Any, epochs: Any, windows: Any) -> tuple[list[tuple[int, int]], bool]:
+        if window is None and epochs is None and windows is None:
+            return [self.window], False
+        wins, many = C.normalize_windows(self.run, window, epochs, windows)
+        for t1, t2 in wins:
+            if t1 < self.window[0] or t2 > self.window[1]:
+                raise WindowError(f"window [{t1}, {t2}) reaches outside the steps with stored embeddings "
+                                  f"[{self.window[0]}, {self.window[1]}); recompute dvemb with that window.")
+        return wins, many
+
+    def _row_span(self, t1: int, t2: int) -> tuple[int, int]:
+        """Rows of steps [t1, t2): contiguous, as steps are stored descending."""
+        sl = C.row_range(self.steps, t1, t2)
+        if sl is None:
+            return 0, 0
+        return int(self._row_start[sl.start]), int(self._row_start[sl.stop - 1] + self._row_count[sl.stop - 1])
+
+    def _iter_rows(self, r0: int, r1: int, chunk_rows: int, dtype: torch.dtype, dev: torch.device):
+        emb, sid = self._f["rows/emb"], self._f["rows/sample_id"]
+        step_of_row = np.repeat(self.steps, self._row_count)
+        buf = torch.empty(min(chunk_rows, max(r1 - r0, 0)), self.dim, dtype=dtype, device=dev)
+        for a in range(r0, r1, chunk_rows):
+            b = min(r1, a + chunk_rows)
+            E = buf[:b - a]
+            E.copy_(torch.from_numpy(emb[a:b]))  # into a reused buffer: see _common.iter_row_blocks
+            yield step_of_row[a:b], torch.from_numpy(sid[a:b]).to(dev), E
+
+    def scores(self, query_grads: Any, window: Any = None, *, epochs: Any = None, windows: Any = None,
+               query_ids: Any = None, projection_fingerprint: str | None = None, train_ids: Any = None,
+               chunk_rows: int = C.DEFAULT_CHUNK_ROWS, dtype: torch.dtype = torch.float32,
+               device: Any = None, progress: bool = True) -> InfluenceScores | list[InfluenceScores]:
+        """Removal influence at T of the window's occurrences of each sample: [n_train, Q].
+
+        query_grads: [Q, K] u_q(T) in the run's projection (e.g. run.query_gradients(run.final_step)).
+        window=None: all stored steps. Many windows (windows=/epochs= lists) are one pass.
+        """
+        U = C.check_query_grads(self.run, query_grads, projection_fingerprint)
+        dev = C.resolve_device(device)
+        U = U.to(device=dev, dtype=dtype)
+        qids = (C.query_ids_of(self.run, U.shape[0]) if query_ids is None else np.asarray(query_ids, np.int64))
+        if len(qids) != U.shape[0]:
+            raise ConfigurationError(f"{len(qids)} query_ids for {U.shape[0]} query gradients.")
+        wins, many = self._windows(window, epochs, windows)
+        rows_of = C.SampleRows(self.run, train_ids, dev)
+        acc = C.WindowAccumulator(wins, rows_of.n, U.shape[0], dtype, dev)
+        spans = [self._row_span(*w) for w in C.merge_windows(wins)]
+        bar = C.progress_bar(sum(b - a for a, b in spans), "dvemb scores", progress)
+        with bar:
+            for r0, r1 in spans:
+                for st, sid, E in self._iter_rows(r0, r1, chunk_rows, dtype, dev):
+                    rows, keep = rows_of.rows(sid)
+                    acc.add(st, rows, keep, E @ U.T)
+                    bar.update(len(st))
+        return C.finish(many, [
+            InfluenceScores(values=acc.out[w], train_ids=rows_of.ids, present=acc.present[w], query_ids=qids,
+                            method="dvemb", window=(t1, t2), eval_step=self.final_step,
+                            curvature="fisher (block-diagonal)" if self.block_diagonal and len(self.blocks) > 1
+                            else "fisher", approximations=list(self.approximations), run_id=self.run_id,
+                            meta={"embeddings": str(self.path)})
+            for w, (t1, t2) in enumerate(wins)])
+
+    def embeddings(self, window: Any = None, *, epochs: Any = None, train_ids: Any = None,
+                   chunk_rows: int = C.DEFAULT_CHUNK_ROWS, dtype: torch.dtype = torch.float32,
+                   device: Any = None) -> tuple[np.ndarray, torch.Tensor]:
+        """(ids [n], sum_{t in window} emb_t(i) [n, K]) for the n samples that occur in the window."""
+        wins, _ = self._windows(window, epochs, None)
+        dev = C.resolve_device(device)
+        rows_of = C.SampleRows(self.run, train_ids, dev)
+        acc = C.WindowAccumulator(wins, rows_of.n, self.dim, dtype, dev)
+        r0, r1 = self._row_span(*wins[0])
+        for st, sid, E in self._iter_rows(r0, r1, chunk_rows, dtype, dev):
+            rows, keep = rows_of.rows(sid)
+            acc.add(st, rows, keep, E)
+        pres = acc.present[0].cpu()
+        return rows_of.ids[pres.numpy()], acc.out[0][acc.present[0]].cpu()
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self) -> "DataValueEmbeddings":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        kind = f"block-diagonal M ({len(self.blocks)} blocks)" if self.block_diagonal else "full M"
+        return (f"DataValueEmbeddings({str(self.path)!r}, steps [{self.window[0]}, {self.window[1]}), "
+                f"{int(self._row_count.sum())} rows x {self.dim}, {kind}, T={self.final_step})")

@@ -1,0 +1,134 @@
+"""TracIn and self-influence over windows of steps (REFERENCE.md estimator 1).
+
+    TI(i, q; W) = sum_{t in W, i in B_t} (eta_t w_t) g_t(i) . u_q(t)
+    SI(i; W)    = sum_{t in W, i in B_t} (eta_t w_t) |g_t(i)|^2
+
+Both are sums over rows, so one forward pass over the shards serves any number of windows: per
+block of rows, contributions are one GEMM (G @ U^T scaled by coef) scattered into result rows by
+sample id.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import ConfigurationError, MissingDataError
+from ..storage.reader import Run
+from . import _common as C
+from .results import InfluenceScores
+
+
+def tracin(run: Run, window: Any = None, *, epochs: Any = None, windows: Any = None,
+           train_ids: Any = None, before_first_query: str = "error",
+           chunk_rows: int = C.DEFAULT_CHUNK_ROWS, dtype: torch.dtype = torch.float32,
+           device: Any = None, progress: bool = True) -> InfluenceScores | list[InfluenceScores]:
+    """TracIn scores [n_train, n_query] of the run's recorded queries over a window of steps.
+
+    Each step t uses u_q(t) recorded at w_t; where queries were recorded only every n steps, the
+    latest earlier recorded step stands in (TracInCP) and the result notes it. Steps before the
+    first recorded query step raise MissingDataError, or with before_first_query='use_first' use
+    the first recorded query step (noted).
+
+    window=(t1, t2) | epochs=(e1, e2) | windows=[...] | epochs=[...]: see `normalize_windows`;
+    a list of windows is computed in one pass and returns a list of results.
+    Positive score: removing i would raise the query loss (i helped).
+    """
+    if before_first_query not in ("error", "use_first"):
+        raise ConfigurationError(f"before_first_query must be 'error' or 'use_first', got {before_first_query!r}")
+    wins, many = C.normalize_windows(run, window, epochs, windows)
+    C.require_queries(run, "tracin")
+    dev = C.resolve_device(device)
+    rows_of = C.SampleRows(run, train_ids, dev)
+    qsteps = run.query_steps
+    spans = C.merge_windows(wins)
+
+    steps = np.concatenate([run.steps_in(s) for s in spans])
+    qpos = np.searchsorted(qsteps, steps, side="right") - 1
+    early = steps[qpos < 0]
+    if len(early) and before_first_query == "error":
+        raise MissingDataError(
+            f"tracin: steps {C.short_list(early)} come before the first recorded query step "
+            f"{int(qsteps[0])}, so no query gradient at or before them exists. Start the window at "
+            f"{int(qsteps[0])} or later, or pass before_first_query='use_first'.")
+
+    def qstep_of(st: np.ndarray) -> np.ndarray:
+        return qsteps[np.maximum(np.searchsorted(qsteps, st, side="right") - 1, 0)]
+
+    q0 = run.query_gradients(int(qsteps[0]))
+    acc = C.WindowAccumulator(wins, rows_of.n, q0.shape[0], dtype, dev)
+    cache: dict[int, torch.Tensor] = {}
+
+    def query(step: int) -> torch.Tensor:
+        if step not in cache:
+            cache.clear()  # steps ascend, so an older query step is never needed again
+            cache[step] = run.query_gradients(step, dtype=dtype, device=dev)
+        return cache[step]
+
+    bar = C.progress_bar(sum(C.rows_between(run, *s) for s in spans), "tracin", progress)
+    with bar:
+        for span in spans:
+            for blk in C.iter_row_blocks(run, span, chunk_rows=chunk_rows, dtype=dtype, device=dev):
+                st = blk.steps
+                rows, keep = rows_of.rows(blk.sample_ids)
+                qs = qstep_of(st)
+                for a, b in C.step_segments(qs):
+                    contrib = (blk.grads[a:b] @ query(int(qs[a])).T).mul_(blk.coef[a:b, None])
+                    acc.add(st[a:b], rows[a:b], None if keep is None else keep[a:b], contrib)
+                bar.update(len(st))
+
+    base = run.approximations()
+    results = []
+    for w, (t1, t2) in enumerate(wins):
+        notes = list(base)
+        ws = run.steps_in((t1, t2))
+        used = qstep_of(ws)
+        n_cp = int((used != ws).sum())
+        if n_cp:
+            notes.append(f"TracInCP: {n_cp} of {len(ws)} steps use the query gradients of the latest "
+                         "earlier recorded query step instead of their own")
+        n_early = int((ws < qsteps[0]).sum())
+        if n_early:
+            notes.append(f"{n_early} step(s) before the first recorded query step {int(qsteps[0])} use "
+                         "its query gradients")
+        notes += C.window_notes(run, t1, t2)
+        results.append(InfluenceScores(
+            values=acc.out[w], train_ids=rows_of.ids, present=acc.present[w],
+            query_ids=C.query_ids_of(run, q0.shape[0]),
+            method="tracin", window=(t1, t2), eval_step=None, curvature=None,
+            approximations=notes, run_id=run.run_id,
+            meta={"tracincp": bool(n_cp), "query_steps_used": sorted(set(used.tolist())),
+                  "steps": int(len(ws))}))
+    return C.finish(many, results)
+
+
+def self_influence(run: Run, window: Any = None, *, epochs: Any = None, windows: Any = None,
+                   train_ids: Any = None, chunk_rows: int = C.DEFAULT_CHUNK_ROWS,
+                   dtype: torch.dtype = torch.float32, device: Any = None,
+                   progress: bool = True) -> InfluenceScores | list[InfluenceScores]:
+    """TracIn self-influence SI(i; W) = sum_t (eta_t w_t) |g_t(i)|^2 per sample: [n_train].
+
+    Large values flag samples the model fits with large gradients, e.g. mislabelled ones.
+    Needs no queries. Windows as in `tracin`.
+    """
+    wins, many = C.normalize_windows(run, window, epochs, windows)
+    dev = C.resolve_device(device)
+    rows_of = C.SampleRows(run, train_ids, dev)
+    spans = C.merge_windows(wins)
+    acc = C.WindowAccumulator(wins, rows_of.n, None, dtype, dev)
+    bar = C.progress_bar(sum(C.rows_between(run, *s) for s in spans), "self-influence", progress)
+    with bar:
+        for span in spans:
+            for blk in C.iter_row_blocks(run, span, chunk_rows=chunk_rows, dtype=dtype, device=dev):
+                rows, keep = rows_of.rows(blk.sample_ids)
+                sq = torch.linalg.vecdot(blk.grads, blk.grads).mul_(blk.coef)
+                acc.add(blk.steps, rows, keep, sq)
+                bar.update(len(sq))
+    base = run.approximations()
+    return C.finish(many, [
+        InfluenceScores(values=acc.out[w], train_ids=rows_of.ids, present=acc.present[w], query_ids=None,
+                        method="self_influence", window=(t1, t2), approximations=base + C.window_notes(run, t1, t2),
+                        run_id=run.run_id)
+        for w, (t1, t2) in enumerate(wins)])
