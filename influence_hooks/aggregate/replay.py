@@ -1,0 +1,358 @@
+"""The parameters w_t along a range of steps, for estimators that need the model itself.
+
+Two sources, chosen per call (`ParameterTrajectory.plan`):
+
+- snapshots recorded during training (RecordingConfig.snapshot_every_n_steps / snapshot_windows),
+  when one exists at every step needed: read from disk one step at a time, newest first;
+- a replay of the recorded steps from the latest checkpoint at or before the range (with the
+  recorded batch ids and learning rates, and torch.optim.SGD's update: momentum, dampening,
+  Nesterov, weight decay). For plain SGD, which keeps no optimizer state, a snapshot of the whole
+  model is as good a starting point as a checkpoint.
+
+The backward recursion visits steps newest first, a replay produces them oldest first. A replay
+keeps at most `max_memory` bytes of parameter vectors (|w| bytes each): when the n steps of the range
+fit, one forward replay keeps every w_t. Otherwise the range is cut into segments: a first replay
+keeps the state (w, and the momentum buffer) at each segment start, then each segment, last first,
+is replayed again from its start into memory and handed out newest first. With segments of
+S ~ sqrt(n * state/|w|) steps the starts and one segment fit in memory together when
+S + (n / S) * state/|w| <= max_memory / |w|; otherwise segments get max_memory / |w| steps and their
+starts go to a temporary directory (cache_dir). Cost: one SGD step (a forward and backward pass
+over the batch) per step from the checkpoint to the range, and one, or two when in segments, per
+step of the range.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..errors import ConfigurationError, MissingDataError
+from ..storage.reader import Run
+from . import _common as C
+
+Params = dict[str, Tensor]
+#: grad_fn(step, params) -> grad L_step at params, for every trainable parameter
+GradFn = Callable[[int, Params], Params]
+
+_SGD_KEYS = ("momentum", "dampening", "weight_decay", "nesterov", "maximize")
+
+
+@dataclass(frozen=True)
+class SGDForm:
+    """The update w_{t+1} = w_t - eta_t s_t of torch.optim.SGD (one parameter group):
+    d = grad + weight_decay * w; b = d at the first step, else momentum * b + (1 - dampening) * d;
+    s = d + momentum * b (Nesterov), b (momentum), d (no momentum)."""
+
+    momentum: float = 0.0
+    dampening: float = 0.0
+    weight_decay: float = 0.0
+    nesterov: bool = False
+
+    @property
+    def plain(self) -> bool:
+        return self.momentum == 0.0 and self.weight_decay == 0.0
+
+    @property
+    def stateless(self) -> bool:
+        return self.momentum == 0.0
+
+    def describe(self) -> str:
+        if self.plain:
+            return "plain SGD"
+        parts = [f"momentum {self.momentum:g}" + (" (Nesterov)" if self.nesterov else "")
+                 + (f", dampening {self.dampening:g}" if self.dampening else "")] if self.momentum else []
+        if self.weight_decay:
+            parts.append(f"weight decay {self.weight_decay:g}")
+        return "SGD with " + ", ".join(parts)
+
+
+def sgd_form(run: Run) -> SGDForm | None:
+    """The run's optimizer as an SGDForm, or None when it is not torch.optim.SGD (or unknown)."""
+    opt = run.optimizer
+    if not opt or opt.get("name") != "SGD":
+        return None
+    groups = opt.get("param_groups") or [{}]
+    keys = [tuple(g.get(k) for k in _SGD_KEYS) for g in groups]
+    lrs = {g.get("initial_lr", g.get("lr")) for g in groups}
+    if len(set(keys)) > 1 or len(lrs) > 1:
+        raise ConfigurationError(
+            f"the run's SGD has {len(groups)} parameter groups with different hyperparameters "
+            f"({[dict(zip(('lr',) + _SGD_KEYS, (g.get('lr'),) + k)) for g, k in zip(groups, keys)]}); the "
+            "recording does not say which parameter is in which group, so the update cannot be replayed. "
+            "Record snapshots at every step of the window (snapshot_windows=[(t1, t_e + 1)]).")
+    g = groups[0]
+    if g.get("maximize"):
+        raise ConfigurationError("the run's SGD maximizes (maximize=True); exact curvature assumes a "
+                                 "minimized loss.")
+    return SGDForm(momentum=float(g.get("momentum") or 0.0), dampening=float(g.get("dampening") or 0.0),
+                   weight_decay=float(g.get("weight_decay") or 0.0), nesterov=bool(g.get("nesterov")))
+
+
+@dataclass
+class State:
+    """w_t and the momentum buffers b_{t-1} (None: no buffer yet, step t is the first SGD step)."""
+
+    step: int
+    params: Params
+    bufs: Params | None
+
+
+@dataclass
+class Plan:
+    source: str                  # 'snapshots' | 'replay'
+    lo: int
+    hi: int
+    start: int | None = None     # replay: the step of the starting point
+    start_kind: str | None = None  # 'checkpoint' | 'snapshot'
+    segment: int | None = None   # replay: steps per segment (None: one segment)
+    held: list[str] | None = None  # snapshots: parameters not in them, held at their given values
+    states_on_disk: bool = False   # replay in segments: segment starts kept in a temporary directory
+
+    def describe(self) -> str:
+        if self.source == "snapshots":
+            return f"parameters w_t for steps {self.lo}..{self.hi} read from snapshots recorded in training"
+        seg = (f", in segments of {self.segment} steps (2 replays; segment starts kept "
+               f"{'on disk' if self.states_on_disk else 'in memory'})" if self.segment else "")
+        return (f"parameters w_t for steps {self.lo}..{self.hi} replayed from the {self.start_kind} at step "
+                f"{self.start} with the recorded batches and learning rates{seg}")
+
+
+class ParameterTrajectory:
+    """Yields (t, w_t) for t = hi, hi - 1, ..., lo.
+
+    names: every parameter the caller needs in w_t (the model's trainable parameters for a replay).
+    init: values for names no snapshot holds (the model's own) and the buffers.
+    sgd: the update to replay (None: no replay possible). grad_fn: see GradFn.
+    source: 'auto' | 'snapshots' | 'replay'. max_memory: bytes of parameter vectors kept at once.
+    """
+
+    def __init__(self, run: Run, names: list[str], init: Params, sgd: SGDForm | None, grad_fn: GradFn, *,
+                 dtype: torch.dtype, device: torch.device, source: str = "auto",
+                 max_memory: int = 2 << 30, cache_dir: str | None = None,
+                 snapshot_names: list[str] | None = None):
+        if source not in ("auto", "snapshots", "replay"):
+            raise ConfigurationError(f"source must be 'auto', 'snapshots' or 'replay', got {source!r}")
+        self.run, self.names, self.init, self.sgd, self.grad_fn = run, list(names), init, sgd, grad_fn
+        self.dtype, self.device, self.source = dtype, device, source
+        self.max_memory, self.cache_dir = int(max_memory), cache_dir
+        # names that must come from snapshots for the snapshot source (others are held at init)
+        self.snapshot_names = list(snapshot_names if snapshot_names is not None else names)
+        self.vector_bytes = sum(init[n].numel() for n in self.names) * torch.finfo(dtype).bits // 8
+        self.replay_checks: list[tuple[int, float]] = []
+        self.replayed_steps = 0
+        self._snap_names: dict[int, set[str]] = {}
+        self._checked: set[int] = set()
+
+    # ------------------------------------------------------------------ planning
+    def _snapshot_keys(self, step: int) -> set[str]:
+        if step not in self._snap_names:
+            import h5py
+
+            from ..storage import format as fmt
+            with h5py.File(self.run._param_path(step, "snapshot"), "r") as f:
+                self._snap_names[step] = set(f[fmt.PARAMS_GROUP].keys())
+        return self._snap_names[step]
+
+    def _full_snapshot(self, step: int) -> bool:
+        return set(self.names) <= self._snapshot_keys(step)
+
+    def plan(self, lo: int, hi: int) -> Plan:
+        """How w_lo..w_hi will be obtained; raises MissingDataError if they cannot be.
+
+        Preference: snapshots holding every needed parameter; a replay; snapshots holding only the
+        attributed parameters (`snapshot_names`), the others held at `init` (Plan.held says which).
+        """
+        snaps = set(self.run.snapshot_steps.tolist())
+        covered = all(t in snaps for t in range(lo, hi + 1))
+        keys = self._snapshot_keys(hi) if covered else set()
+        if covered and self.source != "replay" and set(self.names) <= keys:
+            return Plan("snapshots", lo, hi)
+        start = self._replay_start(lo) if self.source != "snapshots" else None
+        if start is not None:
+            step, kind = start
+            self._require_recorded(step, hi)
+            n = hi - lo + 1
+            budget = self.max_memory // max(self.vector_bytes, 1)  # parameter vectors
+            if n <= budget:
+                return Plan("replay", lo, hi, start=step, start_kind=kind)
+            per_state = 1 if self.sgd.stateless else 2
+            seg = max(1, math.ceil(math.sqrt(n * per_state)))
+            if seg + math.ceil(n / seg) * per_state <= budget:
+                return Plan("replay", lo, hi, start=step, start_kind=kind, segment=seg, states_on_disk=False)
+            return Plan("replay", lo, hi, start=step, start_kind=kind, segment=max(1, budget - per_state),
+                        states_on_disk=True)
+        if covered and self.source != "replay" and set(self.snapshot_names) <= keys:
+            return Plan("snapshots", lo, hi, held=[n for n in self.names if n not in keys])
+        if covered and self.source != "replay":
+            missing = [n for n in self.snapshot_names if n not in keys]
+            raise MissingDataError(
+                f"the snapshots lack parameter(s) {missing[:5]}{'...' if len(missing) > 5 else ''}: they were "
+                "recorded with snapshot_scope='layers'. Use params='recorded', or record "
+                "snapshot_scope='model' (or checkpoints, to replay from).")
+        if self.source == "snapshots":
+            have = sorted(t for t in snaps if lo <= t <= hi)
+            raise MissingDataError(
+                f"source='snapshots' needs a parameter snapshot at every step {lo}..{hi}; "
+                f"{(hi - lo + 1) - len(have)} of them are missing (snapshots at "
+                f"{C.short_list(sorted(snaps))}). Record snapshot_windows=[({lo}, {hi + 1})], or let the "
+                "parameters be replayed from a checkpoint (source='auto').")
+        raise MissingDataError(
+            f"exact curvature needs the parameters w_t at steps {lo}..{hi}, and the run has "
+            f"{self._why_no_replay(lo, hi)}. Record snapshots of those steps (snapshot_windows=[({lo}, "
+            f"{hi + 1})], snapshot_scope='model' when params='model') or checkpoints "
+            "(checkpoint_every_n_steps=N: the parameters are then replayed from the checkpoint at or "
+            "before the window).")
+
+    def _replay_start(self, lo: int) -> tuple[int, str] | None:
+        if self.sgd is None:
+            return None
+        cands = [(int(t), "checkpoint") for t in self.run.checkpoint_steps if t <= lo]
+        if self.sgd.stateless:
+            cands += [(int(t), "snapshot") for t in self.run.snapshot_steps
+                      if t <= lo and self._full_snapshot(int(t))]
+        if not cands:
+            return None
+        return max(cands, key=lambda c: (c[0], c[1] == "checkpoint"))
+
+    def _why_no_replay(self, lo: int, hi: int) -> str:
+        snaps = self.run.snapshot_steps
+        parts = [f"snapshots at {C.short_list(snaps)}" if len(snaps) else "no parameter snapshots"]
+        ck = self.run.checkpoint_steps
+        if self.sgd is None:
+            parts.append(f"its optimizer ({self.run.optimizer.get('name', 'unknown')}) cannot be replayed "
+                         "(only torch.optim.SGD can)")
+        elif len(ck):
+            parts.append(f"no checkpoint at or before step {lo} (checkpoints at {C.short_list(ck)})")
+        else:
+            parts.append("no checkpoints")
+        return ", ".join(parts)
+
+    def _require_recorded(self, a: int, b: int) -> None:
+        rec = set(self.run.steps.tolist())
+        missing = [t for t in range(a, b) if t not in rec]
+        if missing:
+            raise MissingDataError(
+                f"replaying steps {a}..{b - 1} needs the batch (sample ids) of each, but steps "
+                f"{C.short_list(missing)} are not in the recording; record snapshots of the window instead.")
+
+    # ------------------------------------------------------------------ iteration
+    def reverse(self, plan: Plan) -> Iterator[tuple[int, Params, bool]]:
+        """(t, w_t, first) for t = plan.hi down to plan.lo; first: step t had no momentum buffer."""
+        if plan.source == "snapshots":
+            first = int(self.run.first_step)
+            for t in range(plan.hi, plan.lo - 1, -1):
+                yield t, self._load_snapshot(t), t == first
+            return
+        state = self._load_start(plan)
+        if plan.segment is None:
+            kept: list[tuple[int, Params, bool]] = []
+            for st in self._forward(state, plan.hi):
+                if st.step >= plan.lo:
+                    kept.append((st.step, st.params, st.bufs is None))
+            for item in reversed(kept):
+                yield item
+            return
+        with tempfile.TemporaryDirectory(prefix="influence_hooks_replay_", dir=self.cache_dir) as tmp:
+            starts = list(range(plan.lo, plan.hi + 1, plan.segment))
+            kept_states: dict[int, State] = {}
+            for st in self._forward(state, starts[-1]):
+                if st.step in starts:
+                    if plan.states_on_disk:
+                        torch.save({"params": st.params, "bufs": st.bufs}, Path(tmp) / f"state_{st.step}.pt")
+                    else:
+                        kept_states[st.step] = st
+            for k in range(len(starts) - 1, -1, -1):
+                if plan.states_on_disk:
+                    path = Path(tmp) / f"state_{starts[k]}.pt"
+                    d = torch.load(path, weights_only=True)
+                    path.unlink()
+                    begin = State(starts[k], d["params"], d["bufs"])
+                else:
+                    begin = kept_states.pop(starts[k])
+                end = min(plan.hi, starts[k] + plan.segment - 1)
+                seg = [(s.step, s.params, s.bufs is None) for s in self._forward(begin, end)]
+                for item in reversed(seg):
+                    yield item
+
+    def _load_snapshot(self, t: int) -> Params:
+        snap = self.run.load_parameters(t, "snapshot")
+        return {n: (snap[n] if n in snap else self.init[n]).to(device=self.device, dtype=self.dtype)
+                for n in self.names}
+
+    def _load_start(self, plan: Plan) -> State:
+        vals = self.run.load_parameters(plan.start, plan.start_kind)
+        missing = [n for n in self.names if n not in vals]
+        if missing:
+            raise MissingDataError(f"the {plan.start_kind} at step {plan.start} lacks parameter(s) "
+                                   f"{missing[:5]}: the model does not match the run.")
+        params = {n: vals[n].to(device=self.device, dtype=self.dtype) for n in self.names}
+        bufs = None
+        if plan.start_kind == "checkpoint" and not self.sgd.stateless:
+            opt = self.run.load_optimizer_state(plan.start)
+            if opt:
+                bufs = {n: (opt[n]["momentum_buffer"].to(device=self.device, dtype=self.dtype)
+                            if n in opt and "momentum_buffer" in opt[n] else torch.zeros_like(params[n]))
+                        for n in self.names}
+        return State(plan.start, params, bufs)
+
+    def _forward(self, state: State, stop: int) -> Iterator[State]:
+        """state at its step, then each following state up to step `stop`."""
+        snaps = set(self.run.snapshot_steps.tolist())
+        yield state
+        while state.step < stop:
+            state = self._sgd_step(state)
+            self.replayed_steps += 1
+            if state.step in snaps and state.step not in self._checked:
+                self._checked.add(state.step)
+                self._check_drift(state)
+            yield state
+
+    @torch.no_grad()
+    def _sgd_step(self, state: State) -> State:
+        t = state.step
+        i = self.run.step_position(t)
+        lr = float(self.run.lrs[i])
+        sgd = self.sgd
+        with torch.enable_grad():
+            grads = self.grad_fn(t, state.params)
+        new_p, new_b = {}, ({} if sgd.momentum else None)
+        for n in self.names:
+            d = grads[n]
+            if sgd.weight_decay:
+                d = d + sgd.weight_decay * state.params[n]
+            if sgd.momentum:
+                b = d.clone() if state.bufs is None else state.bufs[n] * sgd.momentum + d * (1 - sgd.dampening)
+                new_b[n] = b
+                d = d + sgd.momentum * b if sgd.nesterov else b
+            new_p[n] = state.params[n] - lr * d
+        return State(t + 1, new_p, new_b)
+
+    def _check_drift(self, state: State) -> None:
+        snap = self.run.load_parameters(state.step, "snapshot")
+        num = den = 0.0
+        for n, v in state.params.items():
+            if n in snap:
+                s = snap[n].to(device=v.device, dtype=v.dtype)
+                num += float((v - s).pow(2).sum())
+                den += float(s.pow(2).sum())
+        if den > 0:
+            rel = math.sqrt(num / den)
+            self.replay_checks.append((state.step, rel))
+            if rel > 1e-3:
+                warnings.warn(f"the replayed parameters differ from the snapshot at step {state.step} by "
+                              f"{rel:.2e} (relative): the replay does not reproduce training exactly "
+                              "(dataset, loss, precision or nondeterminism differ).", RuntimeWarning)
+
+
+def step_sample_ids(run: Run, step: int) -> np.ndarray:
+    """The sample ids of step `step`'s batch, in batch order, without reading the gradients."""
+    return run.step_sample_ids(step)
+
