@@ -24,6 +24,11 @@ class InfluenceCallback(pl.Callback):
     Queries (a Dataset, e.g. a Subset of the validation set, or one batch) get their loss gradients
     recorded at w_t on the query schedule and at the end of training, computed with
     `query_loss_fn(pl_module, batch)` or, by default, the module's own training_step (logging muted).
+    In a YAML / LightningCLI config, where no Dataset can be passed, `queries_from="query_dataset"`
+    names a method (or attribute) of the trainer's DataModule, or else of the LightningModule,
+    that returns the queries; it is read at the start of training. If that DataModule has
+    `influence_metadata()`, its dict is stored in the run's metadata under "data" (the demo
+    stores the ids of its flipped labels there).
     Resuming from a Lightning checkpoint continues the same run directory.
     See RecordingConfig for every other option.
     """
@@ -40,6 +45,7 @@ class InfluenceCallback(pl.Callback):
         loss_reduction: str = "mean",
         storage_dtype: str | None = None,
         queries: Any = None,
+        queries_from: str | None = None,
         query_loss_fn: Callable[[pl.LightningModule, Any], torch.Tensor] | None = None,
         query_every_n_steps: int | None = None,
         sample_ids: Callable[[Any, int], Any] | None = None,
@@ -63,7 +69,10 @@ class InfluenceCallback(pl.Callback):
             snapshot_scope=snapshot_scope, checkpoint_every_n_steps=checkpoint_every_n_steps,
             on_nonfinite=on_nonfinite, steps_per_shard=steps_per_shard, queue_size=queue_size,
             overwrite=overwrite)
+        if queries is not None and queries_from is not None:
+            raise ConfigurationError("pass queries= or queries_from=, not both.")
         self.query_batch, self.query_ids = _query_batch(queries)
+        self.queries_from = queries_from
         self.query_loss_fn = query_loss_fn
         self.sample_ids = sample_ids
         self.metadata = metadata
@@ -118,6 +127,8 @@ class InfluenceCallback(pl.Callback):
                 "training_step.")
         if len(trainer.optimizers) != 1:
             raise ConfigurationError(f"InfluenceCallback supports one optimizer, found {len(trainer.optimizers)}.")
+        if self.queries_from is not None and self.query_batch is None:
+            self._fetch_queries(trainer, pl_module)
         queries = None
         if self.query_batch is not None:
             queries = move_data_to_device(self.query_batch, pl_module.device)
@@ -138,6 +149,21 @@ class InfluenceCallback(pl.Callback):
             self.recorder.plan_start(resume_run_id=self._resume_state["run_id"], resume_step=trainer.global_step)
         else:
             self.recorder.plan_start(extra=extra)
+
+    def _fetch_queries(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        dm = trainer.datamodule
+        holder = next((h for h in (dm, pl_module) if h is not None and hasattr(h, self.queries_from)), None)
+        if holder is None:
+            raise ConfigurationError(
+                f"queries_from={self.queries_from!r}: neither the data module "
+                f"({type(dm).__name__ if dm is not None else 'none'}) nor {type(pl_module).__name__} "
+                "has it. Give the data module a method of that name returning a Dataset (e.g. a "
+                "Subset of the validation set) or one batch, or pass queries= in Python.")
+        source = getattr(holder, self.queries_from)
+        self.query_batch, self.query_ids = _query_batch(source() if callable(source) else source)
+        describe = getattr(dm, "influence_metadata", None)
+        if callable(describe):
+            self.metadata = {**(self.metadata or {}), "data": describe()}
 
     # ------------------------------------------------------------------ per batch
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,

@@ -12,10 +12,9 @@ a clean validation split, and name a clean subset of it as the influence queries
 (`query_dataset()`). Sample ids are positions in the training split, so `corrupted_mask()` lines
 up with the ids the recorder stores.
 
-`DataModuleInfluenceCallback` is InfluenceCallback for configs: a YAML config cannot hand the
-DataModule's validation subset to the callback's `queries=`, so this subclass fetches it from
-`trainer.datamodule` when training starts (and stores the data module's description, including the
-ids of the flipped labels, in the run's metadata, where `influence-hooks compare` finds them).
+In a YAML config, `InfluenceCallback(queries_from="query_dataset")` fetches the queries from the
+data module when training starts, and stores its `influence_metadata()` (including the ids of the
+flipped labels) in the run's metadata, where `influence-hooks compare` finds them.
 """
 
 from __future__ import annotations
@@ -29,7 +28,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
-from .callback import InfluenceCallback, _query_batch
 from .errors import ConfigurationError
 
 
@@ -220,42 +218,3 @@ class SmallCNN(_Classifier):
 
 
 # ---------------------------------------------------------------------- the callback for configs
-class DataModuleInfluenceCallback(InfluenceCallback):
-    """InfluenceCallback whose queries come from the DataModule, for YAML / LightningCLI configs.
-
-    At the start of training it calls `trainer.datamodule.<queries_from>()` (or reads the attribute
-    of that name), which returns a Dataset (e.g. a Subset of the validation set) or one batch, and
-    records those as the queries. If the data module has `influence_metadata()`, its dict is added
-    to the run's metadata under "data" (the demo's data modules store the ids of their flipped
-    labels there). Every other argument is InfluenceCallback's.
-
-        trainer:
-          callbacks:
-            - class_path: influence_hooks.models.DataModuleInfluenceCallback
-              init_args: {run_dir: runs/digits, queries_from: query_dataset, query_every_n_steps: 4}
-    """
-
-    def __init__(self, run_dir: str, queries_from: str = "query_dataset", **kwargs: Any):
-        if kwargs.get("queries") is not None:
-            raise ConfigurationError("DataModuleInfluenceCallback takes its queries from the data module "
-                                     f"(queries_from={queries_from!r}); do not also pass queries=.")
-        super().__init__(run_dir, **kwargs)
-        self.queries_from = queries_from
-
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.query_batch is None:  # fetched once (again after a resume, in a new process)
-            dm = trainer.datamodule
-            source = getattr(dm, self.queries_from, None) if dm is not None else None
-            if source is None:
-                raise ConfigurationError(
-                    f"DataModuleInfluenceCallback: the trainer's data module "
-                    f"({type(dm).__name__ if dm is not None else 'none'}) has no {self.queries_from!r}. "
-                    "Train with a LightningDataModule that provides it (a method returning a Dataset "
-                    "or a batch), or use InfluenceCallback(queries=...) in Python.")
-            queries = source() if callable(source) else source
-            # the parent's own conversion of a Dataset or batch into one batch with ids
-            self.query_batch, self.query_ids = _query_batch(queries)
-            describe = getattr(dm, "influence_metadata", None)
-            if callable(describe):
-                self.metadata = {**(self.metadata or {}), "data": describe()}
-        super().on_train_start(trainer, pl_module)

@@ -8,6 +8,7 @@ from a superseded run would not.
 
 from __future__ import annotations
 
+import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
@@ -18,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from _tiny_lightning import TinyClassifier, make_trainer
 from conftest import assert_rows_close, func_per_sample_grads
 from influence_hooks.callback import InfluenceCallback
-from influence_hooks.errors import RunDirectoryError
+from influence_hooks.errors import ConfigurationError, RunDirectoryError
 from influence_hooks.ids import IndexedDataset
 from influence_hooks.storage.reader import open_run
 
@@ -164,3 +165,35 @@ def test_resuming_into_a_directory_that_holds_another_run_is_refused(tmp_path):
         assert (run.run_id, run.steps.tolist(), run.complete) == (other_id, other_steps, True)
     with open_run(tmp_path / "a") as run:
         assert run.complete and run.steps.tolist() == list(range(5))
+
+
+class _QueryDataModule(pl.LightningDataModule):
+    def train_dataloader(self):
+        return loader()
+
+    def query_dataset(self):
+        return Subset(TensorDataset(X, Y), [1, 2])
+
+    def influence_metadata(self):
+        return {"corrupted_ids": [4]}
+
+
+def test_queries_from_the_data_module_equal_queries_given_directly(tmp_path):
+    module = TinyClassifier()
+    cb = InfluenceCallback(tmp_path / "run", queries_from="query_dataset", **EXACT)
+    make_trainer([cb], 1, tmp_path).fit(module, datamodule=_QueryDataModule())
+    with open_run(tmp_path / "run") as run:
+        assert run.query_ids.tolist() == [1, 2]
+        assert run.manifest["metadata"]["data"] == {"corrupted_ids": [4]}
+        t = int(run.query_steps[-1])
+        expected = func_per_sample_grads(module, ce_sample, (X[[1, 2]], Y[[1, 2]]), LAYERS,
+                                         {n: p.detach() for n, p in module.named_parameters()})
+        assert_rows_close(run.query_gradients(t, dtype=torch.float64), expected)
+
+
+def test_queries_from_a_missing_name_or_together_with_queries_is_refused(tmp_path):
+    with pytest.raises(ConfigurationError, match="queries= or queries_from="):
+        InfluenceCallback(tmp_path / "a", queries=(X, Y), queries_from="query_dataset")
+    cb = InfluenceCallback(tmp_path / "b", queries_from="no_such_method", **EXACT)
+    with pytest.raises(ConfigurationError, match="no_such_method"):
+        make_trainer([cb], 1, tmp_path).fit(TinyClassifier(), datamodule=_QueryDataModule())

@@ -178,7 +178,7 @@ def run_lightning_cli(argv: Sequence[str]) -> int:
     """LightningCLI's `fit` with argv (e.g. ['--config', 'configs/digits.yaml']).
 
     Model, data and callbacks come from the config by class_path (see configs/*.yaml); with
-    influence_hooks.models.DataModuleInfluenceCallback the run directory it names is recorded.
+    influence_hooks.InfluenceCallback the run directory it names is recorded.
     """
     from lightning.pytorch.cli import LightningCLI
 

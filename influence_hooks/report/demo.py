@@ -77,16 +77,17 @@ def train_and_record(run_dir: str | Path, *, progress: bool = True, **settings: 
     """
     import lightning.pytorch as pl
 
-    from ..models import DataModuleInfluenceCallback, DigitsDataModule, DigitsMLP
+    from ..callback import InfluenceCallback
+    from ..models import DigitsDataModule, DigitsMLP
 
     s = {**DEFAULTS, **settings}
     pl.seed_everything(s["seed"], verbose=False)
     dm = DigitsDataModule(n_train=s["n_train"], n_val=s["n_val"], n_queries=s["n_queries"],
                           label_noise=s["label_noise"], batch_size=s["batch_size"], seed=s["seed"])
     model = DigitsMLP(hidden=s["hidden"], lr=s["lr"])
-    cb = DataModuleInfluenceCallback(str(run_dir), queries_from="query_dataset", projection=s["projection"],
-                                     query_every_n_steps=s["query_every_n_steps"], seed=s["seed"],
-                                     overwrite=True, metadata={"demo": {k: v for k, v in s.items()}})
+    cb = InfluenceCallback(str(run_dir), queries_from="query_dataset", projection=s["projection"],
+                           query_every_n_steps=s["query_every_n_steps"], seed=s["seed"],
+                           overwrite=True, metadata={"demo": {k: v for k, v in s.items()}})
     from lightning.pytorch.callbacks import TQDMProgressBar
 
     with _quiet_lightning():
