@@ -235,6 +235,8 @@ class LayerProjector:
         mats = self._matrices(grad_output.device, compute_dtype(module, grad_output))
         if self.spec.kind == "kronecker":
             left, right = self.rule.project_factors(module, inputs, grad_output, *mats)
+            if left.shape[1] == 1:  # one position: an outer product, cheaper than a batched matmul
+                return (left[:, 0, :, None] * right[:, 0, None, :]).reshape(left.shape[0], -1)
             return torch.bmm(left.transpose(1, 2), right).reshape(left.shape[0], -1)
         return self.rule.exact(module, inputs, output, grad_output) @ mats[0].T
 

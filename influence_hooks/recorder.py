@@ -153,6 +153,8 @@ class GradientRecorder:
         self._layer_params = {id(p) for l in self.layers for p in l.module.parameters(recurse=False)}
         self.writer: RunWriter | None = None
         self._start_kwargs: dict[str, Any] = {}
+        self._lr_groups_key: tuple[int, int] | None = None
+        self._lr_groups: list[int] = []
         self._step = 0
         self._micro_ids: list[np.ndarray] = []
         self._last_epoch: int | None = None
@@ -400,6 +402,7 @@ class GradientRecorder:
         cap.drop_layers(broadcast)
         self.layers, self.dim = cap.layers, cap.dim
         self._layer_params = {id(p) for l in self.layers for p in l.module.parameters(recurse=False)}
+        self._lr_groups_key = None  # the group lookup must be redone for the kept layers
 
     def _row_scales(self, sizes: list[int], n_micro: int, grad_scaler: Any) -> list[Any]:
         """Factors that turn what the hooks saw into g_t(i) = grad l_i: undo the mean over each
@@ -412,8 +415,12 @@ class GradientRecorder:
         return scales
 
     def _recorded_lr(self, optimizer: torch.optim.Optimizer) -> float:
-        lrs = [float(g["lr"]) for g in optimizer.param_groups
-               if any(id(p) in self._layer_params for p in g["params"])]
+        key = (id(optimizer), len(optimizer.param_groups))
+        if self._lr_groups_key != key:  # which groups hold recorded layers: found once per optimizer
+            self._lr_groups_key = key
+            self._lr_groups = [j for j, g in enumerate(optimizer.param_groups)
+                               if any(id(p) in self._layer_params for p in g["params"])]
+        lrs = [float(optimizer.param_groups[j]["lr"]) for j in self._lr_groups]
         if not lrs:
             raise ConfigurationError("none of the recorded layers' parameters is in the optimizer; "
                                      "record layers that are being trained.")

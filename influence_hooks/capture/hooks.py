@@ -166,7 +166,7 @@ class GradientCapture:
                     for i, l in enumerate(self.layers)]
             block = torch.cat(cols, dim=1) if cols else torch.zeros(rows, 0, dtype=dt, device=dev)
             if row_scales is not None:
-                block = block * row_scales[j]
+                block.mul_(row_scales[j])  # block is a fresh tensor from cat (or zeros)
             blocks.append(block)
         if not blocks:
             return torch.zeros(0, self.dim), []

@@ -259,8 +259,11 @@ def affine_factor(x: Tensor, use_x: bool, use_one: bool, p: Tensor | None) -> Te
         return torch.cat(parts, dim=-1)
     d = x.shape[-1] if use_x else 0
     if use_x:
-        out = x @ p[:, :d].T
-        return out + p[:, d] if use_one else out
+        if not use_one:
+            return x @ p[:, :d].T
+        # the bias column is added inside the matrix product (addmm), not as a second pass
+        flat = torch.addmm(p[:, d], x.reshape(-1, d), p[:, :d].T)
+        return flat.reshape(*x.shape[:-1], p.shape[0])
     return p[:, 0].expand(*x.shape[:-1], p.shape[0])
 
 

@@ -76,8 +76,10 @@ class _ConvRule(BilinearRule):
 
     def project_factors(self, module, inputs, grad_output, p_left, p_right):
         dtype = compute_dtype(module, grad_output)
-        go = grad_output.to(dtype).flatten(2).transpose(1, 2)  # [N, T, C_out]
-        left = go if p_left is None else go @ p_left.T
+        go = grad_output.to(dtype).flatten(2)  # [N, C_out, T], as laid out in memory
+        # P_L @ go keeps the contiguous [N, kL, T] layout; transposing first would copy go
+        left = (go if p_left is None else p_left @ go).transpose(1, 2)  # [N, T, kL] view
+        go = go.transpose(1, 2)
         use_w, use_b = trainable(module, "weight"), trainable(module, "bias")
         x = inputs[0].to(dtype)
         if p_right is None:
