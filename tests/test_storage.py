@@ -37,3 +37,29 @@ def test_step_sample_ids_equal_the_ids_given_in_batch_order(tmp_path):
         expected = (torch.arange(4) + 10 * t).flip(0).tolist()
         assert run.step_sample_ids(t).tolist() == expected
         assert next(run.iter_steps((t, t + 1))).sample_ids.tolist() == expected
+
+
+def test_reader_merges_the_shards_of_several_ranks_into_global_steps(tmp_path):
+    import numpy as np
+
+    from influence_hooks.storage.writer import RunWriter, StepRecord
+
+    manifest = {"dim": 2, "storage_dtype": "float64", "run_id": "two-ranks",
+                "layers": [{"name": "fc", "rule": "linear", "module_type": "Linear", "offset": 0, "dim": 2,
+                            "grad_dim": 2, "param_shapes": [["weight", [1, 2]]],
+                            "projection": {"kind": "none"}}]}
+    writers = [RunWriter.create(tmp_path, manifest, rank=r, steps_per_shard=2) for r in (0, 1)]  # rank 0 first
+    for t in range(3):
+        for r, w in enumerate(writers):
+            ids = np.array([10 * t + 2 * r, 10 * t + 2 * r + 1])
+            w.write_step(StepRecord(step=t, epoch=0, lr=0.1, lr_groups=[0.1], batch_size=2, update_weight=0.25,
+                                    micro_batches=1, sample_ids=ids,
+                                    grads=torch.tensor([[t, r], [t, r + 0.5]], dtype=torch.float64)))
+    for w in writers:
+        w.close(final_step=3)
+    run = open_run(tmp_path)
+    assert run.complete and run.steps.tolist() == [0, 1, 2]
+    assert run.batch_sizes.tolist() == [4, 4, 4]
+    for b in run.iter_steps(dtype=torch.float64):
+        assert sorted(b.sample_ids.tolist()) == [10 * b.step + k for k in range(4)]
+        assert sorted(b.grads[:, 1].tolist()) == [0.0, 0.5, 1.0, 1.5]

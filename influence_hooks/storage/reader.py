@@ -544,8 +544,9 @@ class Run:
                 r0 = int(cols["row_start"][j])
                 self._step_rows.setdefault(step, []).append((sh, r0, r0 + int(cols["row_count"][j])))
                 row = {name: cols[name][j] for name in fmt.STEP_COLUMNS}
-                if step in per_step:
+                if step in per_step:  # another rank's part of the same step: a global batch
                     per_step[step]["rows_total"] += int(cols["row_count"][j])
+                    per_step[step]["batch_size"] += int(cols["batch_size"][j])
                     per_step[step]["nonfinite"] |= bool(cols["nonfinite"][j])
                 else:
                     per_step[step] = {**row, "rows_total": int(cols["row_count"][j])}

@@ -103,7 +103,14 @@ class RunWriter:
         """Start a new run in `path`. Refuses a directory that already holds a run unless overwrite."""
         path = Path(path)
         mpath = path / fmt.MANIFEST
-        cls.check_new_run_dir(path, overwrite=overwrite, rank=rank)
+        if rank != 0:  # other ranks join the run of rank 0: same run_id, nothing is replaced
+            if not manifest.get("run_id"):
+                raise ConfigurationError(f"rank {rank} joins the run of rank 0: pass its run_id in the manifest.")
+            other = _safe_manifest(mpath).get("run_id") if mpath.exists() else None
+            if other not in (None, manifest["run_id"]):
+                raise RunDirectoryError(f"rank {rank}: {path} holds run {other}, not {manifest['run_id']}.")
+        else:
+            cls.check_new_run_dir(path, overwrite=overwrite, rank=rank)
         if mpath.exists() and rank == 0:
             for sub in (fmt.SHARD_DIR, fmt.PARAM_DIR):
                 shutil.rmtree(path / sub, ignore_errors=True)
