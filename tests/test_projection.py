@@ -22,21 +22,7 @@ except ImportError:  # pragma: no cover
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same'")
 
 
-class ScaleShift(nn.Module):
-    """A custom layer served by the generic torch.func rule."""
-
-    def __init__(self, d: int):
-        super().__init__()
-        self.log_scale = nn.Parameter(torch.randn(d) * 0.3)
-        self.shift = nn.Parameter(torch.randn(d))
-
-    def forward(self, x):
-        return torch.tanh(x * self.log_scale.exp()) + self.shift
-
-
-def frozen(module: nn.Module, name: str) -> nn.Module:
-    getattr(module, name).requires_grad_(False)
-    return module
+from _layers import ScaleShift, frozen  # noqa: E402
 
 
 def gpt2_conv1d(nf: int, nx: int) -> nn.Module:

@@ -23,21 +23,7 @@ except ImportError:  # pragma: no cover
     transformers_utils = None
 
 
-class ScaleShift(nn.Module):
-    """A custom layer no rule is registered for: y = tanh(x * exp(log_scale)) + shift."""
-
-    def __init__(self, d: int):
-        super().__init__()
-        self.log_scale = nn.Parameter(torch.randn(d) * 0.3)
-        self.shift = nn.Parameter(torch.randn(d))
-
-    def forward(self, x):
-        return torch.tanh(x * self.log_scale.exp()) + self.shift
-
-
-def frozen(module: nn.Module, name: str) -> nn.Module:
-    getattr(module, name).requires_grad_(False)
-    return module
+from _layers import ScaleShift, frozen  # noqa: E402
 
 
 def _ids(*shape: int, vocab: int) -> torch.Tensor:
