@@ -44,6 +44,3 @@ class MissingDataError(InfluenceHooksError):
 class ProjectionMismatchError(ConfigurationError):
     """Gradients from different projections (or dimensions) were combined; they are not comparable."""
 
-
-class CurvatureNotAvailableError(InfluenceHooksError, NotImplementedError):
-    """A curvature backend was asked for that is not installed or lacks what it needs."""

@@ -19,7 +19,7 @@ from helpers_runs import record_run
 from influence_hooks.aggregate import (CurvatureOperator, DataValueEmbeddings, InfluenceScores, dit, dvemb,
                                        self_influence, tracin)
 from influence_hooks.aggregate import cli as agg_cli
-from influence_hooks.errors import (ConfigurationError, CurvatureNotAvailableError, InfluenceHooksError,
+from influence_hooks.errors import (ConfigurationError, InfluenceHooksError,
                                     MissingDataError, ProjectionMismatchError, WindowError)
 from influence_hooks.storage.reader import open_run
 
@@ -413,13 +413,10 @@ def test_bad_method_options(run):
 
 
 @pytest.mark.parametrize("curvature", ["exact", "ggn"])
-def test_exact_curvature_without_backend_says_what_it_needs(run, curvature, monkeypatch):
-    # simulate an installation without influence_hooks.aggregate.exact
-    monkeypatch.setattr(sys.modules["influence_hooks.aggregate.dit"], "EXACT_MODULE",
-                        "influence_hooks.aggregate._no_exact_backend")
-    with pytest.raises(CurvatureNotAvailableError, match="model=, loss_fn=, dataset=") as err:
-        dit(run, window=(4, 8), curvature=curvature, **F64)
-    assert isinstance(err.value, NotImplementedError)
+def test_exact_curvature_without_model_and_dataset_says_what_it_needs(run, curvature):
+    for given in ({}, {"model": torch.nn.Linear(2, 2)}):
+        with pytest.raises(ConfigurationError, match="model=.*dataset=.*snapshots or checkpoints"):
+            dit(run, window=(4, 8), curvature=curvature, **given, **F64)
 
 
 def test_exact_curvature_dispatches_to_backend_module(run, monkeypatch):
@@ -428,11 +425,11 @@ def test_exact_curvature_dispatches_to_backend_module(run, monkeypatch):
     mod.__spec__ = importlib.machinery.ModuleSpec("influence_hooks.aggregate.exact", None)
     mod.exact_dit = lambda *a, **kw: calls.append((a, kw)) or "from-backend"
     monkeypatch.setitem(sys.modules, "influence_hooks.aggregate.exact", mod)
-    out = dit(run, window=(4, 8), mode="accrued", curvature="exact", model="M", loss_fn="L", **F64)
+    out = dit(run, window=(4, 8), mode="accrued", curvature="exact", model="M", dataset="D", loss_fn="L", **F64)
     assert out == "from-backend"
     (args, kw), = calls
     assert args[0] is run and args[1:] == ((4, 8), "accrued", "exact", None)
-    assert kw["model"] == "M" and kw["loss_fn"] == "L" and kw["dtype"] == torch.float64
+    assert kw["model"] == "M" and kw["dataset"] == "D" and kw["loss_fn"] == "L" and kw["dtype"] == torch.float64
 
 
 # ---------------------------------------------------------------------- command line

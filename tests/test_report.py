@@ -12,6 +12,7 @@ import itertools
 import numpy as np
 import pytest
 import scipy.stats
+import torch
 
 from influence_hooks.errors import ConfigurationError
 from influence_hooks.report import PatternRules, WindowComparison, classify_patterns, compare_windows
@@ -291,3 +292,32 @@ def test_compare_windows_with_data_value_embeddings_matches_removal_at_the_end(r
     for w, win in enumerate(cmp.windows):
         want = dit(run, window=win, mode="removal", curvature="fisher", eval_step="final", progress=False)
         close(cmp.scores[:, w], want.mean_over_queries().values.double().numpy())
+
+
+def test_compare_windows_on_an_interrupted_run_ends_the_last_window_at_its_last_query(tmp_path):
+    import torch.nn.functional as F
+    from torch import nn
+
+    from influence_hooks import GradientRecorder, open_run
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    x, y = torch.randn(24, 4), torch.randint(0, 3, (24,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = GradientRecorder(tmp_path / "run", model, projection="none", queries=(x[:5], y[:5]),
+                           query_loss_fn=lambda m, b: F.cross_entropy(m(b[0]), b[1]))
+    for epoch in range(3):
+        for k in range(3):
+            ids = torch.arange(8 * k, 8 * k + 8)
+            rec.begin_micro_batch(ids)
+            F.cross_entropy(model(x[ids]), y[ids]).backward()
+            rec.end_step(opt, epoch=epoch, epoch_end=k == 2)
+            opt.step()
+            opt.zero_grad()
+    rec.close(complete=False)  # interrupted: no query gradients at the end of training
+    run = open_run(tmp_path / "run")
+    assert not run.complete and 9 not in run.query_steps
+    with pytest.warns(RuntimeWarning, match="ends at step 8"):
+        cmp = compare_windows(run, epochs="each", progress=False, detection_methods=())
+    assert cmp.windows[-1] == (6, 8)
+    assert np.all(np.abs(np.asarray(cmp.correlation)) <= 1 + 1e-6)

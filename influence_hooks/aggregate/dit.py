@@ -18,15 +18,13 @@ mode, curvature, eval_step, **kwargs)` when that module exists.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from ..errors import ConfigurationError, CurvatureNotAvailableError, MissingDataError, WindowError
+from ..errors import ConfigurationError, MissingDataError, WindowError
 from ..storage.reader import Run, StepBatch
 from . import _common as C
 from .curvature import CurvatureOperator, make_curvature
@@ -34,7 +32,6 @@ from .results import InfluenceScores
 
 MODES = ("removal", "accrued")
 EXACT_CURVATURES = ("exact", "ggn")
-EXACT_MODULE = __name__.rsplit(".", 1)[0] + ".exact"
 
 
 @dataclass(frozen=True)
@@ -49,7 +46,7 @@ class _Task:
 def dit(run: Run, window: Any = None, *, epochs: Any = None, windows: Any = None, mode: str = "removal",
         curvature: str | CurvatureOperator = "fisher", eval_step: int | str | None = None,
         query_grads: Any = None, query_ids: Any = None, projection_fingerprint: str | None = None,
-        train_ids: Any = None, chunk_rows: int = C.DEFAULT_CHUNK_ROWS, dtype: torch.dtype = torch.float32,
+        train_ids: Any = None, chunk_rows: int = C.DEFAULT_CHUNK_ROWS, dtype: torch.dtype | None = None,
         device: Any = None, progress: bool = True, **kwargs: Any) -> InfluenceScores | list[InfluenceScores]:
     """Dynamic-influence scores [n_train, n_query] over a window of steps.
 
@@ -62,6 +59,8 @@ def dit(run: Run, window: Any = None, *, epochs: Any = None, windows: Any = None
     curvature: 'none', 'fisher' (empirical Fisher from the recording), a CurvatureOperator, or
         'exact' / 'ggn' (dispatched to influence_hooks.aggregate.exact.exact_dit; extra keyword
         arguments such as model=, loss_fn=, dataset= go there).
+    dtype: of the computation and the scores; default float32 for 'none'/'fisher', the model's
+        own dtype for 'exact'/'ggn'.
     Positive score: removing i raises the query loss (i helped). Windows as in `tracin`.
     """
     if mode not in MODES:
@@ -75,6 +74,7 @@ def dit(run: Run, window: Any = None, *, epochs: Any = None, windows: Any = None
     if kwargs:
         raise ConfigurationError(
             f"dit got unexpected argument(s) {sorted(kwargs)}; they are only for curvature='exact'/'ggn'.")
+    dtype = dtype or torch.float32
     op = make_curvature(curvature)
     dev = C.resolve_device(device)
 
@@ -243,15 +243,15 @@ def _backward_pass(run: Run, tasks: list[_Task], u0: dict[int, torch.Tensor], op
 
 def _dispatch_exact(run: Run, window: Any, mode: str, curvature: str, eval_step: Any, **kwargs: Any) -> Any:
     """Hand exact / Gauss-Newton curvature to influence_hooks.aggregate.exact.exact_dit."""
-    backend = None
-    if importlib.util.find_spec(EXACT_MODULE) is not None:
-        backend = getattr(importlib.import_module(EXACT_MODULE), "exact_dit", None)
-    if backend is None:
-        raise CurvatureNotAvailableError(
-            f"curvature={curvature!r} is not available yet: it needs Hessian-vector products of the batch "
-            "loss at the recorded parameters, so besides the run it needs model=, loss_fn=, dataset= "
-            "(the training samples by id) and parameter snapshots or checkpoints along the window "
-            f"(recorded with snapshot_windows / checkpoint_every_n_steps). The backend module "
-            f"{EXACT_MODULE} (exact_dit) is not installed; use curvature='fisher' or 'none' meanwhile.")
+    if kwargs.get("model") is None or kwargs.get("dataset") is None:
+        raise ConfigurationError(
+            f"curvature={curvature!r} needs Hessian-vector products of each step's batch loss at the "
+            "recorded parameters, so besides the run it needs model= (the trained model or "
+            "LightningModule), dataset= (the training samples, indexed by the recorded sample ids), "
+            "queries= (and loss_fn= unless the model is a LightningModule), and parameter snapshots "
+            "or checkpoints along the window (snapshot_windows / checkpoint_every_n_steps when "
+            "recording). Without them use curvature='fisher' or 'none'.")
+    from .exact import exact_dit
+
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    return backend(run, window, mode, curvature, eval_step, **kwargs)
+    return exact_dit(run, window, mode, curvature, eval_step, **kwargs)

@@ -85,7 +85,7 @@ def tracin(run: Run, window: Any = None, *, epochs: Any = None, windows: Any = N
         notes = list(base)
         ws = run.steps_in((t1, t2))
         used = qstep_of(ws)
-        n_cp = int((used != ws).sum())
+        n_cp = int(((used != ws) & (ws >= qsteps[0])).sum())  # steps before the first query: below
         if n_cp:
             notes.append(f"TracInCP: {n_cp} of {len(ws)} steps use the query gradients of the latest "
                          "earlier recorded query step instead of their own")
@@ -99,7 +99,7 @@ def tracin(run: Run, window: Any = None, *, epochs: Any = None, windows: Any = N
             query_ids=C.query_ids_of(run, q0.shape[0]),
             method="tracin", window=(t1, t2), eval_step=None, curvature=None,
             approximations=notes, run_id=run.run_id,
-            meta={"tracincp": bool(n_cp), "query_steps_used": sorted(set(used.tolist())),
+            meta={"tracincp": bool((used != ws).any()), "query_steps_used": sorted(set(used.tolist())),
                   "steps": int(len(ws))}))
     return C.finish(many, results)
 

@@ -25,6 +25,7 @@ the sample helped (a proponent); negative = it hurt (an opponent).
 from __future__ import annotations
 
 import json
+import warnings
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +40,7 @@ from torchmetrics.functional.retrieval import retrieval_precision
 
 from ..aggregate import InfluenceScores, dit, dvemb, self_influence, tracin
 from ..aggregate._common import normalize_windows
-from ..errors import ConfigurationError
+from ..errors import ConfigurationError, MissingDataError
 from ..storage.reader import Run
 
 METHODS = ("dit", "tracin", "dvemb")
@@ -479,6 +480,25 @@ def _describe_query(run: Run, query: Any) -> str:
     return f"the mean loss of {len(list(query))} chosen queries"
 
 
+def _end_at_query_step(run: Run, window: tuple[int, int]) -> tuple[int, int]:
+    """DIT evaluates a window at its end t2, which needs query gradients recorded there. Where
+    there are none (an interrupted run's last window, or queries recorded every n steps), the
+    window ends at the latest recorded query step inside it instead, with a warning."""
+    t1, t2 = window
+    if not run.has_queries or t2 in set(run.query_steps.tolist()):
+        return window
+    q = run.query_step_at_or_before(t2)
+    if q is None or q <= t1:
+        raise MissingDataError(
+            f"window [{t1}, {t2}) has no recorded query gradients at or before its end; record "
+            "queries more often (query_every_n_steps) or choose windows that end at query steps "
+            f"(recorded at {run.query_steps[:8].tolist()}...).")
+    warnings.warn(f"window [{t1}, {t2}) ends at step {q} instead, the latest step with recorded "
+                  "query gradients (the run is incomplete or records queries every n steps).",
+                  RuntimeWarning, stacklevel=3)
+    return t1, q
+
+
 def compare_windows(run: Run, windows: Sequence[tuple[int, int]] | None = None, *, epochs: Any = None,
                     method: str = "dit", mode: str = "removal", curvature: str = "fisher",
                     query: Any = "mean", corrupted: Any = None,
@@ -518,7 +538,8 @@ def compare_windows(run: Run, windows: Sequence[tuple[int, int]] | None = None, 
     if any(b[0] < a[0] for a, b in zip(wins, wins[1:])):
         raise ConfigurationError(f"windows must be in time order (by start step), got {wins}")
     full = (run.first_step, run.last_step + 1)
-    all_wins = wins + ([full] if whole_run else [])
+    all_wins = [_end_at_query_step(run, w) for w in wins + ([full] if whole_run else [])]
+    wins = all_wins[:len(wins)]
     train_ids = run.sample_ids
     mask = _corrupted_mask(run, train_ids, corrupted)
 
