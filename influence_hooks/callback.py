@@ -125,6 +125,11 @@ class InfluenceCallback(pl.Callback):
                 "InfluenceCallback needs automatic optimization (one optimizer step per "
                 "training_step cycle). With manual optimization use GradientRecorder in the "
                 "training_step.")
+        if trainer.world_size > 1:
+            raise ConfigurationError(
+                f"InfluenceCallback does not record distributed training yet ({trainer.world_size} "
+                "processes): every rank would need the global batch's weights. The run-directory "
+                "format already keeps per-rank shards; until then train on one device.")
         if len(trainer.optimizers) != 1:
             raise ConfigurationError(f"InfluenceCallback supports one optimizer, found {len(trainer.optimizers)}.")
         if self.queries_from is not None and self.query_batch is None:
@@ -206,7 +211,8 @@ class InfluenceCallback(pl.Callback):
     def state_dict(self) -> dict[str, Any]:
         if self.recorder is None or self.recorder.run_id is None:
             return {}
-        self.recorder.flush()  # every step up to this checkpoint is in a finished shard
+        if not self.recorder.finished:
+            self.recorder.flush()  # every step up to this checkpoint is in a finished shard
         return {"run_id": self.recorder.run_id, "run_dir": self.run_dir, "step": self.recorder.step}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -30,7 +30,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"run        {info['path']}  ({info['run_id']})")
     print(f"status     {status}")
     print(f"steps      {info['steps']}" + (f"  [{rng[0]}..{rng[1]}]" if rng else "")
-          + f"  epochs {info['epochs'][0]}..{info['epochs'][-1]}" if info["epochs"] else "")
+          + (f"  epochs {info['epochs'][0]}..{info['epochs'][-1]}" if info["epochs"] else ""))
     print(f"samples    {info['samples']} distinct, {info['rows']} sample-steps")
     print(f"gradient   {info['dim']} dims stored as {info['storage_dtype']}")
     print(f"optimizer  {info['optimizer']}   precision {info['precision']}")

@@ -19,12 +19,11 @@ InfluenceCallback is a thin Lightning layer over this class.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -150,10 +149,11 @@ class GradientRecorder:
         self.capture = GradientCapture(self.layers)
         self.capture.attach()  # armed only between begin_micro_batch and end_step
         self.dim = self.capture.dim
-        self._layer_params = {id(p) for l in self.layers for p in l.module.parameters(recurse=False)}
+        self._layer_params = {id(p) for p in self._recorded_parameters()}
         self.writer: RunWriter | None = None
         self._start_kwargs: dict[str, Any] = {}
         self._lr_groups_key: tuple[int, int] | None = None
+        self._warned_no_unscale = False
         self._lr_groups: list[int] = []
         self._step = 0
         self._micro_ids: list[np.ndarray] = []
@@ -183,6 +183,7 @@ class GradientRecorder:
         opts = dict(steps_per_shard=self.config.steps_per_shard, queue_size=self.config.queue_size,
                     on_nonfinite=self.config.on_nonfinite)
         if resume_run_id is not None:
+            RunWriter.check_resume(self.run_dir, resume_run_id, self._manifest(optimizer, {}))
             self.writer = RunWriter.resume(self.run_dir, resume_run_id, int(resume_step or 0),
                                            rank=self.rank, **opts)
             self._step = int(resume_step or 0)
@@ -194,8 +195,7 @@ class GradientRecorder:
     def _manifest(self, optimizer: torch.optim.Optimizer | None, extra: dict[str, Any]) -> dict[str, Any]:
         layers = layers_manifest(self.layers)
         n_trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-        n_recorded = sum(p.numel() for l in self.layers for p in l.module.parameters(recurse=False)
-                         if p.requires_grad)
+        n_recorded = sum(p.numel() for p in self._recorded_parameters() if p.requires_grad)
         storage = self.config.storage_dtype or ("float16" if self.config.projected else "float32")
         param = next(self.model.parameters())
         cfg = {k: v for k, v in dataclasses.asdict(self.config).items() if k != "layer_types"}
@@ -261,7 +261,7 @@ class GradientRecorder:
         if not self._micro_ids:
             raise SampleIdError(f"step {step}: end_step() without begin_micro_batch(sample_ids); call it "
                                 "before each forward pass with the ids of the batch's samples.")
-        ids = np.concatenate(self._micro_ids)
+        ids = _concat_ids(self._micro_ids)
         n_micro = micro_batches or len(self._micro_ids)
         sizes = [len(i) for i in self._micro_ids]
         self._micro_ids = []
@@ -283,9 +283,10 @@ class GradientRecorder:
             batch_size=len(ids),
             update_weight=(len(sizes) / (acc * len(ids)) if self.config.loss_reduction == "mean"
                            else 1.0 / acc),
-            micro_batches=n_micro, sample_ids=ids, grads=self._to_host(grads),
-            finite=None if grads.device.type == "cpu" else torch.isfinite(grads).all(),
+            micro_batches=n_micro, sample_ids=_host_copy(ids), grads=None,
+            skipped=self._found_inf(grad_scaler, optimizer),
             loss=float(loss) if loss is not None else float("nan"))
+        rec.grads, rec.finite = self._to_host(grads)
         rec.ready = _event_after_copy(grads)
         if self.queries is not None and self._query_due(step, first_of_epoch, epoch_end):
             self.write_queries(step)
@@ -308,6 +309,11 @@ class GradientRecorder:
         self.close(complete=self.writer is not None, final_step=final_step)
 
     @property
+    def finished(self) -> bool:
+        """True after finish(): the run is closed and complete."""
+        return self._finished
+
+    @property
     def step(self) -> int:
         """The step the next end_step records (without an explicit step)."""
         return self._step
@@ -327,7 +333,7 @@ class GradientRecorder:
         try:
             self.model.eval()
             self.capture.set_enabled(True)
-            params = [p for l in self.layers for p in l.module.parameters(recurse=False) if p.requires_grad]
+            params = [p for p in self._recorded_parameters() if p.requires_grad]
             with torch.enable_grad():
                 self.capture.begin_micro_batch(self._n_queries)
                 loss = self.query_loss_fn(self.model, self.queries)
@@ -346,7 +352,7 @@ class GradientRecorder:
 
     def write_queries(self, step: int) -> None:
         g = self.query_gradients()
-        self.writer.write_queries(step, self._to_host(g), ready=_event_after_copy(g))
+        self.writer.write_queries(step, self._to_host(g)[0], ready=_event_after_copy(g))
 
     def _query_due(self, step: int, first_of_epoch: bool, epoch_end: bool) -> bool:
         n = self.config.query_every_n_steps
@@ -370,6 +376,9 @@ class GradientRecorder:
                                      attrs={"scope": "model"})
 
     # ------------------------------------------------------------------ helpers
+    def _recorded_parameters(self) -> list[nn.Parameter]:
+        return [p for l in self.layers for p in l.module.parameters(recurse=False)]
+
     def _check_first_step(self, n_rows: int) -> None:
         """Validate the layers on the first step, before anything is written: raise for layers
         that got no gradient, and leave out batch-broadcast layers (error if the user named them)."""
@@ -401,7 +410,7 @@ class GradientRecorder:
                       "from hooks. Pass exclude=[...] to silence this.", RuntimeWarning)
         cap.drop_layers(broadcast)
         self.layers, self.dim = cap.layers, cap.dim
-        self._layer_params = {id(p) for l in self.layers for p in l.module.parameters(recurse=False)}
+        self._layer_params = {id(p) for p in self._recorded_parameters()}
         self._lr_groups_key = None  # the group lookup must be redone for the kept layers
 
     def _row_scales(self, sizes: list[int], n_micro: int, grad_scaler: Any) -> list[Any]:
@@ -434,14 +443,34 @@ class GradientRecorder:
                 "layers of a single param group (layers=... / exclude=...).", RuntimeWarning)
         return lrs[0]
 
-    def _to_host(self, t: torch.Tensor) -> torch.Tensor:
+    def _to_host(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(the values as stored, in storage dtype on the host; whether they are finite). On a
+        GPU the copy is asynchronous into pinned memory and finiteness a device tensor, both read
+        by the writer thread after the step's event; finiteness is checked after the cast, so a
+        float16 overflow is flagged too. On the CPU the writer checks the array itself."""
         dtype = getattr(torch, self.writer.manifest["storage_dtype"])
         t = t.detach().to(dtype)
-        if t.device.type == "cuda":
-            host = torch.empty(t.shape, dtype=dtype, pin_memory=True)
-            host.copy_(t, non_blocking=True)
-            return host
-        return t
+        if t.device.type == "cpu":
+            return t, None
+        return _host_copy(t), torch.isfinite(t).all()
+
+    def _found_inf(self, grad_scaler: Any, optimizer: torch.optim.Optimizer) -> torch.Tensor | None:
+        """Whether an AMP GradScaler will skip this step (inf/NaN in the unscaled gradients), as a
+        device tensor. Known once scaler.unscale_(optimizer) ran: Lightning does that before
+        on_before_optimizer_step; a hand-written loop must call it before end_step."""
+        if grad_scaler is None or not grad_scaler.is_enabled():
+            return None
+        state = getattr(grad_scaler, "_per_optimizer_states", {}).get(id(optimizer), {})
+        found = state.get("found_inf_per_device") or {}
+        if not found:
+            if not self._warned_no_unscale:
+                self._warned_no_unscale = True
+                warnings.warn("end_step() got a GradScaler that has not unscaled this step's gradients "
+                              "yet: call scaler.unscale_(optimizer) before end_step() so that steps the "
+                              "scaler skips are flagged (and left out by the aggregators).",
+                              RuntimeWarning, stacklevel=3)
+            return None
+        return sum(v.to(next(iter(found.values())).device) for v in found.values()) > 0
 
 
 # ---------------------------------------------------------------------- module helpers
@@ -513,9 +542,33 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _as_ids(sample_ids: Any) -> np.ndarray:
+def _host_copy(t: Any) -> Any:
+    """A GPU tensor copied asynchronously into pinned host memory (valid once the step's event
+    has completed); anything else unchanged."""
+    if not isinstance(t, torch.Tensor) or t.device.type != "cuda":
+        return t
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    return host
+
+
+def _concat_ids(parts: list[Any]) -> Any:
+    if all(isinstance(p, np.ndarray) for p in parts):
+        return np.concatenate(parts)
+    dev = next(p.device for p in parts if isinstance(p, torch.Tensor))
+    return torch.cat([torch.as_tensor(p, device=dev) for p in parts])
+
+
+def _as_ids(sample_ids: Any) -> Any:
+    """Sample ids as an int64 numpy array, or as a 1-D integer tensor left on its GPU (reading
+    it here would synchronise with the device every step)."""
+    if isinstance(sample_ids, torch.Tensor) and sample_ids.device.type != "cpu":
+        if sample_ids.dim() != 1 or sample_ids.is_floating_point() or sample_ids.is_complex():
+            raise SampleIdError(f"sample ids must be a 1-D tensor of integers (dataset indices), got "
+                                f"{sample_ids.dtype} of shape {tuple(sample_ids.shape)}.")
+        return sample_ids.to(torch.int64)
     if isinstance(sample_ids, torch.Tensor):
-        sample_ids = sample_ids.detach().cpu().numpy()
+        sample_ids = sample_ids.detach().numpy()
     ids = np.asarray(sample_ids)
     if ids.ndim != 1 or not (np.issubdtype(ids.dtype, np.integer)):
         raise SampleIdError(f"sample ids must be a 1-D sequence of integers (dataset indices), got "

@@ -315,3 +315,118 @@ def test_sample_ids_callable_returning_too_few_ids_fails_and_keeps_earlier_steps
     with open_run(tmp_path / "run") as run:
         assert run.steps.tolist() == [0, 1] and not run.complete
         assert np.concatenate([b.sample_ids.numpy() for b in run.iter_steps()]).tolist() == list(range(8))
+
+
+# ---------------------------------------------------------------------------- review fixes
+class TwoBranches(nn.Module):
+    """A recorded branch and an unrecorded one whose gradient alone overflows under loss scaling."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.recorded = nn.Linear(5, 3)
+        self.other = nn.Parameter(torch.ones(3))
+
+    def forward(self, x):
+        return self.recorded(x) + self.other
+
+
+def test_steps_an_amp_grad_scaler_skips_are_flagged_and_left_out(tmp_path):
+    model = TwoBranches()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    rec = GradientRecorder(tmp_path / "run", model, layers=["recorded"], projection="none")
+    applied = []
+    for t in range(3):
+        ids = torch.arange(4 * t, 4 * t + 4)
+        rec.begin_micro_batch(ids)
+        loss = F.cross_entropy(model(X[ids]), Y[ids])
+        if t == 1:  # only the unrecorded parameter's gradient overflows: recorded rows stay finite
+            loss = loss + 3e38 * model.other.sum()
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        before = model.recorded.weight.detach().clone()
+        rec.end_step(opt, grad_scaler=scaler)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+        applied.append(not torch.equal(before, model.recorded.weight))
+    rec.finish()
+    assert applied == [True, False, True]
+    run = open_run(tmp_path / "run")
+    assert run.skipped.tolist() == [False, True, False] and not run.nonfinite.any()
+    assert [b.step for b in run.iter_steps()] == [0, 2]
+    assert run.info()["skipped_steps"] == [1]
+
+
+def test_a_grad_scaler_that_has_not_unscaled_gives_a_warning(tmp_path):
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu")
+    rec = GradientRecorder(tmp_path / "run", model, projection=8)
+    rec.begin_micro_batch(torch.arange(4))
+    scaler.scale(F.cross_entropy(model(X[:4]), Y[:4])).backward()
+    with pytest.warns(RuntimeWarning, match=r"scaler.unscale_\(optimizer\) before end_step"):
+        rec.end_step(opt, grad_scaler=scaler)
+    rec.finish()
+
+
+def test_save_checkpoint_after_fit_keeps_working(tmp_path):
+    cb = InfluenceCallback(tmp_path / "run", projection=8)
+    trainer = make_trainer([cb], 1, tmp_path)
+    trainer.fit(TinyClassifier(), DataLoader(list(zip(X.double(), Y)), batch_size=4))
+    trainer.save_checkpoint(tmp_path / "after.ckpt")
+    state = torch.load(tmp_path / "after.ckpt", weights_only=True)["callbacks"]
+    assert any(v.get("run_id") == open_run(tmp_path / "run").run_id for v in state.values())
+
+
+def test_resuming_with_other_recording_settings_is_refused_and_changes_nothing(tmp_path):
+    rec = record(tmp_path / "run", 3)
+    run_id = rec.run_id
+    rank_file = tmp_path / "run" / fmt.rank_file_name(0)
+    before = rank_file.read_text()
+    other = GradientRecorder(tmp_path / "run", mlp(), projection=8, seed=123)
+    other.plan_start(resume_run_id=run_id, resume_step=2)
+    other.begin_micro_batch(torch.arange(4))
+    F.cross_entropy(other.model(X[:4]), Y[:4]).backward()
+    with pytest.raises(ConfigurationError, match="projection_fingerprint"):
+        other.end_step(torch.optim.SGD(other.model.parameters(), lr=0.1), step=2)
+    assert rank_file.read_text() == before
+    assert open_run(tmp_path / "run").steps.tolist() == [0, 1, 2]
+
+
+def test_resume_drops_parameter_files_of_the_abandoned_steps(tmp_path):
+    rec = record(tmp_path / "run", 5, snapshot_every_n_steps=1)
+    assert open_run(tmp_path / "run").snapshot_steps.tolist() == [0, 1, 2, 3, 4, 5]
+    again = GradientRecorder(tmp_path / "run", mlp(), projection=8, snapshot_every_n_steps=1)
+    again.plan_start(resume_run_id=rec.run_id, resume_step=2)
+    opt = torch.optim.SGD(again.model.parameters(), lr=0.1)
+    for t in (2, 3):
+        again.begin_micro_batch(torch.arange(4))
+        F.cross_entropy(again.model(X[:4]), Y[:4]).backward()
+        again.end_step(opt, step=t)
+        opt.step()
+        opt.zero_grad()
+    again.finish()
+    run = open_run(tmp_path / "run")
+    assert run.steps.tolist() == [0, 1, 2, 3] and run.final_step == 4
+    assert run.snapshot_steps.tolist() == [0, 1, 2, 3, 4]
+
+
+def test_reader_keeps_a_bounded_number_of_shards_open(tmp_path):
+    from influence_hooks.storage import reader as reader_mod
+
+    record(tmp_path / "run", 40, steps_per_shard=1)
+    run = open_run(tmp_path / "run")
+    assert len(shard_files(tmp_path / "run")) >= 40
+    steps = [b.step for b in run.iter_steps()] + [int(s) for b in run.iter_blocks(max_rows=8) for s in b.steps]
+    assert steps == list(range(40)) + [s for s in range(40) for _ in range(4)]
+    assert len(run._files) <= reader_mod._MAX_OPEN_FILES
+
+
+def test_exclude_naming_a_container_leaves_out_everything_inside_it(tmp_path):
+    model = nn.Sequential(nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 7)), nn.Linear(7, 3))
+    rec = GradientRecorder(tmp_path / "run", model, exclude=["0"])
+    assert [l.name for l in rec.layers] == ["1"]
+    with pytest.warns(RuntimeWarning, match="matches no selected layer"):
+        GradientRecorder(tmp_path / "run2", model, exclude=["nothing*"])

@@ -8,10 +8,8 @@ training samples, and nothing here synchronises with the host.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from functools import partial
-from typing import Iterator
 
 import torch
 from torch import nn
@@ -63,14 +61,6 @@ class GradientCapture:
         for h in self._handles:
             h.remove()
         self._handles = []
-
-    @contextlib.contextmanager
-    def enabled(self) -> Iterator[None]:
-        previous, self._enabled = self._enabled, True
-        try:
-            yield
-        finally:
-            self._enabled = previous
 
     def set_enabled(self, on: bool) -> None:
         self._enabled = on

@@ -5,6 +5,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
+import warnings
 from typing import Sequence
 
 from torch import nn
@@ -12,11 +13,7 @@ from torch import nn
 from ..errors import ConfigurationError
 from ..projection import LayerProjector, plan_projection
 from .hooks import CapturedLayer
-from .rules import FuncRule, LayerRule, UnsupportedModuleError, rule_for
-
-
-def _trainable_own_params(module: nn.Module) -> bool:
-    return any(p.requires_grad for p in module.parameters(recurse=False))
+from .rules import FuncRule, LayerRule, UnsupportedModuleError, own_trainable, rule_for
 
 
 def _type_matches(module: nn.Module, types: Sequence[type | str]) -> bool:
@@ -47,7 +44,7 @@ def select_layers(model: nn.Module, layers: Sequence[str] | str | None = None,
     def add_supported_descendants(prefix: str, module: nn.Module) -> int:
         count = 0
         for sub_name, sub in module.named_modules(prefix=prefix):
-            if _trainable_own_params(sub):
+            if own_trainable(sub):
                 try:
                     rule = rule_for(sub)
                 except UnsupportedModuleError:
@@ -63,24 +60,29 @@ def select_layers(model: nn.Module, layers: Sequence[str] | str | None = None,
         hits = [(n, m) for n, m in named if n and fnmatch.fnmatchcase(n, pattern)]
         found = 0
         for n, m in hits:
-            if _trainable_own_params(m):
+            if own_trainable(m):
                 chosen.setdefault(n, m)
                 found += 1
             else:
                 found += add_supported_descendants(n, m)
         if not found:
-            candidates = [n for n, m in named if n and _trainable_own_params(m)]
+            candidates = [n for n, m in named if n and own_trainable(m)]
             raise ConfigurationError(
                 f"layer pattern {pattern!r} matches no module with trainable parameters. Layers with "
                 f"parameters in this model: {candidates[:20]}{' ...' if len(candidates) > 20 else ''}")
     for t in layer_types or []:
-        hits = [(n, m) for n, m in named if _type_matches(m, [t]) and _trainable_own_params(m)]
+        hits = [(n, m) for n, m in named if _type_matches(m, [t]) and own_trainable(m)]
         if not hits:
             raise ConfigurationError(f"layer type {t!r} selects no module with trainable parameters.")
         for n, m in hits:
             chosen.setdefault(n, m)
     for pattern in exclude or []:
-        for n in [n for n in chosen if fnmatch.fnmatchcase(n, pattern)]:
+        # a pattern naming a container excludes everything inside it, as layers= includes it
+        hits = [n for n in chosen if fnmatch.fnmatchcase(n, pattern) or fnmatch.fnmatchcase(n, pattern + ".*")]
+        if not hits:
+            warnings.warn(f"exclude pattern {pattern!r} matches no selected layer (selected: "
+                          f"{list(chosen)[:20]}); it has no effect.", RuntimeWarning, stacklevel=3)
+        for n in hits:
             del chosen[n]
     if not chosen:
         raise ConfigurationError("no layer selected: the model has no supported layer with trainable "

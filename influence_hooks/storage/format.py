@@ -31,7 +31,7 @@ ROWS_GRAD = "rows/grad"
 STEPS = "steps"  # group of per-step columns, see STEP_COLUMNS
 STEP_COLUMNS = (
     "step", "epoch", "lr", "lr_groups", "batch_size", "update_weight", "micro_batches",
-    "row_start", "row_count", "nonfinite", "loss",
+    "row_start", "row_count", "nonfinite", "skipped", "loss",
 )
 QUERY_STEP = "queries/step"
 QUERY_GRAD = "queries/grad"

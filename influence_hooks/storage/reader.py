@@ -7,6 +7,7 @@ forward or backward in step order, for any window [t1, t2).
 
 from __future__ import annotations
 
+import errno
 import os
 import warnings
 from dataclasses import dataclass
@@ -73,6 +74,15 @@ class _Shard:
     path: Path
     rank: int
     index: int
+
+
+_MAX_OPEN_FILES = 32
+
+
+def _superseded(segments: list[dict[str, int]], shard: "_Shard", step: int) -> bool:
+    """A resume at from_step, writing from shard first_shard on, replaces the steps >= from_step
+    that earlier shards of the same rank hold."""
+    return any(seg["first_shard"] > shard.index and step >= seg["from_step"] for seg in segments)
 
 
 def _ordered_shapes(entry: Any) -> dict[str, tuple[int, ...]]:
@@ -220,6 +230,7 @@ class Run:
             "queries": int(len(self.query_ids)), "query_steps": len(self.query_steps),
             "snapshots": len(self.snapshot_steps), "checkpoints": len(self.checkpoint_steps),
             "nonfinite_steps": [int(s) for s in self.steps[self.nonfinite]],
+            "skipped_steps": [int(s) for s in self.steps[self.skipped]],
             "optimizer": self.optimizer.get("name"), "precision": self.manifest.get("precision"),
             "shards": len(self._shards), "skipped_shards": [str(p) for p, _ in self.skipped_shards],
             "size_bytes": size,
@@ -269,8 +280,8 @@ class Run:
     def steps_in(self, window: tuple[int, int] | None = None, *, skip_nonfinite: bool = True) -> np.ndarray:
         t1, t2 = self.resolve_window(window)
         mask = (self.steps >= t1) & (self.steps < t2)
-        if skip_nonfinite:
-            mask &= ~self.nonfinite
+        if skip_nonfinite:  # flagged steps, and steps the optimizer never applied
+            mask &= ~(self.nonfinite | self.skipped)
         return self.steps[mask]
 
     def step_position(self, step: int) -> int:
@@ -488,9 +499,14 @@ class Run:
         return states
 
     def _file(self, path: Path) -> h5py.File:
-        f = self._files.get(path)
+        """An open shard, from a small pool: a run may have thousands of shards, and file
+        descriptors are limited."""
+        f = self._files.pop(path, None)
         if f is None:
-            f = self._files[path] = h5py.File(path, "r")
+            while len(self._files) >= _MAX_OPEN_FILES:
+                self._files.pop(next(iter(self._files))).close()  # least recently used
+            f = h5py.File(path, "r")
+        self._files[path] = f  # most recently used last
         return f
 
     def _dataset(self, shard: _Shard, name: str) -> h5py.Dataset:
@@ -518,7 +534,11 @@ class Run:
                     f[fmt.QUERY_GRAD].shape  # noqa: B018 - touch it, so a broken dataset fails here
                 f[fmt.ROWS_GRAD].shape  # noqa: B018
             except Exception as e:  # noqa: BLE001 - any failure to read means a broken shard
-                self._files.pop(sh.path, None)
+                f = self._files.pop(sh.path, None)
+                if f is not None:
+                    f.close()
+                if isinstance(e, OSError) and e.errno in (errno.EMFILE, errno.ENFILE):
+                    raise  # out of file descriptors: not a problem of the shard
                 why = str(e) if isinstance(e, CorruptShardError) else f"cannot be read ({type(e).__name__}: {e})"
                 if self._on_corrupt == "raise":
                     raise CorruptShardError(
@@ -539,7 +559,7 @@ class Run:
             segs = cutoffs.get(sh.rank, [])
             for j, step in enumerate(cols["step"]):
                 step = int(step)
-                if any(seg["first_shard"] > sh.index and step >= seg["from_step"] for seg in segs):
+                if _superseded(segs, sh, step):
                     continue
                 r0 = int(cols["row_start"][j])
                 self._step_rows.setdefault(step, []).append((sh, r0, r0 + int(cols["row_count"][j])))
@@ -548,11 +568,12 @@ class Run:
                     per_step[step]["rows_total"] += int(cols["row_count"][j])
                     per_step[step]["batch_size"] += int(cols["batch_size"][j])
                     per_step[step]["nonfinite"] |= bool(cols["nonfinite"][j])
+                    per_step[step]["skipped"] |= bool(cols["skipped"][j])
                 else:
                     per_step[step] = {**row, "rows_total": int(cols["row_count"][j])}
         for step, (sh, j) in list(self._query_index.items()):
             segs = cutoffs.get(sh.rank, [])
-            if any(seg["first_shard"] > sh.index and step >= seg["from_step"] for seg in segs):
+            if _superseded(segs, sh, step):
                 if self._query_index.get(step) == (sh, j):
                     del self._query_index[step]
         order = sorted(per_step)
@@ -565,6 +586,7 @@ class Run:
         self.update_weights = col("update_weight", np.float64)
         self.micro_batches = col("micro_batches", np.int64)
         self.nonfinite = col("nonfinite", bool)
+        self.skipped = col("skipped", bool)  # not applied by the optimizer (AMP overflow)
         self.losses = col("loss", np.float64)
         self.query_steps = np.array(sorted(self._query_index), np.int64)
         self._sample_ids: np.ndarray | None = None

@@ -37,7 +37,8 @@ class StepRecord:
     grads: [B, K] per-sample projected gradients g_t(i) (not divided by the batch size), on any
     device; `ready` is an optional CUDA event the writer waits on before reading them.
     update_weight: the factor w_t such that the step's update is -lr * w_t * sum_i g_t(i)
-    (1/|B_t| for a mean-reduced loss, 1 for a sum).
+    (1/|B_t| for a mean-reduced loss, 1 for a sum). finite / skipped may be device tensors; the
+    writer thread reads them after `ready`, so the training thread never waits for them.
     """
 
     step: int
@@ -50,6 +51,7 @@ class StepRecord:
     sample_ids: np.ndarray
     grads: torch.Tensor
     finite: torch.Tensor | None = None
+    skipped: Any = None  # the optimizer did not apply this step (an AMP GradScaler found inf/NaN)
     loss: float = float("nan")
     ready: Any = None
 
@@ -89,7 +91,6 @@ class RunWriter:
         self._buffer = _ShardBuffer(next_shard)
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self._error: BaseException | None = None
-        self._nonfinite_steps: list[int] = []
         self._bytes_written = 0
         self._shards_written = 0
         self._closed = False
@@ -149,6 +150,20 @@ class RunWriter:
                 f"{path} is not empty ({', '.join(stray)}, ...) and holds no influence_hooks run. "
                 "Pick an empty or new directory, or pass overwrite=True.")
 
+    @staticmethod
+    def check_resume(path: str | os.PathLike, run_id: str, manifest: dict[str, Any]) -> None:
+        """Raise unless `manifest` (what would be recorded now) continues run `run_id` in `path`:
+        same layers, projection, dimension, storage dtype and loss reduction. Changes nothing."""
+        old = _manifest_of_run(Path(path), run_id)
+        keys = ("dim", "projection_fingerprint", "storage_dtype", "loss_reduction")
+        changed = [k for k in keys if old.get(k) != manifest.get(k)]
+        if changed:
+            diff = ", ".join(f"{k}: recorded {old.get(k)!r}, now {manifest.get(k)!r}" for k in changed)
+            raise ConfigurationError(
+                f"cannot resume run {run_id} in {path}: the recording settings changed ({diff}). "
+                "Resume with the same layers, projection, seed, storage_dtype and loss_reduction, or "
+                "record into a new directory.")
+
     @classmethod
     def resume(cls, path: str | os.PathLike, run_id: str, from_step: int, *, rank: int = 0,
                **options: Any) -> "RunWriter":
@@ -158,14 +173,7 @@ class RunWriter:
         resumed run has neither duplicated nor missing steps.
         """
         path = Path(path)
-        mpath = path / fmt.MANIFEST
-        if not mpath.exists():
-            raise RunDirectoryError(f"cannot resume: {path} holds no run (no {fmt.MANIFEST}).")
-        manifest = read_json(mpath)
-        if manifest.get("run_id") != run_id:
-            raise RunDirectoryError(
-                f"cannot resume: {path} holds run {manifest.get('run_id')}, but the checkpoint "
-                f"belongs to run {run_id}. Point the callback at the checkpoint's run directory.")
+        manifest = _manifest_of_run(path, run_id)
         existing = [fmt.parse_shard_name(p.name) for p in (path / fmt.SHARD_DIR).iterdir()]
         next_shard = 1 + max((i for r, i in filter(None, existing) if r == rank), default=-1)
         rpath = path / fmt.rank_file_name(rank)
@@ -173,8 +181,13 @@ class RunWriter:
         state["segments"].append({"from_step": int(from_step), "first_shard": next_shard})
         state.update(complete=False, final_step=None)
         write_json_atomic(rpath, state)
-        for tmp in (path / fmt.SHARD_DIR).glob(f"*{fmt.TMP_SUFFIX}"):
-            tmp.unlink()  # half-written leftovers of the crashed run
+        for sub in (fmt.SHARD_DIR, fmt.PARAM_DIR):
+            for tmp in (path / sub).glob(f"*{fmt.TMP_SUFFIX}"):
+                tmp.unlink()  # half-written leftovers of the crashed run
+        for p in (path / fmt.PARAM_DIR).iterdir():
+            parsed = fmt.parse_param_file_name(p.name)
+            if parsed and parsed[1] == rank and parsed[2] >= from_step:
+                p.unlink()  # w_t of steps the resumed run records again
         return cls(path, manifest, rank, state, next_shard, **_writer_options(manifest, options))
 
     # ------------------------------------------------------------------ training-thread API
@@ -191,10 +204,15 @@ class RunWriter:
         """A parameter file of `kind` ('snapshot' or 'checkpoint') holding w_step."""
         if kind not in fmt.PARAM_KINDS:
             raise ConfigurationError(f"parameter file kind must be one of {fmt.PARAM_KINDS}, got {kind!r}")
-        params = {k: v.detach().to("cpu", copy=True) for k, v in params.items()}
-        optim = {p: {k: v.detach().to("cpu", copy=True) for k, v in st.items()}
-                 for p, st in (optim_state or {}).items()}
-        self._put(("params", kind, int(step), params, optim, dict(attrs or {})))
+        params = {k: _snapshot(v) for k, v in params.items()}
+        optim = {p: {k: _snapshot(v) for k, v in st.items()} for p, st in (optim_state or {}).items()}
+        ready = None
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            # the copies were queued before the optimizer's update on the same stream, so they
+            # read w_t; the writer waits for them instead of the training thread
+            ready = torch.cuda.Event()
+            ready.record()
+        self._put(("params", kind, int(step), params, optim, dict(attrs or {}), ready))
 
     def flush(self) -> None:
         """Block until everything queued is on disk as finished shards."""
@@ -231,14 +249,6 @@ class RunWriter:
             self._closed = True
             self._queue.put(_STOP)
             self._thread.join(timeout=60)
-
-    @property
-    def nonfinite_steps(self) -> list[int]:
-        return list(self._nonfinite_steps)
-
-    @property
-    def bytes_written(self) -> int:
-        return self._bytes_written
 
     # ------------------------------------------------------------------ internals
     def _put(self, item: Any) -> None:
@@ -297,15 +307,19 @@ class RunWriter:
             grads = rec.grads.to(self._torch_dtype).cpu().numpy()
             finite = bool(rec.finite) if rec.finite is not None else bool(np.isfinite(grads).all())
             if not finite:
-                self._nonfinite_steps.append(rec.step)
                 if self._on_nonfinite == "raise":
                     raise NonFiniteGradientError(
-                        f"step {rec.step}: recorded per-sample gradients contain NaN/inf. Every "
+                        f"step {rec.step}: recorded per-sample gradients contain NaN/inf (or exceed "
+                        f"the range of {self._np_dtype} storage: float16 overflows above 65504; "
+                        "storage_dtype='float32' avoids that). Every "
                         f"earlier step is saved in {self.path}. Pass on_nonfinite='warn' to record "
                         "and flag such steps instead (aggregators skip flagged steps).")
-                warnings.warn(f"step {rec.step}: per-sample gradients contain NaN/inf; the step is "
-                              "flagged in the run and skipped by aggregators.", RuntimeWarning)
+                warnings.warn(f"step {rec.step}: per-sample gradients contain NaN/inf (or overflow "
+                              f"{self._np_dtype} storage); the step is flagged in the run and skipped "
+                              "by aggregators.", RuntimeWarning)
             rec.grads, rec.finite = grads, torch.tensor(finite)
+            rec.skipped = bool(rec.skipped) if rec.skipped is not None else False
+            rec.sample_ids = np.asarray(rec.sample_ids, np.int64)
             buf = self._buffer
             buf.steps.append(rec)
             buf.nbytes += grads.nbytes
@@ -374,6 +388,7 @@ class RunWriter:
             "row_start": starts,
             "row_count": counts,
             "nonfinite": np.array([not bool(r.finite) for r in buf.steps], bool),
+            "skipped": np.array([r.skipped for r in buf.steps], bool),
             "loss": np.array([r.loss for r in buf.steps], np.float64),
         }
         g = f.create_group(fmt.STEPS)
@@ -385,7 +400,8 @@ class RunWriter:
             f.create_dataset(fmt.QUERY_GRAD, data=np.stack(buf.query_grads))
 
     def _write_params(self, kind: str, step: int, params: dict[str, torch.Tensor],
-                      optim: dict[str, dict[str, torch.Tensor]], attrs: dict[str, Any]) -> None:
+                      optim: dict[str, dict[str, torch.Tensor]], attrs: dict[str, Any], ready: Any) -> None:
+        _wait(ready)
         final = self.path / fmt.PARAM_DIR / fmt.param_file_name(kind, self.rank, step)
         tmp = final.with_name(final.name + fmt.TMP_SUFFIX)
         try:
@@ -406,6 +422,16 @@ class RunWriter:
         self._bytes_written += final.stat().st_size
 
 
+def _snapshot(t: torch.Tensor) -> torch.Tensor:
+    """A host copy of a parameter as it is now: asynchronous into pinned memory from a GPU."""
+    t = t.detach()
+    if t.device.type == "cuda":
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        host.copy_(t, non_blocking=True)
+        return host
+    return t.to("cpu", copy=True)
+
+
 def _to_numpy(t: torch.Tensor) -> np.ndarray:
     if t.dtype == torch.bfloat16:
         t = t.float()  # numpy has no bfloat16; the loader casts back to the model's dtype
@@ -423,6 +449,19 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _manifest_of_run(path: Path, run_id: str) -> dict[str, Any]:
+    """The manifest of run `run_id` in `path`; RunDirectoryError if the directory holds another."""
+    mpath = path / fmt.MANIFEST
+    if not mpath.exists():
+        raise RunDirectoryError(f"cannot resume: {path} holds no run (no {fmt.MANIFEST}).")
+    manifest = read_json(mpath)
+    if manifest.get("run_id") != run_id:
+        raise RunDirectoryError(
+            f"cannot resume: {path} holds run {manifest.get('run_id')}, but the checkpoint belongs to "
+            f"run {run_id}. Point the callback at the checkpoint's run directory.")
+    return manifest
 
 
 def _safe_manifest(path: Path) -> dict[str, Any]:
