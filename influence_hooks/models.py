@@ -215,6 +215,3 @@ class SmallCNN(_Classifier):
         h = F.max_pool2d(F.relu(self.conv1(x)), 2)
         h = F.relu(self.conv2(h))
         return self.head(h.amax(dim=(2, 3)))
-
-
-# ---------------------------------------------------------------------- the callback for configs

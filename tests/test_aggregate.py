@@ -7,10 +7,12 @@ with dense K x K matrices, and compared to 1e-8.
 
 from __future__ import annotations
 
+import argparse
 import importlib.machinery
 import sys
 import types
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -239,6 +241,47 @@ def test_dvemb_auto_block_diagonal_follows_memory_budget(run, tmp_path):
         dvemb(run, path=tmp_path / "c.h5", block_diagonal=True, memory_budget_mb=1e-6, **F64)
 
 
+def test_dvemb_checks_the_memory_budget_of_a_single_layer_run(tmp_path):
+    # one layer: no per-layer blocks to fall back to, so a K x K M over the budget must be refused
+    one = record_run(tmp_path / "logreg", kind="logreg", epochs=1)
+    with open_run(one.path) as r:
+        need_mb = r.dim * r.dim * 8 / 2**20
+        for bd in (None, True, False):
+            with pytest.raises(ConfigurationError, match=r"needs .* MB .*memory_budget_mb=.*projection.*fewer layers"):
+                dvemb(r, path=tmp_path / "e.h5", block_diagonal=bd, memory_budget_mb=need_mb * 0.99, **F64)
+        assert not (tmp_path / "e.h5").exists()
+        with dvemb(r, path=tmp_path / "e.h5", memory_budget_mb=need_mb * 1.01, **F64) as e:
+            assert not e.block_diagonal
+
+
+def test_dvemb_full_M_over_budget_is_refused_and_names_block_diagonal(run, tmp_path):
+    with pytest.raises(ConfigurationError, match="block_diagonal=True"):
+        dvemb(run, path=tmp_path / "e.h5", block_diagonal=False, memory_budget_mb=1e-6, **F64)
+
+
+def test_dvemb_default_storage_keeps_small_lr_scores_precise(tmp_path):
+    # lr/|B| ~ 1e-4: float16 embeddings would be mostly subnormal and the scores off by ~6e-4
+    small = record_run(tmp_path / "run", lr=1e-3, epochs=2, extra_manifest={"storage_dtype": "float16"})
+    with open_run(small.path) as r:
+        # brute force from the stored (float16) gradients, so only the embedding storage differs
+        steps = [(b.coef, b.sample_ids.numpy(), b.grads.numpy()) for b in r.iter_steps(dtype=torch.float64)]
+        K = r.dim
+        M, S = np.zeros((K, K)), np.zeros((len(r.sample_ids), 3))
+        u = r.query_gradients(r.final_step, dtype=torch.float64)
+        for coef, ids, G in reversed(steps):
+            E = [coef * (np.eye(K) - M) @ g for g in G]  # all with M of the later steps
+            for i, e, g in zip(ids, E, G):
+                S[row(r.sample_ids, i)] += e @ u.numpy().T
+                M += np.outer(e, g)
+        assert np.median(np.abs(np.concatenate([c * G for c, _, G in steps]))) < 6.1e-5  # fp16 subnormals
+        with dvemb(r, path=tmp_path / "e.h5", block_diagonal=False, **F64) as emb:
+            got = emb.scores(u, **F64).to_numpy()
+        with h5py.File(tmp_path / "e.h5", "r") as f:
+            assert f["rows/emb"].dtype == np.float32
+        row_err = np.abs(got - S).max(axis=1) / np.abs(S).max(axis=1)
+        assert row_err.max() < 1e-6  # ~4e-8 here; float16 storage gives ~6e-4
+
+
 def test_dvemb_reopens_from_file_and_stores_a_window_only(rec, run, tmp_path):
     brute = brute_dvemb(rec)
     dvemb(run, path=tmp_path / "w.h5", window=(10, 20), **F64).close()
@@ -434,7 +477,6 @@ def test_exact_curvature_dispatches_to_backend_module(run, monkeypatch):
 
 # ---------------------------------------------------------------------- command line
 def _cli(argv):
-    import argparse
     parser = argparse.ArgumentParser()
     agg_cli.add_commands(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
@@ -466,8 +508,38 @@ def test_cli_subcommands(run, tmp_path, capsys):
     assert "DataValueEmbeddings" in out and "dvemb, steps [4, 12)" in out
     assert (tmp_path / "e.csv").exists()
 
-    with pytest.raises(ConfigurationError, match="A:B"):
+    with pytest.raises(SystemExit):
         _cli(["tracin", p, "--window", "0-12"])
+    assert "T1:T2" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option, value, forms", [
+    ("--epochs", "each,3", "'each' alone"), ("--epochs", "1:2:3", "E1:E2"), ("--epochs", "x", "E1:E2"),
+    ("--window", "0:12,5", "T1:T2"), ("--window", ",", "T1:T2")])
+def test_cli_malformed_window_or_epochs_is_a_usage_error_naming_the_forms(run, capsys, option, value, forms):
+    with pytest.raises(SystemExit) as exc:
+        _cli(["tracin", str(run.path), option, value])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {option}: {value!r}: expected" in err and forms in err and "Traceback" not in err
+
+
+def test_cli_window_and_epoch_forms_become_aggregator_arguments():
+    p = argparse.ArgumentParser()
+    agg_cli.add_commands(p.add_subparsers(dest="command", required=True))
+
+    def parsed(*argv):
+        return agg_cli.window_args(p.parse_args(["tracin", "RUN", *argv]))
+
+    assert parsed() == {}
+    assert parsed("--window", "0:12") == {"window": (0, 12)}
+    assert parsed("--window", "0:8, 8:16", "--window", "16:24") == {"windows": [(0, 8), (8, 16), (16, 24)]}
+    assert parsed("--epochs", "each") == {"epochs": "each"}
+    assert parsed("--epochs", "3") == {"epochs": 3}
+    assert parsed("--epochs", "1:3") == {"epochs": (1, 3)}
+    assert parsed("--epochs", "0,2:4") == {"epochs": [0, (2, 4)]}
+    with pytest.raises(ConfigurationError, match="'each' alone"):
+        parsed("--epochs", "each", "--epochs", "3")
 
 
 def test_prefetched_blocks_equal_inline_blocks_and_stop_cleanly(run):

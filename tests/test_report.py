@@ -14,10 +14,11 @@ import pytest
 import scipy.stats
 import torch
 
+from influence_hooks.aggregate.cli import parse_epochs, parse_windows
 from influence_hooks.errors import ConfigurationError
 from influence_hooks.report import PatternRules, WindowComparison, classify_patterns, compare_windows
 from influence_hooks.report.cli import main as report_main
-from influence_hooks.report.cli import parse_epochs, read_corrupted
+from influence_hooks.report.cli import read_corrupted
 from influence_hooks.report.compare import (
     EARLY, FLIPPING, HARMFUL, HELPFUL, LATE, NEGLIGIBLE, PATTERNS, detection_quality, spearman_matrix,
 )
@@ -260,13 +261,24 @@ def test_compare_windows_rejects_bad_input(recorded):
 # ---------------------------------------------------------------------- command line
 def test_cli_parsers(tmp_path):
     assert parse_epochs("each") == "each"
-    assert parse_epochs("0,2:4") == [0, (2, 4)]
+    assert parse_epochs("0, 2:4") == [0, (2, 4)]
+    assert parse_windows("0:8,8:16") == [(0, 8), (8, 16)]
     f = tmp_path / "bad.txt"
     f.write_text("# flipped\n3, 5\n8\n")
     np.testing.assert_array_equal(read_corrupted(str(f)), [3, 5, 8])
     assert read_corrupted("auto") == "auto" and read_corrupted("none") is None
     with pytest.raises(ConfigurationError):
         read_corrupted(str(tmp_path / "missing.txt"))
+
+
+@pytest.mark.parametrize("option, value, forms", [
+    ("--epochs", "each,3", "'each' alone"), ("--epochs", "0:1:2", "E1:E2"), ("--windows", "0-8", "T1:T2")])
+def test_cli_compare_malformed_windows_or_epochs_are_usage_errors(tmp_path, capsys, option, value, forms):
+    with pytest.raises(SystemExit) as exc:
+        report_main(["compare", str(tmp_path), option, value])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {option}: {value!r}: expected" in err and forms in err
 
 
 def test_cli_compare_writes_the_report(recorded, tmp_path, capsys):

@@ -51,9 +51,9 @@ def _command(subparsers: argparse._SubParsersAction, name: str, help: str,
              func: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
     p = subparsers.add_parser(name, help=help, description=help)
     p.add_argument("run", metavar="RUN", help="run directory")
-    p.add_argument("--window", action="append", default=None, metavar="T1:T2",
+    p.add_argument("--window", action="append", default=None, metavar="T1:T2", type=parse_windows,
                    help="half-open step window; repeat it or give a comma list for many windows in one pass")
-    p.add_argument("--epochs", action="append", default=None, metavar="E1:E2",
+    p.add_argument("--epochs", action="append", default=None, metavar="E1:E2", type=parse_epochs,
                    help="epochs E1..E2-1 (or one epoch E, or 'each'); repeat or comma list for many")
     p.add_argument("--out", default=None, help="save scores to this HDF5 file (one per window: name-T1-T2.h5)")
     p.add_argument("--csv", default=None, help="write scores as CSV (one per window: name-T1-T2.csv)")
@@ -68,26 +68,59 @@ def _command(subparsers: argparse._SubParsersAction, name: str, help: str,
 
 
 # ---------------------------------------------------------------------- argument parsing
-def _pair(text: str, what: str) -> tuple[int, int]:
+WINDOW_FORMS = "half-open step windows T1:T2, comma-separated (e.g. 0:100 or 0:100,100:200)"
+EPOCH_FORMS = ("'each' alone, or epochs E and epoch ranges E1:E2 (epochs E1..E2-1), comma-separated "
+               "(e.g. 3 or 0:2 or 0,2:4)")
+
+
+def _items(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _pair(text: str) -> tuple[int, int]:
+    a, b = text.split(":")  # ValueError unless exactly one ':'
+    return int(a), int(b)
+
+
+def parse_windows(text: str) -> list[tuple[int, int]]:
+    """'T1:T2,...' -> [(t1, t2), ...]. An argparse type: malformed text is a usage error."""
     try:
-        a, b = text.split(":")
-        return int(a), int(b)
+        wins = [_pair(item) for item in _items(text)]
     except ValueError:
-        raise ConfigurationError(f"{what} {text!r} is not of the form A:B (e.g. 0:500)") from None
+        wins = []
+    if not wins:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected {WINDOW_FORMS}")
+    return wins
+
+
+def parse_epochs(text: str) -> str | list[int | tuple[int, int]]:
+    """'each' | 'E,E1:E2,...' -> 'each' | [e or (e1, e2), ...], the aggregators' epochs=.
+    An argparse type: malformed text is a usage error."""
+    items = _items(text)
+    if items == ["each"]:
+        return "each"
+    try:
+        eps = [_pair(item) if ":" in item else int(item) for item in items]
+    except ValueError:
+        eps = []
+    if not eps:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected {EPOCH_FORMS}")
+    return eps
 
 
 def window_args(args: argparse.Namespace) -> dict[str, Any]:
-    """The window keyword arguments for an aggregator from --window / --epochs."""
+    """The window keyword arguments for an aggregator from --window / --epochs (parsed, appended)."""
     if args.window and args.epochs:
         raise ConfigurationError("give --window or --epochs, not both")
     if args.window:
-        wins = [_pair(w, "window") for item in args.window for w in item.split(",") if w]
+        wins = [w for item in args.window for w in item]
         return {"windows": wins} if len(wins) > 1 else {"window": wins[0]}
     if args.epochs:
-        items = [e for item in args.epochs for e in item.split(",") if e]
-        if items == ["each"]:
+        if "each" in args.epochs:
+            if len(args.epochs) > 1:
+                raise ConfigurationError(f"--epochs: expected {EPOCH_FORMS}")
             return {"epochs": "each"}
-        eps = [_pair(e, "epoch range") if ":" in e else int(e) for e in items]
+        eps = [e for item in args.epochs for e in item]
         return {"epochs": eps} if len(eps) > 1 else {"epochs": eps[0]}
     return {}
 

@@ -55,8 +55,12 @@ def dvemb(run: Run, *, path: str | os.PathLike | None = None, window: Any = None
 
     window / epochs: store only the embeddings of these steps (the backward pass still starts at the
     end of training, since M accumulates every later step). block_diagonal: True keeps one M per
-    layer, False one full K x K M, None chooses full when it fits in memory_budget_mb.
-    storage_dtype: 'float16' | 'float32' | 'float64', default the run's storage dtype.
+    layer, False one full K x K M, None chooses full when it fits in memory_budget_mb; M must fit
+    the budget in every case (ConfigurationError otherwise).
+    storage_dtype: 'float16' | 'float32' | 'float64' for the stored embeddings; default float32
+    (float64 when the run stores float64). float16 halves the file, but the embeddings carry the
+    factor lr/|B| (often ~1e-3 or less), so most entries fall into float16's subnormal range
+    (below 6e-5) and scores lose up to ~1e-2 relative precision; choose it only when that is fine.
     Returns a DataValueEmbeddings; `.scores(u_q(T))` gives removal influence at the end of training.
     """
     wins, many = C.normalize_windows(run, window, epochs, None)
@@ -74,12 +78,15 @@ def dvemb(run: Run, *, path: str | os.PathLike | None = None, window: Any = None
     if not block_diagonal:
         blocks = [(0, K)]
     need_mb = sum((b - a) ** 2 for a, b in blocks) * elem / 2**20
-    if need_mb > memory_budget_mb and block_diagonal:
+    if need_mb > memory_budget_mb:
+        what = (f"block-diagonal M ({len(blocks)} blocks, the largest {max(b - a for a, b in blocks)} columns)"
+                if len(blocks) > 1 else f"M ({K} x {K})")
+        fixes = "block_diagonal=True (one M per layer), " if len(layer_blocks(run)) > 1 and not block_diagonal else ""
         raise ConfigurationError(
-            f"dvemb: even block-diagonal M needs {need_mb:.0f} MB (largest layer block "
-            f"{max(b - a for a, b in blocks)} columns) > memory_budget_mb={memory_budget_mb}. Raise the "
-            "budget or record with a smaller projection.")
-    sdtype = np.dtype(storage_dtype or run.manifest.get("storage_dtype") or "float32")
+            f"dvemb: {what} needs {need_mb:.1f} MB > memory_budget_mb={memory_budget_mb}. Use {fixes}a larger "
+            "memory_budget_mb=, record with a smaller projection, or record fewer layers.")
+    run_dtype = np.dtype(run.manifest.get("storage_dtype") or "float32")
+    sdtype = np.dtype(storage_dtype) if storage_dtype else np.promote_types(np.float32, run_dtype)
     if sdtype.name not in ("float16", "float32", "float64"):
         raise ConfigurationError(f"storage_dtype must be float16, float32 or float64, got {storage_dtype!r}")
 
@@ -204,13 +211,14 @@ class DataValueEmbeddings:
 
     def _iter_rows(self, r0: int, r1: int, chunk_rows: int, dtype: torch.dtype, dev: torch.device):
         emb, sid = self._f["rows/emb"], self._f["rows/sample_id"]
-        step_of_row = np.repeat(self.steps, self._row_count)
         buf = torch.empty(min(chunk_rows, max(r1 - r0, 0)), self.dim, dtype=dtype, device=dev)
         for a in range(r0, r1, chunk_rows):
             b = min(r1, a + chunk_rows)
             E = buf[:b - a]
             E.copy_(torch.from_numpy(emb[a:b]))  # into a reused buffer: see _common.iter_row_blocks
-            yield step_of_row[a:b], torch.from_numpy(sid[a:b]).to(dev), E
+            # each row's step: the last step whose first row is at or before it (steps with no rows skipped)
+            step_of_row = self.steps[np.searchsorted(self._row_start, np.arange(a, b), side="right") - 1]
+            yield step_of_row, torch.from_numpy(sid[a:b]).to(dev), E
 
     def scores(self, query_grads: Any, window: Any = None, *, epochs: Any = None, windows: Any = None,
                query_ids: Any = None, projection_fingerprint: str | None = None, train_ids: Any = None,

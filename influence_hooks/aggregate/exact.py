@@ -47,7 +47,7 @@ from ..storage.reader import Run
 from . import _common as C
 from .dit import MODES, _resolve_eval_step
 from .model_fn import LossFunctions, Params, batch_size_of, cast_batch
-from .replay import ParameterTrajectory, Plan, SGDForm, sgd_form, step_sample_ids
+from .replay import ParameterTrajectory, Plan, SGDForm, sgd_form
 from .results import InfluenceScores
 
 CURVATURES = ("exact", "ggn")
@@ -216,7 +216,7 @@ def exact_dit(run: Run, window: Any = None, mode: str = "removal", curvature: st
     def replay_grad(t: int, w: Params) -> Params:
         i = run.step_position(t)
         fixed = {**buffers, **{n: v for n, v in init.items() if n not in w}}
-        return lf.batch_grad(w, fixed, batch_of(step_sample_ids(run, t)), float(run.update_weights[i]))
+        return lf.batch_grad(w, fixed, batch_of(run.step_sample_ids(t)), float(run.update_weights[i]))
 
     traj = ParameterTrajectory(run, trainable, init, sgd, replay_grad, dtype=cdtype, device=dev, source=source,
                                max_memory=int(max_memory), cache_dir=cache_dir, snapshot_names=diff_names)
@@ -317,7 +317,7 @@ class _Pass:
                         raise MissingDataError(f"step {t} is not in the recording: its batch is unknown.")
                     i = run.step_position(t)
                     lr, uw = float(run.lrs[i]), float(run.update_weights[i])
-                    ids = step_sample_ids(run, t)
+                    ids = run.step_sample_ids(t)
                     batch = self.batch_of(ids)
                     if self.check != "off" and "step" not in check_info:
                         check_info |= _check_recording(run, self.model, self.lf, diff, fixed, batch, ids, t,

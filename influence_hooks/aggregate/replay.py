@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -350,9 +349,3 @@ class ParameterTrajectory:
                 warnings.warn(f"the replayed parameters differ from the snapshot at step {state.step} by "
                               f"{rel:.2e} (relative): the replay does not reproduce training exactly "
                               "(dataset, loss, precision or nondeterminism differ).", RuntimeWarning)
-
-
-def step_sample_ids(run: Run, step: int) -> np.ndarray:
-    """The sample ids of step `step`'s batch, in batch order, without reading the gradients."""
-    return run.step_sample_ids(step)
-

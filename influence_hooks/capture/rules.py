@@ -24,6 +24,8 @@ from __future__ import annotations
 import inspect
 from typing import ClassVar
 
+import weakref
+
 import torch
 from torch import Tensor, nn
 
@@ -222,10 +224,18 @@ class BilinearRule(LayerRule):
     def _from_matrix(self, module: nn.Module, g: Tensor) -> Tensor:
         """``G [N, dl, dr]`` -> canonical ``[N, grad_dim]``."""
         flat = g.reshape(g.shape[0], -1)
-        index = self.canonical_index(module)
-        if torch.equal(index, torch.arange(len(index))):
-            return flat
-        return flat[:, index.to(flat.device)]
+        # built once per module, layout and device: a fresh host-to-device copy every step would
+        # synchronise with the GPU
+        key = (flat.device, tuple(own_trainable(module)))
+        cached = _INDEX_CACHE.setdefault(module, {})
+        if key not in cached:
+            index = self.canonical_index(module)
+            cached[key] = None if torch.equal(index, torch.arange(len(index))) else index.to(flat.device)
+        index = cached[key]
+        return flat if index is None else flat[:, index]
+
+
+_INDEX_CACHE: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
 
 
 def input_side_index(

@@ -17,6 +17,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ..aggregate.cli import parse_epochs, parse_windows
 from ..errors import ConfigurationError
 
 
@@ -29,9 +30,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
                     "quality per window; written as report.md with PNG plots, CSV and HDF5.")
     p.add_argument("run", metavar="RUN", help="run directory")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--windows", default=None, metavar="T1:T2,...",
+    g.add_argument("--windows", default=None, metavar="T1:T2,...", type=parse_windows,
                    help="chronological half-open step windows, e.g. 0:100,100:200,200:300")
-    g.add_argument("--epochs", default=None, metavar="each|E,E1:E2,...",
+    g.add_argument("--epochs", default=None, metavar="each|E,E1:E2,...", type=parse_epochs,
                    help="'each' (default: one window per epoch) or a comma list of epochs E / ranges E1:E2")
     p.add_argument("--method", choices=("dit", "tracin", "dvemb"), default="dit",
                    help="estimator of the per-window influence (default dit)")
@@ -88,30 +89,6 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
 
 # ---------------------------------------------------------------------- compare
-def _pairs(text: str, what: str) -> list[tuple[int, int]]:
-    out = []
-    for item in (t for t in text.split(",") if t.strip()):
-        try:
-            a, b = item.split(":")
-            out.append((int(a), int(b)))
-        except ValueError:
-            raise ConfigurationError(f"{what} {item!r} is not of the form A:B (e.g. 0:100)") from None
-    return out
-
-
-def parse_epochs(text: str) -> Any:
-    """'each' | 'E,E1:E2,...' -> the epochs= argument of compare_windows."""
-    if text.strip() == "each":
-        return "each"
-    out: list[Any] = []
-    for item in (t.strip() for t in text.split(",") if t.strip()):
-        try:
-            out.append(tuple(int(v) for v in item.split(":")) if ":" in item else int(item))
-        except ValueError:
-            raise ConfigurationError(f"epoch {item!r} is not an integer or a range E1:E2") from None
-    return out
-
-
 def parse_query(text: str) -> Any:
     if text == "mean":
         return "mean"
@@ -146,9 +123,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     run = open_run(args.run)
     kw: dict[str, Any] = {}
     if args.windows:
-        kw["windows"] = _pairs(args.windows, "window")
+        kw["windows"] = args.windows
     elif args.epochs:
-        kw["epochs"] = parse_epochs(args.epochs)
+        kw["epochs"] = args.epochs
     cmp = compare_windows(
         run, method=args.method, mode=args.mode, curvature=args.curvature, query=parse_query(args.query),
         corrupted=read_corrupted(args.corrupted),

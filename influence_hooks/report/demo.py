@@ -203,10 +203,5 @@ def headline(result: DemoResult) -> str:
     return "\n".join(lines)
 
 
-def main_settings_from_args(args: Any) -> dict[str, Any]:
-    """The demo settings given on the command line (those not None)."""
-    return {k: getattr(args, k) for k in DEFAULTS if getattr(args, k, None) is not None}
-
-
 if __name__ == "__main__":  # pragma: no cover
     demo()
