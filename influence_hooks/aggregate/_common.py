@@ -152,11 +152,9 @@ def iter_row_blocks(run: Run, span: Window, *, reverse: bool = False, chunk_rows
                 buf = bufs[i % n_bufs] = torch.empty(max(R, chunk_rows), run.dim, dtype=dtype, device=device)
             G = buf[:R]
             G.copy_(blk.grads)
-            steps = blk.steps.numpy()
-            pos = np.searchsorted(run.steps, steps)
-            coef = run.lrs[pos] * run.update_weights[pos]
-            yield Block(steps=steps, sample_ids=blk.sample_ids.to(device), grads=G, coef_np=coef,
-                        coef=torch.from_numpy(coef).to(device=device, dtype=dtype))
+            coef = blk.coef.numpy()  # float64 from the reader, whatever the storage dtype
+            yield Block(steps=blk.steps.numpy(), sample_ids=blk.sample_ids.to(device), grads=G, coef_np=coef,
+                        coef=blk.coef.to(device=device, dtype=dtype))
 
     if not prefetch:
         yield from produce()

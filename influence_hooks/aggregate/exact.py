@@ -45,12 +45,11 @@ from tqdm.auto import tqdm
 from ..errors import ConfigurationError, MissingDataError, WindowError
 from ..storage.reader import Run
 from . import _common as C
-from .dit import MODES, _resolve_eval_step
+from .dit import EXACT_CURVATURES, MODES, _resolve_eval_step
 from .model_fn import LossFunctions, Params, batch_size_of, cast_batch
 from .replay import ParameterTrajectory, Plan, SGDForm, sgd_form
 from .results import InfluenceScores
 
-CURVATURES = ("exact", "ggn")
 PARAMS = ("recorded", "model")
 CHECK_TOLERANCE = 2e-2
 
@@ -135,7 +134,7 @@ def exact_dit(run: Run, window: Any = None, mode: str = "removal", curvature: st
     t_start = time.perf_counter()
     if mode not in MODES:
         raise ConfigurationError(f"mode must be one of {MODES}, got {mode!r}")
-    if curvature not in CURVATURES:
+    if curvature not in EXACT_CURVATURES:
         raise ConfigurationError(f"exact_dit takes curvature 'exact' or 'ggn', got {curvature!r}")
     if check not in ("raise", "warn", "off"):
         raise ConfigurationError(f"check must be 'raise', 'warn' or 'off', got {check!r}")

@@ -59,8 +59,8 @@ class StepBatch:
 class RowBlock:
     """Consecutive rows of whole steps, for GEMM-shaped work.
 
-    steps, sample_ids, coef: [R]; grads: [R, K]. coef = eta_t * w_t of each row's step. Rows are in
-    ascending step order, or descending when iterating backward.
+    steps, sample_ids, coef: [R]; grads: [R, K]. coef = eta_t * w_t of each row's step, always
+    float64 (grads may be float16). Rows are in ascending step order, or descending backward.
     """
 
     steps: torch.Tensor
@@ -370,7 +370,7 @@ class Run:
         coef = self.lrs[pos] * self.update_weights[pos]
         return RowBlock(steps=torch.from_numpy(st).to(device),
                         sample_ids=torch.from_numpy(np.concatenate(ids)).to(device),
-                        coef=torch.from_numpy(coef).to(device=device, dtype=dtype),
+                        coef=torch.from_numpy(coef).to(device),
                         grads=torch.from_numpy(np.concatenate(grads)).to(device=device, dtype=dtype))
 
     # ------------------------------------------------------------------ queries
