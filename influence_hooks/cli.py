@@ -52,10 +52,12 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     run = open_run(args.run, on_corrupt="skip")
-    problems = run.verify()
+    problems = run.verify(require_complete=False)
+    for p in problems:
+        print(f"PROBLEM  {p}")
+    if not run.complete:  # interrupted is not damaged: what was written is checked above
+        print("NOTE  the run is incomplete (training did not finish or was interrupted)")
     if problems:
-        for p in problems:
-            print(f"PROBLEM  {p}")
         print(f"{len(problems)} problem(s) in {args.run}")
         return 1
     print(f"OK  {args.run}: {len(run.steps)} steps, every shard and parameter file reads in full")
@@ -75,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--skip-corrupt", action="store_true", help="leave unreadable shards out")
     p.set_defaults(func=cmd_info)
-    p = sub.add_parser("verify", help="read every shard in full and report problems (exit 1 if any)")
+    p = sub.add_parser("verify", help="read every shard in full and report problems (exit 1 if any; "
+                                      "an interrupted run is noted, not a problem)")
     p.add_argument("run", help="run directory")
     p.set_defaults(func=cmd_verify)
     add_aggregate_commands(sub)

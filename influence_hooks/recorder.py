@@ -146,6 +146,7 @@ class GradientRecorder:
         self.layers = plan_layers(selection, self.config.projection if self.config.projected else None,
                                   self.config.projection_kind, self.config.seed)
         _warn_tied_parameters(self.layers)
+        _warn_batch_mixing(model)
         self.capture = GradientCapture(self.layers)
         self.capture.attach()  # armed only between begin_micro_batch and end_step
         self.dim = self.capture.dim
@@ -196,7 +197,8 @@ class GradientRecorder:
         layers = layers_manifest(self.layers)
         n_trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         n_recorded = sum(p.numel() for p in self._recorded_parameters() if p.requires_grad)
-        storage = self.config.storage_dtype or ("float16" if self.config.projected else "float32")
+        projected = any(l.spec.kind != "none" for l in self.layers)  # layers smaller than their share stay exact
+        storage = self.config.storage_dtype or ("float16" if projected else "float32")
         param = next(self.model.parameters())
         cfg = {k: v for k, v in dataclasses.asdict(self.config).items() if k != "layer_types"}
         cfg["layer_types"] = [t if isinstance(t, str) else t.__name__ for t in self.config.layer_types or []]
@@ -474,6 +476,16 @@ class GradientRecorder:
 
 
 # ---------------------------------------------------------------------- module helpers
+def _warn_batch_mixing(model: nn.Module) -> None:
+    mixing = [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if mixing:
+        warnings.warn(
+            f"the model has BatchNorm layers {mixing[:5]}: in train mode they normalise with "
+            "statistics of the whole batch, so the recorded gradient of a sample also depends on the "
+            "other samples of its batch (exact per-sample gradients need them in eval mode or "
+            "replaced by GroupNorm/LayerNorm).", RuntimeWarning, stacklevel=3)
+
+
 def _warn_tied_parameters(layers: list) -> None:
     owners: dict[int, list[str]] = {}
     for l in layers:

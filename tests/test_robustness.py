@@ -430,3 +430,53 @@ def test_exclude_naming_a_container_leaves_out_everything_inside_it(tmp_path):
     assert [l.name for l in rec.layers] == ["1"]
     with pytest.warns(RuntimeWarning, match="matches no selected layer"):
         GradientRecorder(tmp_path / "run2", model, exclude=["nothing*"])
+
+
+class WithAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.att = nn.MultiheadAttention(4, 2, batch_first=True)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(self.att(x, x, x)[0].sum(1))
+
+
+def test_default_selection_does_not_enter_modules_that_cannot_be_hooked(tmp_path):
+    model = WithAttention()
+    rec = GradientRecorder(tmp_path / "run", model, projection="none")
+    assert [l.name for l in rec.layers] == ["head"]  # not att.out_proj, which MHA calls functionally
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec.begin_micro_batch(torch.arange(2))
+    model(torch.randn(2, 5, 4)).sum().backward()
+    rec.end_step(opt)  # the first step validates the selection: no error
+    rec.finish()
+
+
+def test_a_model_with_batchnorm_gets_a_warning_that_samples_are_mixed(tmp_path):
+    with pytest.warns(RuntimeWarning, match="BatchNorm layers"):
+        GradientRecorder(tmp_path / "run", WithBatchNorm(), projection=8)
+
+
+def test_storage_defaults_to_float32_when_no_layer_is_actually_projected(tmp_path):
+    rec = GradientRecorder(tmp_path / "run", mlp(), projection=10_000)  # every layer below its share
+    train(rec, rec.model, 2)
+    rec.finish()
+    assert all(l.spec.kind == "none" for l in rec.layers)
+    assert open_run(tmp_path / "run").manifest["storage_dtype"] == "float32"
+    rec = record(tmp_path / "run2", 2)
+    assert open_run(tmp_path / "run2").manifest["storage_dtype"] == "float16"
+
+
+def test_cli_verify_separates_an_interrupted_run_from_a_damaged_one(tmp_path, capsys):
+    from influence_hooks.cli import main
+
+    rec = GradientRecorder(tmp_path / "run", mlp(), projection=8, steps_per_shard=1)
+    train(rec, rec.model, 3)
+    rec.close(complete=False)  # interrupted, but every shard is whole
+    assert main(["verify", str(tmp_path / "run")]) == 0
+    assert "NOTE  the run is incomplete" in capsys.readouterr().out
+    last = shard_files(tmp_path / "run")[-1]
+    last.write_bytes(last.read_bytes()[:100])  # now damaged
+    assert main(["verify", str(tmp_path / "run")]) == 1
+    assert "PROBLEM" in capsys.readouterr().out

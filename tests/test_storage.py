@@ -63,3 +63,12 @@ def test_reader_merges_the_shards_of_several_ranks_into_global_steps(tmp_path):
     for b in run.iter_steps(dtype=torch.float64):
         assert sorted(b.sample_ids.tolist()) == [10 * b.step + k for k in range(4)]
         assert sorted(b.grads[:, 1].tolist()) == [0.0, 0.5, 1.0, 1.5]
+
+
+def test_a_window_reaching_past_the_recorded_steps_is_clipped_with_a_warning(tmp_path):
+    import pytest
+
+    _, run = _record(tmp_path)
+    with pytest.warns(RuntimeWarning, match=r"using \[0, 3\)"):
+        assert run.resolve_window((-5, 10)) == (0, 3)
+    assert run.resolve_window((1, 3)) == (1, 3)

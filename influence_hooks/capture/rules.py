@@ -74,6 +74,17 @@ def register_rule(*module_types: type | str):
     return decorate
 
 
+def refusal_reason(module: nn.Module) -> str | None:
+    """Why `module`'s type is refused (it mixes samples, or cannot be hooked per sample), or None."""
+    for cls in type(module).__mro__:
+        reason = _REFUSED.get(cls, _REFUSED.get(_key(cls)))
+        if reason is not None:
+            return reason
+        if cls in _RULES or _key(cls) in _RULES:
+            return None
+    return None
+
+
 def refuse_module(module_type: type | str, reason: str) -> None:
     """Declare that modules of this type (and subclasses) cannot be captured, and why."""
     _REFUSED[module_type] = reason

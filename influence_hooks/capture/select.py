@@ -13,7 +13,7 @@ from torch import nn
 from ..errors import ConfigurationError
 from ..projection import LayerProjector, plan_projection
 from .hooks import CapturedLayer
-from .rules import FuncRule, LayerRule, UnsupportedModuleError, own_trainable, rule_for
+from .rules import FuncRule, LayerRule, UnsupportedModuleError, own_trainable, refusal_reason, rule_for
 
 
 def _type_matches(module: nn.Module, types: Sequence[type | str]) -> bool:
@@ -33,8 +33,10 @@ def select_layers(model: nn.Module, layers: Sequence[str] | str | None = None,
 
     layers: name globs (fnmatch). A module matching a glob is recorded; one without trainable
     parameters of its own is expanded into its supported descendants. layer_types: module classes
-    (or class names) to record. Neither given: every module with an exact rule. A glob or type
-    that selects nothing, or a selected module no rule can handle, is an error.
+    (or class names) to record. Neither given: every module with an exact rule (modules that only
+    the torch.func fallback handles are recorded when named). Expanding never enters a refused
+    module (MultiheadAttention, RNNs, BatchNorm). A glob or type that selects nothing, or a
+    selected module no rule can handle, is an error.
     """
     if isinstance(layers, str):
         layers = [layers]
@@ -43,7 +45,14 @@ def select_layers(model: nn.Module, layers: Sequence[str] | str | None = None,
 
     def add_supported_descendants(prefix: str, module: nn.Module) -> int:
         count = 0
+        refused: list[str] = []  # inside a refused module (e.g. MultiheadAttention's out_proj,
+        # which it calls functionally) no layer's hooks see its computation
         for sub_name, sub in module.named_modules(prefix=prefix):
+            if any(sub_name.startswith(r + ".") for r in refused):
+                continue
+            if refusal_reason(sub) is not None:
+                refused.append(sub_name)
+                continue
             if own_trainable(sub):
                 try:
                     rule = rule_for(sub)

@@ -261,15 +261,22 @@ class Run:
                               f"[{self.first_step}, {self.last_step + 1}).")
         if not ((self.steps >= t1) & (self.steps < t2)).any():
             raise WindowError(f"no recorded step falls in window [{t1}, {t2}).")
-        return t1, t2
+        c1, c2 = max(t1, self.first_step), min(t2, self.last_step + 1)
+        if (c1, c2) != (t1, t2):  # results name the window they really cover
+            warnings.warn(f"window [{t1}, {t2}) reaches beyond the recorded steps [{self.first_step}, "
+                          f"{self.last_step + 1}); using [{c1}, {c2}).", RuntimeWarning, stacklevel=2)
+        return c1, c2
 
     def epoch_window(self, e1: int, e2: int | None = None) -> tuple[int, int]:
         """Steps of epochs [e1, e2) (e2 = e1 + 1 by default) as a half-open window."""
         e2 = e1 + 1 if e2 is None else e2
         mask = (self.epochs >= e1) & (self.epochs < e2)
+        recorded = sorted({int(e) for e in self.epochs})
         if e2 <= e1 or not mask.any():
-            raise WindowError(f"no recorded step in epochs [{e1}, {e2}); recorded epochs: "
-                              f"{sorted({int(e) for e in self.epochs})}")
+            raise WindowError(f"no recorded step in epochs [{e1}, {e2}); recorded epochs: {recorded}")
+        if e1 < recorded[0] or e2 > recorded[-1] + 1:
+            warnings.warn(f"epochs [{e1}, {e2}) reach beyond the recorded epochs {recorded[0]}.."
+                          f"{recorded[-1]}; using the recorded ones.", RuntimeWarning, stacklevel=2)
         sel = self.steps[mask]
         return int(sel.min()), int(sel.max()) + 1
 
@@ -436,8 +443,9 @@ class Run:
             "(snapshot_every_n_steps / snapshot_windows) or checkpoints (checkpoint_every_n_steps).")
 
     # ------------------------------------------------------------------ verification
-    def verify(self) -> list[str]:
-        """Read every shard and parameter file in full; return a list of problems (empty: all good)."""
+    def verify(self, *, require_complete: bool = True) -> list[str]:
+        """Read every shard and parameter file in full; return a list of problems (empty: all good).
+        An interrupted run counts as a problem unless require_complete=False."""
         problems = [f"{p}: {why}" for p, why in self.skipped_shards]
         for sh in self._shards:
             try:
@@ -460,7 +468,7 @@ class Run:
                             ds[()]
                 except Exception as e:  # noqa: BLE001
                     problems.append(f"{p}: unreadable {kind} ({e})")
-        if not self.complete:
+        if require_complete and not self.complete:
             problems.append("run is incomplete: training did not finish or was interrupted "
                             f"(recorded steps {self.first_step if len(self.steps) else '-'}.."
                             f"{self.last_step if len(self.steps) else '-'})")
@@ -543,7 +551,8 @@ class Run:
                 if self._on_corrupt == "raise":
                     raise CorruptShardError(
                         f"shard {sh.path} {why}. Nothing else is lost: open_run(path, on_corrupt='skip') "
-                        "reads the other shards, and `influence-hooks verify` lists every problem.") from e
+                        "(`influence-hooks info RUN --skip-corrupt`) reads the other shards, and "
+                        "`influence-hooks verify RUN` lists every problem.") from e
                 warnings.warn(f"skipping unreadable shard {sh.path}: {why}", RuntimeWarning)
                 self.skipped_shards.append((sh.path, why))
                 continue
