@@ -155,6 +155,7 @@ class GradientRecorder:
         self._start_kwargs: dict[str, Any] = {}
         self._lr_groups_key: tuple[int, int] | None = None
         self._warned_no_unscale = False
+        self._warned_uneven = False
         self._lr_groups: list[int] = []
         self._step = 0
         self._micro_ids: list[np.ndarray] = []
@@ -275,6 +276,13 @@ class GradientRecorder:
         # the update is -lr * sum_j sum_{i in micro-batch j} g_t(i) / (acc * |b_j|) (mean) or / acc
         # (sum); with equal micro-batch sizes that is one weight for every sample of the step
         acc = n_micro if self.config.loss_divided_by_micro_batches else 1
+        if self.config.loss_reduction == "mean" and len(set(sizes)) > 1 and not self._warned_uneven:
+            self._warned_uneven = True
+            warnings.warn(
+                f"step {step}: micro-batches of unequal size {sizes} under a mean loss weigh their samples "
+                "differently (1/(n_micro*|b_j|)), but a step records one update weight, from their mean "
+                "size; estimates for such steps are approximate (typically an epoch's short last "
+                "batch with gradient accumulation; drop_last=True avoids it).", RuntimeWarning, stacklevel=2)
         if self.writer is None:
             self.start(optimizer, **self._start_kwargs)
         first_of_epoch = self._last_epoch != epoch

@@ -480,3 +480,15 @@ def test_cli_verify_separates_an_interrupted_run_from_a_damaged_one(tmp_path, ca
     last.write_bytes(last.read_bytes()[:100])  # now damaged
     assert main(["verify", str(tmp_path / "run")]) == 1
     assert "PROBLEM" in capsys.readouterr().out
+
+
+def test_micro_batches_of_unequal_size_warn_that_the_step_weight_is_approximate(tmp_path):
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = GradientRecorder(tmp_path / "run", model, projection=8)
+    for ids in (torch.arange(4), torch.arange(4, 6)):
+        rec.begin_micro_batch(ids)
+        (F.cross_entropy(model(X[ids]), Y[ids]) / 2).backward()
+    with pytest.warns(RuntimeWarning, match=r"unequal size \[4, 2\]"):
+        rec.end_step(opt)
+    rec.finish()
