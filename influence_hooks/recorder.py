@@ -271,11 +271,10 @@ class GradientRecorder:
         self.capture.set_enabled(False)
         if not self._first_step_checked:
             self._check_first_step(len(ids))
-        scales = self._row_scales(sizes, n_micro, grad_scaler)
-        grads, _ = self.capture.collect(scales)
         # the update is -lr * sum_j sum_{i in micro-batch j} g_t(i) / (acc * |b_j|) (mean) or / acc
         # (sum); with equal micro-batch sizes that is one weight for every sample of the step
         acc = n_micro if self.config.loss_divided_by_micro_batches else 1
+        grads = self.capture.collect(self._row_scales(sizes, acc, grad_scaler))
         if self.config.loss_reduction == "mean" and len(set(sizes)) > 1 and not self._warned_uneven:
             self._warned_uneven = True
             warnings.warn(
@@ -351,7 +350,7 @@ class GradientRecorder:
                     loss = loss["loss"]
                 torch.autograd.grad(loss, params, allow_unused=True)
             scale = float(self._n_queries) if self.config.loss_reduction == "mean" else 1.0
-            grads, _ = self.capture.collect([scale])
+            grads = self.capture.collect([scale])
             return grads
         finally:
             self.capture.set_enabled(False)
@@ -423,10 +422,10 @@ class GradientRecorder:
         self._layer_params = {id(p) for p in self._recorded_parameters()}
         self._lr_groups_key = None  # the group lookup must be redone for the kept layers
 
-    def _row_scales(self, sizes: list[int], n_micro: int, grad_scaler: Any) -> list[Any]:
+    def _row_scales(self, sizes: list[int], acc: int, grad_scaler: Any) -> list[Any]:
         """Factors that turn what the hooks saw into g_t(i) = grad l_i: undo the mean over each
-        micro-batch, the division by the number of micro-batches, and the AMP loss scale."""
-        acc = n_micro if self.config.loss_divided_by_micro_batches else 1
+        micro-batch, the division by `acc` (the number of micro-batches, where the loss is divided
+        by it), and the AMP loss scale."""
         scales: list[Any] = [float(n * acc) if self.config.loss_reduction == "mean" else float(acc) for n in sizes]
         amp = _loss_scale(grad_scaler)
         if amp is not None:

@@ -131,10 +131,10 @@ class GradientCapture:
         self.attach()
 
     def collect(self, row_scales: list[float | torch.Tensor] | None = None,
-                dtype: torch.dtype | None = None) -> tuple[torch.Tensor, list[int]]:
+                dtype: torch.dtype | None = None) -> torch.Tensor:
         """Per-sample gradients of everything captured since the last collect.
 
-        Returns (grads [N, K], rows per micro-batch). `row_scales[j]` multiplies micro-batch j (it
+        Returns grads [N, K], micro-batches in order. `row_scales[j]` multiplies micro-batch j (it
         undoes loss averaging and loss scaling). A layer that got no gradient in a micro-batch
         (unused in that forward pass) contributes zeros.
         """
@@ -159,5 +159,5 @@ class GradientCapture:
                 block.mul_(row_scales[j])  # block is a fresh tensor from cat (or zeros)
             blocks.append(block)
         if not blocks:
-            return torch.zeros(0, self.dim), []
-        return torch.cat(blocks), [rows for rows, _ in finished]
+            return torch.zeros(0, self.dim)
+        return torch.cat(blocks)
