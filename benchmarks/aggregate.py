@@ -29,9 +29,9 @@ import numpy as np
 import torch
 
 from influence_hooks.aggregate import dit, dvemb, self_influence, tracin
-from influence_hooks.aggregate._common import DEFAULT_CHUNK_ROWS, iter_row_blocks
+from influence_hooks.aggregate.rows import DEFAULT_CHUNK_ROWS, iter_row_blocks
 from influence_hooks.storage.reader import open_run
-from influence_hooks.storage.writer import RunWriter, StepRecord
+from influence_hooks.storage.writer import RunWriter, StepRecord, WriterOptions
 
 
 def build_run(path: Path, rows: int, dim: int, queries: int, batch: int, layers: int, query_every: int,
@@ -49,7 +49,7 @@ def build_run(path: Path, rows: int, dim: int, queries: int, batch: int, layers:
                 "projection_fingerprint": "bench", "partial_model": False}
     g = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
-    w = RunWriter.create(path, manifest, steps_per_shard=256)
+    w = RunWriter.create(path, manifest, options=WriterOptions(steps_per_shard=256))
     perm = rng.permutation(n_train)
     for t in range(steps):
         if t % query_every == 0:

@@ -57,7 +57,7 @@ from torch.utils.data import TensorDataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from influence_hooks.aggregate import dit, dvemb, tracin  # noqa: E402
-from influence_hooks.recorder import GradientRecorder  # noqa: E402
+from influence_hooks.record.recorder import GradientRecorder  # noqa: E402
 from influence_hooks.storage.reader import Run, open_run  # noqa: E402
 
 DT = torch.float64

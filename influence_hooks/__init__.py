@@ -7,11 +7,15 @@ Influence:   tracin, dit, dvemb, self_influence -> InfluenceScores / DataValueEm
 Comparing:   compare_windows -> WindowComparison (report.md with plots)
 Sign convention: positive influence = removing the training sample raises the query loss (it
 helped, a proponent); negative = it hurt (an opponent).
+
+Names are imported on first use, so `from influence_hooks import GradientRecorder` loads neither
+Lightning nor matplotlib.
 """
 
+from importlib import import_module
+from typing import Any
+
 from ._version import __version__
-from .aggregate import DataValueEmbeddings, InfluenceScores, dit, dvemb, self_influence, tracin
-from .callback import InfluenceCallback
 from .errors import (
     ConfigurationError,
     CorruptShardError,
@@ -23,17 +27,31 @@ from .errors import (
     StorageError,
     WindowError,
 )
-from .ids import IndexedDataset
-from .recorder import GradientRecorder, RecordingConfig
-from .report import WindowComparison, compare_windows
-from .storage.reader import Run, open_run
+
+_EXPORTS = {
+    "InfluenceCallback": ".record.callback", "GradientRecorder": ".record.recorder",
+    "RecordingConfig": ".record.options", "IndexedDataset": ".record.ids",
+    "open_run": ".storage.reader", "Run": ".storage.reader",
+    "tracin": ".aggregate.tracin", "self_influence": ".aggregate.tracin", "dit": ".aggregate.dit",
+    "dvemb": ".aggregate.dvemb", "DataValueEmbeddings": ".aggregate.dvemb",
+    "InfluenceScores": ".aggregate.results",
+    "compare_windows": ".report.compare", "WindowComparison": ".report.compare",
+}
 
 __all__ = [
-    "__version__",
-    "InfluenceCallback", "GradientRecorder", "RecordingConfig", "IndexedDataset",
-    "open_run", "Run",
-    "tracin", "dit", "dvemb", "self_influence", "InfluenceScores", "DataValueEmbeddings",
-    "compare_windows", "WindowComparison",
+    "__version__", *_EXPORTS,
     "InfluenceHooksError", "ConfigurationError", "CorruptShardError", "MissingDataError",
     "NonFiniteGradientError", "RunDirectoryError", "SampleIdError", "StorageError", "WindowError",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(import_module(_EXPORTS[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

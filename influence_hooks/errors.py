@@ -44,3 +44,9 @@ class MissingDataError(InfluenceHooksError):
 class ProjectionMismatchError(ConfigurationError):
     """Gradients from different projections (or dimensions) were combined; they are not comparable."""
 
+
+
+def short_list(xs, n: int = 12) -> str:
+    """'[1, 2, 3, ... (40 in all)]': a list of step numbers or ids short enough for a message."""
+    xs = [int(x) for x in xs]
+    return "[" + ", ".join(map(str, xs[:n])) + (f", ... ({len(xs)} in all)]" if len(xs) > n else "]")

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from influence_hooks.recorder import GradientRecorder
+from influence_hooks.record.recorder import GradientRecorder
 
 torch.manual_seed(0)
 model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))

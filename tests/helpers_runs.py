@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.func import functional_call, grad, vmap
 
-from influence_hooks.storage.writer import RunWriter, StepRecord
+from influence_hooks.storage.writer import RunWriter, StepRecord, WriterOptions
 
 Params = dict[str, torch.Tensor]
 
@@ -179,7 +179,7 @@ def record_run(path: str | Path, *, kind: str = "mlp", n_train: int = 22, n_quer
                 "queries": {"ids": [100 + q for q in range(n_query)]},
                 "optimizer": {"name": "SGD", "is_plain_sgd": True}, "projection_fingerprint": "none",
                 "partial_model": False, **(extra_manifest or {})}
-    w = RunWriter.create(path, manifest, steps_per_shard=steps_per_shard)
+    w = RunWriter.create(path, manifest, options=WriterOptions(steps_per_shard=steps_per_shard))
     for t in range(T + 1):
         u = model.per_sample_grads(params[t], Xq, yq)
         rec.all_query_grads[t] = u.numpy()

@@ -8,9 +8,6 @@ with dense K x K matrices, and compared to 1e-8.
 from __future__ import annotations
 
 import argparse
-import importlib.machinery
-import sys
-import types
 
 import h5py
 import numpy as np
@@ -20,7 +17,7 @@ import torch
 from helpers_runs import record_run
 from influence_hooks.aggregate import (CurvatureOperator, DataValueEmbeddings, InfluenceScores, dit, dvemb,
                                        self_influence, tracin)
-from influence_hooks.aggregate import cli as agg_cli
+from influence_hooks.cli import aggregate as agg_cli
 from influence_hooks.errors import (ConfigurationError, InfluenceHooksError,
                                     MissingDataError, ProjectionMismatchError, WindowError)
 from influence_hooks.storage.reader import open_run
@@ -462,16 +459,17 @@ def test_exact_curvature_without_model_and_dataset_says_what_it_needs(run, curva
             dit(run, window=(4, 8), curvature=curvature, **given, **F64)
 
 
-def test_exact_curvature_dispatches_to_backend_module(run, monkeypatch):
+def test_exact_curvature_dispatches_to_the_full_space_backend(run, monkeypatch):
+    import influence_hooks.aggregate.fullspace as fullspace
+
     calls = []
-    mod = types.ModuleType("influence_hooks.aggregate.exact")
-    mod.__spec__ = importlib.machinery.ModuleSpec("influence_hooks.aggregate.exact", None)
-    mod.exact_dit = lambda *a, **kw: calls.append((a, kw)) or "from-backend"
-    monkeypatch.setitem(sys.modules, "influence_hooks.aggregate.exact", mod)
+    monkeypatch.setattr(fullspace, "exact_dit", lambda *a, **kw: calls.append((a, kw)) or ["from-backend"])
     out = dit(run, window=(4, 8), mode="accrued", curvature="exact", model="M", dataset="D", loss_fn="L", **F64)
     assert out == "from-backend"
     (args, kw), = calls
-    assert args[0] is run and args[1:] == ((4, 8), "accrued", "exact", None)
+    run_, plan, curvature = args
+    assert run_ is run and plan.mode == "accrued" and plan.windows == [(4, 8)] and curvature.name == "exact"
+    assert [(t.start, t.end, t.eval_step) for t in plan.tasks] == [(0, 4, 4), (0, 8, 8)]
     assert kw["model"] == "M" and kw["dataset"] == "D" and kw["loss_fn"] == "L" and kw["dtype"] == torch.float64
 
 
@@ -543,15 +541,15 @@ def test_cli_window_and_epoch_forms_become_aggregator_arguments():
 
 
 def test_prefetched_blocks_equal_inline_blocks_and_stop_cleanly(run):
-    from influence_hooks.aggregate._common import iter_row_blocks
+    from influence_hooks.aggregate.rows import iter_row_blocks
     kw = dict(chunk_rows=7, dtype=torch.float64)
-    inline = [(b.steps.copy(), b.sample_ids.clone(), b.coef.clone(), b.grads.clone())
+    inline = [(b.steps.copy(), b.sample_ids.clone(), b.coef.copy(), b.grads.clone())
               for b in iter_row_blocks(run, (0, 24), reverse=True, prefetch=False, **kw)]
-    ahead = [(b.steps.copy(), b.sample_ids.clone(), b.coef.clone(), b.grads.clone())
+    ahead = [(b.steps.copy(), b.sample_ids.clone(), b.coef.copy(), b.grads.clone())
              for b in iter_row_blocks(run, (0, 24), reverse=True, prefetch=True, **kw)]
     assert len(inline) == len(ahead) > 3
     for x, y in zip(inline, ahead):
-        assert (x[0] == y[0]).all() and torch.equal(x[1], y[1]) and torch.equal(x[2], y[2]) and torch.equal(x[3], y[3])
+        assert (x[0] == y[0]).all() and torch.equal(x[1], y[1]) and (x[2] == y[2]).all() and torch.equal(x[3], y[3])
     it = iter_row_blocks(run, (0, 24), prefetch=True, **kw)
     next(it)
     it.close()  # an abandoned pass stops its reader thread

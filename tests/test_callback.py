@@ -18,9 +18,9 @@ from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from _tiny_lightning import TinyClassifier, make_trainer
 from conftest import assert_rows_close, func_per_sample_grads
-from influence_hooks.callback import InfluenceCallback
+from influence_hooks.record.callback import InfluenceCallback
 from influence_hooks.errors import ConfigurationError, RunDirectoryError
-from influence_hooks.ids import IndexedDataset
+from influence_hooks.record.ids import IndexedDataset
 from influence_hooks.storage.reader import open_run
 
 # Lightning's own noise

@@ -9,14 +9,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from influence_hooks.windows import epoch_windows, resolve
 import yaml
 
 from influence_hooks.errors import ConfigurationError
-from influence_hooks.models import DigitsDataModule
+from influence_hooks.demo.models import DigitsDataModule
 from influence_hooks.report import WindowComparison
-from influence_hooks.report.cli import main as report_main
-from influence_hooks.report.cli import run_lightning_cli
-from influence_hooks.report.demo import demo
+from influence_hooks.cli import main as report_main
+from influence_hooks.cli.demo import run_lightning_cli
+from influence_hooks.demo.run import demo
 from influence_hooks.storage.reader import open_run
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -40,7 +42,7 @@ def test_shrunken_demo_runs_quickly_and_writes_every_file(small_demo):
     text = result.report.read_text()
     assert "## Findings" in text and "flipped label" in text
     with open_run(result.run_dir) as run:
-        assert run.complete and len(run.epoch_windows()) == 2
+        assert run.complete and len(epoch_windows(run.table)) == 2
         assert len(run.sample_ids) == 300
 
 

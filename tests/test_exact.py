@@ -18,9 +18,8 @@ from torch.func import functional_call, hessian, jacrev
 from torch.utils.data import TensorDataset
 
 from influence_hooks.aggregate import dit
-from influence_hooks.aggregate.exact import exact_dit
 from influence_hooks.errors import ConfigurationError, MissingDataError
-from influence_hooks.recorder import GradientRecorder
+from influence_hooks.record.recorder import GradientRecorder
 from influence_hooks.storage.reader import open_run
 
 DT = torch.float64
@@ -109,8 +108,9 @@ def momentum_run(tmp_path_factory):
 
 
 def scores(run, model, ds, q, window, mode, curvature="exact", **kw):
-    return exact_dit(run, window, mode, curvature, kw.pop("eval_step", None), model=model, dataset=ds,
-                     queries=q, loss_fn=loss_fn, progress=False, **kw)
+    where = {"windows": window} if isinstance(window, list) else {"window": window}
+    return dit(run, **where, mode=mode, curvature=curvature, model=model, dataset=ds, queries=q, loss_fn=loss_fn,
+               progress=False, **kw)
 
 
 # ---------------------------------------------------------------------- dense reference
@@ -306,7 +306,7 @@ def test_mismatched_dataset_model_and_missing_queries_fail_clearly(plain_run):
     with pytest.raises(ConfigurationError, match="does not match the run.*'0'"):
         scores(run, make_model(hidden=7), ds, q, (1, 3), "removal")
     with pytest.raises(ConfigurationError, match="pass queries="):
-        exact_dit(run, (1, 3), "removal", "exact", None, model=model, dataset=ds, loss_fn=loss_fn)
+        dit(run, window=(1, 3), curvature="exact", model=model, dataset=ds, loss_fn=loss_fn)
     with pytest.raises(ConfigurationError, match="full-parameter-space"):
         scores(run, model, ds, None, (1, 3), "removal", query_grads=torch.zeros(3, run.dim - 1))
 
@@ -329,7 +329,7 @@ def test_lightning_module_with_its_training_step_and_callback_checkpoints(tmp_pa
     pl = pytest.importorskip("lightning.pytorch")
     from torch.utils.data import DataLoader
 
-    from influence_hooks.callback import InfluenceCallback
+    from influence_hooks.record.callback import InfluenceCallback
 
     class Module(pl.LightningModule):
         def __init__(self):

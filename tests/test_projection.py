@@ -12,7 +12,7 @@ from torch import nn
 
 from influence_hooks.capture import rule_for
 from influence_hooks.errors import ConfigurationError
-from influence_hooks.projection import LayerProjector, ProjectionSpec, plan_projection, split_k
+from influence_hooks.capture.projection import LayerProjector, ProjectionSpec, plan_projection, split_k
 
 try:  # transformers is optional: only the GPT-2 Conv1D cases need it
     from transformers.pytorch_utils import Conv1D as GPT2Conv1D

@@ -18,7 +18,7 @@ from torch import nn
 
 from conftest import assert_rows_close, func_per_sample_grads, read_steps
 from influence_hooks.errors import ConfigurationError
-from influence_hooks.recorder import GradientRecorder
+from influence_hooks.record.recorder import GradientRecorder
 from influence_hooks.storage import format as fmt
 from influence_hooks.storage.reader import open_run
 

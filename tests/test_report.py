@@ -11,17 +11,18 @@ import itertools
 
 import numpy as np
 import pytest
+
+from influence_hooks.windows import epoch_windows, resolve
 import scipy.stats
 import torch
 
-from influence_hooks.aggregate.cli import parse_epochs, parse_windows
+from influence_hooks.cli.aggregate import parse_epochs, parse_windows
 from influence_hooks.errors import ConfigurationError
 from influence_hooks.report import PatternRules, WindowComparison, classify_patterns, compare_windows
-from influence_hooks.report.cli import main as report_main
-from influence_hooks.report.cli import read_corrupted
-from influence_hooks.report.compare import (
-    EARLY, FLIPPING, HARMFUL, HELPFUL, LATE, NEGLIGIBLE, PATTERNS, detection_quality, spearman_matrix,
-)
+from influence_hooks.cli import main as report_main
+from influence_hooks.cli.report import read_corrupted
+from influence_hooks.report.patterns import EARLY, FLIPPING, HARMFUL, HELPFUL, LATE, NEGLIGIBLE, PATTERNS
+from influence_hooks.report.stats import detection_quality, spearman_matrix
 from influence_hooks.report.render import findings
 from influence_hooks.storage.reader import open_run
 
@@ -159,7 +160,7 @@ def tracin_by_hand(rec, t1, t2):
 def test_compare_windows_scores_correlations_and_top_lists(recorded):
     rec, run = recorded
     cmp = compare_windows(run, epochs="each", method="tracin", corrupted=None, progress=False, top_k=4)
-    wins = run.epoch_windows()
+    wins = epoch_windows(run.table)
     assert cmp.windows == wins and cmp.labels == [f"epoch {e}" for e in range(len(wins))]
     for w, (t1, t2) in enumerate(wins):
         close(cmp.scores[:, w], tracin_by_hand(rec, t1, t2))

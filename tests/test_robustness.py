@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from _tiny_lightning import TinyClassifier, make_trainer
-from influence_hooks.callback import InfluenceCallback
+from influence_hooks.record.callback import InfluenceCallback
 from influence_hooks.capture import UnsupportedModuleError
 from influence_hooks.errors import (
     ConfigurationError,
@@ -32,7 +32,7 @@ from influence_hooks.errors import (
     SampleIdError,
     StorageError,
 )
-from influence_hooks.recorder import GradientRecorder
+from influence_hooks.record.recorder import GradientRecorder
 from influence_hooks.storage import format as fmt
 from influence_hooks.storage.reader import open_run
 from influence_hooks.storage.writer import RunWriter
@@ -414,14 +414,14 @@ def test_resume_drops_parameter_files_of_the_abandoned_steps(tmp_path):
 
 
 def test_reader_keeps_a_bounded_number_of_shards_open(tmp_path):
-    from influence_hooks.storage import reader as reader_mod
+    from influence_hooks.storage.index import MAX_OPEN_FILES
 
     record(tmp_path / "run", 40, steps_per_shard=1)
     run = open_run(tmp_path / "run")
     assert len(shard_files(tmp_path / "run")) >= 40
     steps = [b.step for b in run.iter_steps()] + [int(s) for b in run.iter_blocks(max_rows=8) for s in b.steps]
     assert steps == list(range(40)) + [s for s in range(40) for _ in range(4)]
-    assert len(run._files) <= reader_mod._MAX_OPEN_FILES
+    assert len(run._pool) <= MAX_OPEN_FILES
 
 
 def test_exclude_naming_a_container_leaves_out_everything_inside_it(tmp_path):

@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 from influence_hooks import GradientRecorder, open_run
+from influence_hooks.windows import epoch_windows, resolve
 
 
 def _record(tmp_path, steps=3):
@@ -42,13 +43,13 @@ def test_step_sample_ids_equal_the_ids_given_in_batch_order(tmp_path):
 def test_reader_merges_the_shards_of_several_ranks_into_global_steps(tmp_path):
     import numpy as np
 
-    from influence_hooks.storage.writer import RunWriter, StepRecord
+    from influence_hooks.storage.writer import RunWriter, StepRecord, WriterOptions
 
     manifest = {"dim": 2, "storage_dtype": "float64", "run_id": "two-ranks",
                 "layers": [{"name": "fc", "rule": "linear", "module_type": "Linear", "offset": 0, "dim": 2,
                             "grad_dim": 2, "param_shapes": [["weight", [1, 2]]],
                             "projection": {"kind": "none"}}]}
-    writers = [RunWriter.create(tmp_path, manifest, rank=r, steps_per_shard=2) for r in (0, 1)]  # rank 0 first
+    writers = [RunWriter.create(tmp_path, manifest, rank=r, options=WriterOptions(steps_per_shard=2)) for r in (0, 1)]  # rank 0 first
     for t in range(3):
         for r, w in enumerate(writers):
             ids = np.array([10 * t + 2 * r, 10 * t + 2 * r + 1])
@@ -70,5 +71,5 @@ def test_a_window_reaching_past_the_recorded_steps_is_clipped_with_a_warning(tmp
 
     _, run = _record(tmp_path)
     with pytest.warns(RuntimeWarning, match=r"using \[0, 3\)"):
-        assert run.resolve_window((-5, 10)) == (0, 3)
-    assert run.resolve_window((1, 3)) == (1, 3)
+        assert resolve(run.table, (-5, 10)) == (0, 3)
+    assert resolve(run.table, (1, 3)) == (1, 3)

@@ -9,9 +9,20 @@
 Every aggregator takes a Run (influence_hooks.storage.open_run) and returns InfluenceScores
 (a list of them for windows=[...] / epochs=[...], computed in one pass over the shards).
 Sign: positive = removing the training sample raises the query loss (it helped).
+
+The pieces: rows.py (streaming the recorded rows), scores.py (the accumulated state), tasks.py
+(removal tasks of windowed influence), curvature.py (the curvatures by name), notes.py (what
+results say they approximate), fullspace/ (curvature recomputed from the model).
 """
 
-from .curvature import CURVATURES, CurvatureOperator, FisherCurvature, NoCurvature, register_curvature
+from .curvature import (
+    CURVATURES,
+    CurvatureOperator,
+    FisherCurvature,
+    FullSpaceCurvature,
+    NoCurvature,
+    register_curvature,
+)
 from .dit import dit
 from .dvemb import DataValueEmbeddings, dvemb
 from .results import InfluenceScores
@@ -19,5 +30,6 @@ from .tracin import self_influence, tracin
 
 __all__ = [
     "tracin", "dit", "dvemb", "self_influence", "InfluenceScores", "DataValueEmbeddings",
-    "CurvatureOperator", "NoCurvature", "FisherCurvature", "register_curvature", "CURVATURES",
+    "CurvatureOperator", "FullSpaceCurvature", "NoCurvature", "FisherCurvature", "register_curvature",
+    "CURVATURES",
 ]

@@ -1,30 +1,34 @@
-"""Curvature operators H_t for the backward recursion u <- u - eta_t H_t u (REFERENCE.md item 5).
+"""Curvatures H_t for the backward recursion u <- u - eta_t H_t u (REFERENCE.md item 5), by name.
 
-An operator applies H_t to a batch of query directions U [K, Q] given one step's recorded batch.
-'none' and 'fisher' are built from the recording alone and registered here; another backend
-(an exact Hessian-vector product, say) subclasses `CurvatureOperator`, registers itself with
-`@register_curvature("name")` or is passed to `dit(curvature=<instance>)` directly.
+Every curvature `dit` accepts is registered here with `@register_curvature("name")` (Opacus'
+grad-sampler registry is the model), in one of two spaces:
 
-Whole-estimator backends that need more than the recording (the model, the loss, the samples and
-the parameters along the window) live in `influence_hooks.aggregate.exact`; `dit` hands
-curvature='exact' / 'ggn' to its `exact_dit(...)` (see dit.py).
+- recorded space (`CurvatureOperator`): H_t applied to query directions U [K, Q] from one step's
+  recorded (projected) per-sample gradients alone: 'none' and 'fisher';
+- full parameter space (`FullSpaceCurvature`): products with the true curvature of the batch
+  loss, recomputed from the model, the loss, the samples and the parameters along the window by
+  the backend in `aggregate.fullspace`: 'exact' (Hessian) and 'ggn' (Gauss-Newton).
+
+A new curvature subclasses one of the two and registers itself, or is passed to
+`dit(curvature=<instance>)` directly.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
 from ..errors import ConfigurationError
 from ..storage.reader import Run, StepBatch
 
-CURVATURES: dict[str, type["CurvatureOperator"]] = {}
+CURVATURES: dict[str, type] = {}
 
 
-def register_curvature(name: str) -> Callable[[type["CurvatureOperator"]], type["CurvatureOperator"]]:
-    """Class decorator: make an operator available as dit(curvature=name)."""
-    def deco(cls: type["CurvatureOperator"]) -> type["CurvatureOperator"]:
+def register_curvature(name: str) -> Callable[[type], type]:
+    """Class decorator: make a CurvatureOperator or FullSpaceCurvature available as
+    dit(curvature=name)."""
+    def deco(cls: type) -> type:
         cls.name = name
         CURVATURES[name] = cls
         return cls
@@ -83,12 +87,42 @@ class FisherCurvature(CurvatureOperator):
         U.addmm_(G.T, G @ U if GU is None else GU, alpha=-lr * batch.update_weight)
 
 
-def make_curvature(curvature: str | CurvatureOperator) -> CurvatureOperator:
-    if isinstance(curvature, CurvatureOperator):
+class FullSpaceCurvature:
+    """A curvature of the full-parameter-space backend (aggregate.fullspace): `products(lf)` gives
+    the function (diff, fixed, batch, weight, V) -> (H V, G V) of `fullspace.model_fn.LossFunctions`
+    it uses at every step. `note` is the approximation sentence attached to results (None: exact)."""
+
+    name: str = "custom"
+    note: str | None = None
+
+    def products(self, lf: Any) -> Callable[..., Any]:
+        raise NotImplementedError
+
+
+@register_curvature("exact")
+class ExactHessian(FullSpaceCurvature):
+    """The Hessian of the batch loss L_t at w_t (forward-over-reverse Hessian-vector products)."""
+
+    def products(self, lf: Any) -> Callable[..., Any]:
+        return lf.hvp_and_gv
+
+
+@register_curvature("ggn")
+class GaussNewton(FullSpaceCurvature):
+    """The Gauss-Newton matrix w_t sum_i J_i^T H_out,i J_i (needs a loss_fn that calls the model once)."""
+
+    note = "Gauss-Newton curvature w_t sum_i J_i^T H_out,i J_i in place of the Hessian of L_t"
+
+    def products(self, lf: Any) -> Callable[..., Any]:
+        return lf.ggn_and_gv
+
+
+def make_curvature(curvature: Any) -> CurvatureOperator | FullSpaceCurvature:
+    if isinstance(curvature, (CurvatureOperator, FullSpaceCurvature)):
         return curvature
     cls = CURVATURES.get(str(curvature))
     if cls is None:
         raise ConfigurationError(
-            f"unknown curvature {curvature!r}; choose one of {sorted(CURVATURES) + ['exact', 'ggn']} "
-            "or pass a CurvatureOperator instance.")
+            f"unknown curvature {curvature!r}; choose one of {sorted(CURVATURES)} or pass a "
+            "CurvatureOperator (or FullSpaceCurvature) instance.")
     return cls()

@@ -4,49 +4,41 @@ Removal, R(i, q; [t1, t2), t_e): one backward pass from the evaluation step,
     U <- [u_q(t_e)]  (all queries at once: U is [K, Q])
     for t = t_e - 1 down to t1:
         if t < t2: score[i] += (eta_t w_t) g_t(i) . U   for every i in B_t
-        U <- U - eta_t H_t U                             (H_t from a CurvatureOperator)
+        U <- U - eta_t H_t U                             (H_t from the curvature)
 Accrued, A(i, q; [t1, t2)) = R(i, q; [first, t2), t2) - R(i, q; [first, t1), t1).
 
-Many windows share one backward pass: each needs one or two "tasks" (a scored range and an
-evaluation step); the query directions of all tasks live side by side in one [K, tasks * Q] matrix
-and every step updates the columns of the tasks it lies in with one GEMM.
+Many windows share one backward pass: `tasks.TaskPlan` turns them into removal tasks (a scored
+range and an evaluation step); the query directions of all tasks live side by side in one
+[K, tasks * Q] matrix and every step updates the columns of the tasks it lies in with one GEMM.
 
-Exact curvature ('exact', 'ggn') needs the model, the loss, the batches and parameter snapshots,
-not just the recording: `dit` hands it to `influence_hooks.aggregate.exact.exact_dit(run, window,
-mode, curvature, eval_step, **kwargs)` when that module exists.
+Curvatures are looked up by name in `curvature.CURVATURES`. The recorded-space ones ('none',
+'fisher') run here on the recording alone; the full-space ones ('exact', 'ggn') need the model,
+the loss, the batches and the parameters along the window, and run in `aggregate.fullspace`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from ..errors import ConfigurationError, MissingDataError, WindowError
+from .. import windows as W
+from ..errors import ConfigurationError
 from ..storage.reader import Run, StepBatch
-from . import _common as C
-from .curvature import CurvatureOperator, make_curvature
+from .curvature import CurvatureOperator, FullSpaceCurvature, make_curvature
+from .notes import run_notes, window_notes
+from .queries import check_query_grads, query_ids_of, require_queries, require_query_step
 from .results import InfluenceScores
-
-MODES = ("removal", "accrued")
-EXACT_CURVATURES = ("exact", "ggn")
-
-
-@dataclass(frozen=True)
-class _Task:
-    """Score steps [start, score_end) with the query carried back from eval_step (>= score_end)."""
-
-    start: int
-    score_end: int
-    eval_step: int
+from .rows import DEFAULT_CHUNK_ROWS, SampleRows, iter_row_blocks, progress_bar, resolve_device, step_segments
+from .scores import ScoreAccumulator
+from .tasks import MODES, Task, TaskPlan
 
 
 def dit(run: Run, window: Any = None, *, epochs: Any = None, windows: Any = None, mode: str = "removal",
-        curvature: str | CurvatureOperator = "fisher", eval_step: int | str | None = None,
+        curvature: str | CurvatureOperator | FullSpaceCurvature = "fisher", eval_step: int | str | None = None,
         query_grads: Any = None, query_ids: Any = None, projection_fingerprint: str | None = None,
-        train_ids: Any = None, chunk_rows: int = C.DEFAULT_CHUNK_ROWS, dtype: torch.dtype | None = None,
+        train_ids: Any = None, chunk_rows: int = DEFAULT_CHUNK_ROWS, dtype: torch.dtype | None = None,
         device: Any = None, progress: bool = True, **kwargs: Any) -> InfluenceScores | list[InfluenceScores]:
     """Dynamic-influence scores [n_train, n_query] over a window of steps.
 
@@ -56,138 +48,122 @@ def dit(run: Run, window: Any = None, *, epochs: Any = None, windows: Any = None
         query_grads ([Q, K], the run's projection) supplies it.
     mode='accrued': A(i, q; [t1, t2)) = R([first, t2), t2) - R([first, t1), t1); needs query
         gradients recorded at t1 (unless t1 is the first step) and t2.
-    curvature: 'none', 'fisher' (empirical Fisher from the recording), a CurvatureOperator, or
-        'exact' / 'ggn' (dispatched to influence_hooks.aggregate.exact.exact_dit; extra keyword
-        arguments such as model=, loss_fn=, dataset= go there).
+    curvature: 'none', 'fisher' (empirical Fisher from the recording), 'exact' / 'ggn' (full
+        parameter space: extra keyword arguments such as model=, loss_fn=, dataset=, queries= go to
+        `aggregate.fullspace.exact_dit`), or a curvature instance.
     dtype: of the computation and the scores; default float32 for 'none'/'fisher', the model's
         own dtype for 'exact'/'ggn'.
     Positive score: removing i raises the query loss (i helped). Windows as in `tracin`.
     """
     if mode not in MODES:
         raise ConfigurationError(f"mode must be one of {MODES}, got {mode!r}")
-    wins, many = C.normalize_windows(run, window, epochs, windows)
-    if isinstance(curvature, str) and curvature in EXACT_CURVATURES:
-        return _dispatch_exact(run, wins if many else wins[0], mode, curvature, eval_step,
-                               query_grads=query_grads, query_ids=query_ids,
-                               projection_fingerprint=projection_fingerprint, train_ids=train_ids,
-                               chunk_rows=chunk_rows, dtype=dtype, device=device, progress=progress, **kwargs)
-    if kwargs:
-        raise ConfigurationError(
-            f"dit got unexpected argument(s) {sorted(kwargs)}; they are only for curvature='exact'/'ggn'.")
-    dtype = dtype or torch.float32
+    wins, many = W.normalize(run.table, window, epochs, windows)
     op = make_curvature(curvature)
-    dev = C.resolve_device(device)
+    plan = TaskPlan.build(mode, wins, first_step=run.first_step, final_step=run.final_step, eval_step=eval_step)
+    if mode == "accrued" and query_grads is not None:
+        raise ConfigurationError("accrued influence needs u_q at t1 and t2, taken from the run (or, with exact "
+                                 "curvature, computed from queries=); query_grads= applies to mode='removal' only.")
+    common = dict(query_grads=query_grads, query_ids=query_ids, train_ids=train_ids, dtype=dtype, device=device,
+                  progress=progress)
+    if isinstance(op, FullSpaceCurvature):
+        from .fullspace import exact_dit
 
-    # ------------------------------------------------------------------ tasks and their query gradients
-    if mode == "accrued":
-        if eval_step is not None:
-            raise ConfigurationError("accrued influence is evaluated at the window's own ends (t1 and t2); "
-                                     "eval_step applies to mode='removal' only.")
-        if query_grads is not None:
-            raise ConfigurationError("accrued influence needs u_q at t1 and t2, taken from the run; "
-                                     "query_grads= applies to mode='removal' only.")
-    first = run.first_step
-    per_window: list[tuple[_Task, _Task | None]] = []
-    for t1, t2 in wins:
-        if mode == "removal":
-            per_window.append((_Task(t1, t2, _resolve_eval_step(run, eval_step, t2)), None))
-        else:
-            per_window.append((_Task(first, t2, t2), _Task(first, t1, t1) if t1 > first else None))
-    tasks = sorted({t for pair in per_window for t in pair if t is not None},
-                   key=lambda t: (t.eval_step, t.start, t.score_end))
-
-    if query_grads is not None:
-        fixed = C.check_query_grads(run, query_grads, projection_fingerprint).to(device=dev, dtype=dtype)
-        qids = (np.arange(fixed.shape[0], dtype=np.int64) if query_ids is None
-                else np.asarray(query_ids, np.int64))
-        if len(qids) != fixed.shape[0]:
-            raise ConfigurationError(f"{len(qids)} query_ids for {fixed.shape[0]} query gradients.")
-        u0 = {t.eval_step: fixed for t in tasks}
+        if projection_fingerprint is not None:
+            raise ConfigurationError("full-space curvature works in full parameter space; projection_fingerprint "
+                                     "does not apply (query_grads= must be full-space gradients [Q, P]).")
+        results = exact_dit(run, plan, op, **common, **kwargs)
     else:
-        C.require_queries(run, f"dit(mode={mode!r})")
-        for t in tasks:
-            _require_query_step(run, t.eval_step, mode)
-        u0 = {t.eval_step: run.query_gradients(t.eval_step, dtype=dtype, device=dev) for t in tasks}
-        qids = C.query_ids_of(run, next(iter(u0.values())).shape[0])
+        if kwargs:
+            raise ConfigurationError(f"dit got unexpected argument(s) {sorted(kwargs)}; they are only for "
+                                     "curvature='exact'/'ggn' (the full-space curvatures).")
+        results = _recorded_space(run, plan, op, projection_fingerprint=projection_fingerprint,
+                                  chunk_rows=chunk_rows, **common)
+    return results if many else results[0]
 
-    scores, present = _backward_pass(run, tasks, u0, op, train_ids, chunk_rows, dtype, dev, progress)
 
-    # ------------------------------------------------------------------ results
-    base = run.approximations() + ([op.note] if op.note else [])
-    ids = C.SampleRows(run, train_ids, torch.device("cpu")).ids
+def _recorded_space(run: Run, plan: TaskPlan, op: CurvatureOperator, *, query_grads: Any, query_ids: Any,
+                    projection_fingerprint: str | None, train_ids: Any, chunk_rows: int,
+                    dtype: torch.dtype | None, device: Any, progress: bool) -> list[InfluenceScores]:
+    dtype = dtype or torch.float32
+    dev = resolve_device(device)
+    if query_grads is not None:
+        fixed = check_query_grads(run, query_grads, projection_fingerprint).to(device=dev, dtype=dtype)
+        u0 = {e: fixed for e in plan.eval_steps}
+    else:
+        require_queries(run, f"dit(mode={plan.mode!r})")
+        for e in plan.eval_steps:
+            require_query_step(run, e, f"dit(mode={plan.mode!r})", suggest_later=plan.mode == "removal")
+        u0 = {e: run.query_gradients(e, dtype=dtype, device=dev) for e in plan.eval_steps}
+    Q = next(iter(u0.values())).shape[0]
+    # the run's query ids name the run's own query gradients only
+    qids = query_ids_of(run, Q, query_ids if query_ids is not None or query_grads is None else np.arange(Q))
+    rows_of = SampleRows(run, train_ids, dev)
+    acc = plan.accumulator(rows_of.n, Q, dtype=dtype, device=dev)
+    backward = _propagating_pass if op.propagates else _fixed_query_pass
+    backward(run, plan, u0, op, rows_of, acc, chunk_rows, dtype, dev, progress)
+
+    base = run_notes(run) + ([op.note] if op.note else [])
     results = []
-    for (t1, t2), (a, b) in zip(wins, per_window):
-        ja = tasks.index(a)
+    for w, (t1, t2) in enumerate(plan.windows):
+        values, present = plan.result(w, acc)
+        te = plan.eval_step_of(w)
         notes = list(base)
         if query_grads is not None:
-            notes.append(f"query gradients supplied by the caller stand in for u_q({a.eval_step})")
-        if mode == "removal":
-            values, pres, te = scores[ja], present[ja], a.eval_step
-            notes += C.window_notes(run, t1, te)
-            meta = {"mode": mode}
-        else:
-            values, pres, te = scores[ja], present[ja], t2
-            if b is not None:
-                values = values - scores[tasks.index(b)]
-            notes += C.window_notes(run, first, t2)
-            if first > 0:
-                notes.append(f"the run's recording starts at step {first}: 'whole-run' removal starts there")
-            meta = {"mode": mode, "eval_steps": [t1, t2] if b is not None else [t2],
-                    "present_means": f"the sample occurs in [{first}, {t2})"}
+            notes.append(f"query gradients supplied by the caller stand in for u_q({te})")
+        notes += window_notes(run, *plan.scored_range(w)) + plan.notes(w)
         results.append(InfluenceScores(
-            values=values, train_ids=ids, present=pres, query_ids=qids, method=f"dit_{mode}",
+            values=values, train_ids=rows_of.ids, present=present, query_ids=qids, method=f"dit_{plan.mode}",
             window=(t1, t2), eval_step=te, curvature=op.name, approximations=notes, run_id=run.run_id,
-            meta=meta))
-    return C.finish(many, results)
+            meta=plan.meta(w)))
+    return results
 
 
-def _resolve_eval_step(run: Run, eval_step: int | str | None, t2: int) -> int:
-    if eval_step is None:
-        return t2
-    if isinstance(eval_step, str):
-        if eval_step != "final":
-            raise ConfigurationError(f"eval_step is a step number or 'final', got {eval_step!r}")
-        te = run.final_step
-    else:
-        te = int(eval_step)
-    if te < t2:
-        raise WindowError(f"eval_step {te} lies before the window end {t2}: the query must be evaluated "
-                          "at or after the last step of the window.")
-    return te
+def _fixed_query_pass(run: Run, plan: TaskPlan, u0: dict[int, torch.Tensor], op: CurvatureOperator,
+                      rows_of: SampleRows, acc: ScoreAccumulator, chunk_rows: int, dtype: torch.dtype,
+                      dev: torch.device, progress: bool) -> None:
+    """H_t = 0: u stays u_q(t_e), so each task is a sum over its own rows. Per block and evaluation
+    step, one GEMM over the rows of the tasks evaluated there."""
+    by_eval: dict[int, list[int]] = {}
+    for j, t in enumerate(plan.tasks):
+        by_eval.setdefault(t.eval_step, []).append(j)
+    spans = W.merge([(t.start, t.end) for t in plan.tasks])
+    bar = progress_bar(sum(run.table.rows_between(*s) for s in spans), f"dit ({op.name})", progress)
+    with bar:
+        for span in spans:
+            for blk in iter_row_blocks(run, span, chunk_rows=chunk_rows, dtype=dtype, device=dev):
+                st = blk.steps
+                rows, keep = rows_of.rows(blk.sample_ids)
+                coef = blk.coef_like(blk.grads)
+                for e, js in by_eval.items():
+                    cover = W.rows_slice(st, (min(plan.tasks[j].start for j in js), max(plan.tasks[j].end for j in js)))
+                    if cover is None:
+                        continue
+                    contrib = (blk.grads[cover] @ u0[e].T).mul_(coef[cover, None])
+                    for j in js:
+                        t = plan.tasks[j]
+                        sl = W.rows_slice(st[cover], (t.start, t.end))
+                        if sl is not None:
+                            acc.update(j, rows[cover][sl], None if keep is None else keep[cover][sl], contrib[sl])
+                bar.update(len(st))
 
 
-def _require_query_step(run: Run, step: int, mode: str) -> None:
-    if step in set(run.query_steps.tolist()):
-        return
-    later = run.query_steps[run.query_steps >= step]
-    hint = (f"the nearest later one is {int(later[0])} (pass eval_step={int(later[0])})"
-            if len(later) and mode == "removal" else "choose a window whose ends are recorded query steps")
-    raise MissingDataError(
-        f"dit(mode={mode!r}) needs the query gradients u_q({step}), but queries were recorded only at "
-        f"steps {C.short_list(run.query_steps, 20)}; {hint}, or pass query_grads=.")
-
-
-def _backward_pass(run: Run, tasks: list[_Task], u0: dict[int, torch.Tensor], op: CurvatureOperator,
-                   train_ids: Any, chunk_rows: int, dtype: torch.dtype, dev: torch.device, progress: bool
-                   ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Scores [n_train, Q] and present masks [n_train] of every task, from one backward pass."""
-    rows_of = C.SampleRows(run, train_ids, dev)
+def _propagating_pass(run: Run, plan: TaskPlan, u0: dict[int, torch.Tensor], op: CurvatureOperator,
+                      rows_of: SampleRows, acc: ScoreAccumulator, chunk_rows: int, dtype: torch.dtype,
+                      dev: torch.device, progress: bool) -> None:
+    """The backward recursion over [lo, hi) with the query directions of every task side by side."""
+    tasks: list[Task] = plan.tasks
     Q = next(iter(u0.values())).shape[0]
     nt = len(tasks)
     starts = np.array([t.start for t in tasks])
-    ends = np.array([t.score_end for t in tasks])
+    ends = np.array([t.end for t in tasks])
     evals = np.array([t.eval_step for t in tasks])
     U = torch.cat([u0[t.eval_step].T for t in tasks], dim=1).contiguous()  # [K, nt * Q]
-    scores = [torch.zeros(rows_of.n, Q, dtype=dtype, device=dev) for _ in tasks]
-    present = [torch.zeros(rows_of.n, dtype=torch.bool, device=dev) for _ in tasks]
-    lo = int(starts.min())
-    # without curvature nothing after the scored ranges matters
-    hi = int(evals.max()) if op.propagates else int(ends.max())
+    lo, hi = plan.span
     op.prepare(run, (lo, hi))
-    pos = {int(s): i for i, s in enumerate(run.steps)}
     layouts: dict[bytes, tuple[torch.Tensor | None, dict[int, int]]] = {}
 
     def layout(active: np.ndarray) -> tuple[torch.Tensor | None, dict[int, int]]:
+        """(the columns of U of the active tasks, or None for all; each one's offset in them)."""
         key = active.tobytes()
         if key not in layouts:
             js = np.flatnonzero(active)
@@ -196,34 +172,18 @@ def _backward_pass(run: Run, tasks: list[_Task], u0: dict[int, torch.Tensor], op
             layouts[key] = (cols, {int(j): k * Q for k, j in enumerate(js)})
         return layouts[key]
 
-    def add_scores(j: int, rows: torch.Tensor, keep: torch.Tensor | None, src: torch.Tensor, coef) -> None:
-        if keep is not None:
-            rows, src = rows[keep], src[keep]
-        scores[j].index_add_(0, rows, src, alpha=coef)
-        present[j][rows] = True
-
-    bar = C.progress_bar(C.rows_between(run, lo, hi), f"dit ({op.name})", progress)
+    bar = progress_bar(run.table.rows_between(lo, hi), f"dit ({op.name})", progress)
     with bar:
-        for blk in C.iter_row_blocks(run, (lo, hi), reverse=True, chunk_rows=chunk_rows, dtype=dtype, device=dev):
+        for blk in iter_row_blocks(run, (lo, hi), reverse=True, chunk_rows=chunk_rows, dtype=dtype, device=dev):
             st = blk.steps
             rows, keep = rows_of.rows(blk.sample_ids)
-            if not op.propagates:
-                # U never changes: one GEMM for the whole block, then each task takes its rows
-                contrib = (blk.grads @ U).mul_(blk.coef[:, None])
-                for j, t in enumerate(tasks):
-                    sl = C.row_range(st, t.start, t.score_end)
-                    if sl is not None:
-                        add_scores(j, rows[sl], None if keep is None else keep[sl],
-                                   contrib[sl, j * Q:(j + 1) * Q], 1.0)
-                bar.update(len(st))
-                continue
-            for a, b in C.step_segments(st):
+            for a, b in step_segments(st):
                 t = int(st[a])
                 active = (starts <= t) & (t < evals)
                 if not active.any():
                     continue
                 cols, offset = layout(active)
-                i = pos[t]
+                i = run.step_position(t)
                 lr, uw = float(run.lrs[i]), float(run.update_weights[i])
                 G = blk.grads[a:b]
                 Ua = U if cols is None else U.index_select(1, cols)
@@ -231,27 +191,10 @@ def _backward_pass(run: Run, tasks: list[_Task], u0: dict[int, torch.Tensor], op
                 k = None if keep is None else keep[a:b]
                 for j in np.flatnonzero(active & (t < ends)):
                     o = offset[int(j)]
-                    add_scores(int(j), rows[a:b], k, GU[:, o:o + Q], lr * uw)
+                    acc.update(int(j), rows[a:b], k, GU[:, o:o + Q], alpha=lr * uw)
                 batch = StepBatch(step=t, epoch=int(run.epochs[i]), lr=lr, update_weight=uw,
                                   batch_size=int(run.batch_sizes[i]), sample_ids=blk.sample_ids[a:b], grads=G)
                 op.propagate(batch, Ua, lr, GU=GU)  # Ua is U itself, or a copy of its active columns
                 if cols is not None:
                     U.index_copy_(1, cols, Ua)
             bar.update(len(st))
-    return ([s.cpu() for s in scores], [p.cpu() for p in present])
-
-
-def _dispatch_exact(run: Run, window: Any, mode: str, curvature: str, eval_step: Any, **kwargs: Any) -> Any:
-    """Hand exact / Gauss-Newton curvature to influence_hooks.aggregate.exact.exact_dit."""
-    if kwargs.get("model") is None or kwargs.get("dataset") is None:
-        raise ConfigurationError(
-            f"curvature={curvature!r} needs Hessian-vector products of each step's batch loss at the "
-            "recorded parameters, so besides the run it needs model= (the trained model or "
-            "LightningModule), dataset= (the training samples, indexed by the recorded sample ids), "
-            "queries= (and loss_fn= unless the model is a LightningModule), and parameter snapshots "
-            "or checkpoints along the window (snapshot_windows / checkpoint_every_n_steps when "
-            "recording). Without them use curvature='fisher' or 'none'.")
-    from .exact import exact_dit
-
-    kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    return exact_dit(run, window, mode, curvature, eval_step, **kwargs)

@@ -22,11 +22,15 @@ import h5py
 import numpy as np
 import torch
 
+from .. import windows as W
 from ..errors import ConfigurationError, RunDirectoryError, WindowError
 from ..storage.reader import Run, open_run
-from . import _common as C
 from .curvature import FisherCurvature
+from .notes import run_notes, window_notes
+from .queries import check_query_grads, query_ids_of
 from .results import InfluenceScores
+from .rows import DEFAULT_CHUNK_ROWS, SampleRows, iter_row_blocks, progress_bar, resolve_device, step_segments
+from .scores import ScoreAccumulator
 
 EMB_FORMAT = "influence_hooks.dvemb"
 EMB_FORMAT_VERSION = 1
@@ -49,7 +53,7 @@ def layer_blocks(run: Run) -> list[tuple[int, int]]:
 
 def dvemb(run: Run, *, path: str | os.PathLike | None = None, window: Any = None, epochs: Any = None,
           block_diagonal: bool | None = None, memory_budget_mb: float = 1024.0,
-          storage_dtype: str | None = None, chunk_rows: int = C.DEFAULT_CHUNK_ROWS,
+          storage_dtype: str | None = None, chunk_rows: int = DEFAULT_CHUNK_ROWS,
           dtype: torch.dtype = torch.float32, device: Any = None, progress: bool = True) -> "DataValueEmbeddings":
     """Compute data value embeddings of every row and write them to `path` (default <run>/dvemb.h5).
 
@@ -63,12 +67,12 @@ def dvemb(run: Run, *, path: str | os.PathLike | None = None, window: Any = None
     (below 6e-5) and scores lose up to ~1e-2 relative precision; choose it only when that is fine.
     Returns a DataValueEmbeddings; `.scores(u_q(T))` gives removal influence at the end of training.
     """
-    wins, many = C.normalize_windows(run, window, epochs, None)
+    wins, many = W.normalize(run.table, window, epochs, None)
     if many:
         raise WindowError("dvemb stores one range of steps; score many windows later with "
                           "DataValueEmbeddings.scores(..., windows=[...]).")
     s1, s2 = wins[0]
-    dev = C.resolve_device(device)
+    dev = resolve_device(device)
     K = run.dim
     elem = torch.empty(0, dtype=dtype).element_size()
     full_mb = K * K * elem / 2**20
@@ -99,12 +103,12 @@ def dvemb(run: Run, *, path: str | os.PathLike | None = None, window: Any = None
     n_rows = int(counts.sum())
     Ms = [torch.zeros(b - a, b - a, dtype=dtype, device=dev) for a, b in blocks]
 
-    notes = run.approximations() + [FisherCurvature.note, "the query is evaluated at the end of training (u_q(T))"]
+    notes = run_notes(run) + [FisherCurvature.note, "the query is evaluated at the end of training (u_q(T))"]
     if block_diagonal and len(blocks) > 1:
         notes.append(f"M kept block-diagonal: {len(blocks)} per-layer blocks, cross-layer curvature ignored")
-    notes += C.window_notes(run, lo, hi)
+    notes += window_notes(run, lo, hi)
 
-    bar = C.progress_bar(C.rows_between(run, lo, hi), "dvemb", progress)
+    bar = progress_bar(run.table.rows_between(lo, hi), "dvemb", progress)
     try:
         with h5py.File(tmp, "w") as f, bar:
             f.attrs.update(format=EMB_FORMAT, format_version=EMB_FORMAT_VERSION, run_id=run.run_id,
@@ -119,19 +123,19 @@ def dvemb(run: Run, *, path: str | os.PathLike | None = None, window: Any = None
             f.create_dataset("steps/row_start", data=(np.cumsum(counts) - counts).astype(np.int64))
             at = 0
             E_buf = None
-            for blk in C.iter_row_blocks(run, (lo, hi), reverse=True, chunk_rows=chunk_rows, dtype=dtype, device=dev):
+            for blk in iter_row_blocks(run, (lo, hi), reverse=True, chunk_rows=chunk_rows, dtype=dtype, device=dev):
                 st = blk.steps
                 if E_buf is None or E_buf.shape[0] < len(st):
                     E_buf = torch.empty_like(blk.grads)
                 E = E_buf[:len(st)]
-                for a, b in C.step_segments(st):
-                    c = float(blk.coef_np[a])
+                for a, b in step_segments(st):
+                    c = float(blk.coef[a])
                     for (ca, cb), M in zip(blocks, Ms):
                         G = blk.grads[a:b, ca:cb]
                         Eb = torch.addmm(G, G, M.T, alpha=-1.0).mul_(c)  # c (I - M) g, as rows
                         M.addmm_(Eb.T, G)
                         E[a:b, ca:cb] = Eb
-                sl = C.row_range(st, s1, s2)
+                sl = W.rows_slice(st, (s1, s2))
                 if sl is not None:
                     r = sl.stop - sl.start
                     # torch converts to float16 many times faster than numpy does
@@ -195,7 +199,7 @@ class DataValueEmbeddings:
     def _windows(self, window: Any, epochs: Any, windows: Any) -> tuple[list[tuple[int, int]], bool]:
         if window is None and epochs is None and windows is None:
             return [self.window], False
-        wins, many = C.normalize_windows(self.run, window, epochs, windows)
+        wins, many = W.normalize(self.run.table, window, epochs, windows)
         for t1, t2 in wins:
             if t1 < self.window[0] or t2 > self.window[1]:
                 raise WindowError(f"window [{t1}, {t2}) reaches outside the steps with stored embeddings "
@@ -204,7 +208,7 @@ class DataValueEmbeddings:
 
     def _row_span(self, t1: int, t2: int) -> tuple[int, int]:
         """Rows of steps [t1, t2): contiguous, as steps are stored descending."""
-        sl = C.row_range(self.steps, t1, t2)
+        sl = W.rows_slice(self.steps, (t1, t2))
         if sl is None:
             return 0, 0
         return int(self._row_start[sl.start]), int(self._row_start[sl.stop - 1] + self._row_count[sl.stop - 1])
@@ -215,59 +219,59 @@ class DataValueEmbeddings:
         for a in range(r0, r1, chunk_rows):
             b = min(r1, a + chunk_rows)
             E = buf[:b - a]
-            E.copy_(torch.from_numpy(emb[a:b]))  # into a reused buffer: see _common.iter_row_blocks
+            E.copy_(torch.from_numpy(emb[a:b]))  # into a reused buffer: see rows.iter_row_blocks
             # each row's step: the last step whose first row is at or before it (steps with no rows skipped)
             step_of_row = self.steps[np.searchsorted(self._row_start, np.arange(a, b), side="right") - 1]
             yield step_of_row, torch.from_numpy(sid[a:b]).to(dev), E
 
     def scores(self, query_grads: Any, window: Any = None, *, epochs: Any = None, windows: Any = None,
                query_ids: Any = None, projection_fingerprint: str | None = None, train_ids: Any = None,
-               chunk_rows: int = C.DEFAULT_CHUNK_ROWS, dtype: torch.dtype = torch.float32,
+               chunk_rows: int = DEFAULT_CHUNK_ROWS, dtype: torch.dtype = torch.float32,
                device: Any = None, progress: bool = True) -> InfluenceScores | list[InfluenceScores]:
         """Removal influence at T of the window's occurrences of each sample: [n_train, Q].
 
         query_grads: [Q, K] u_q(T) in the run's projection (e.g. run.query_gradients(run.final_step)).
         window=None: all stored steps. Many windows (windows=/epochs= lists) are one pass.
         """
-        U = C.check_query_grads(self.run, query_grads, projection_fingerprint)
-        dev = C.resolve_device(device)
+        U = check_query_grads(self.run, query_grads, projection_fingerprint)
+        dev = resolve_device(device)
         U = U.to(device=dev, dtype=dtype)
-        qids = (C.query_ids_of(self.run, U.shape[0]) if query_ids is None else np.asarray(query_ids, np.int64))
-        if len(qids) != U.shape[0]:
-            raise ConfigurationError(f"{len(qids)} query_ids for {U.shape[0]} query gradients.")
+        qids = query_ids_of(self.run, U.shape[0], query_ids)
         wins, many = self._windows(window, epochs, windows)
-        rows_of = C.SampleRows(self.run, train_ids, dev)
-        acc = C.WindowAccumulator(wins, rows_of.n, U.shape[0], dtype, dev)
-        spans = [self._row_span(*w) for w in C.merge_windows(wins)]
-        bar = C.progress_bar(sum(b - a for a, b in spans), "dvemb scores", progress)
+        rows_of = SampleRows(self.run, train_ids, dev)
+        acc = ScoreAccumulator(len(wins), rows_of.n, U.shape[0], dtype=dtype, device=dev)
+        spans = [self._row_span(*w) for w in W.merge(wins)]
+        bar = progress_bar(sum(b - a for a, b in spans), "dvemb scores", progress)
         with bar:
             for r0, r1 in spans:
                 for st, sid, E in self._iter_rows(r0, r1, chunk_rows, dtype, dev):
                     rows, keep = rows_of.rows(sid)
-                    acc.add(st, rows, keep, E @ U.T)
+                    acc.update_windows(wins, st, rows, keep, E @ U.T)
                     bar.update(len(st))
-        return C.finish(many, [
-            InfluenceScores(values=acc.out[w], train_ids=rows_of.ids, present=acc.present[w], query_ids=qids,
-                            method="dvemb", window=(t1, t2), eval_step=self.final_step,
-                            curvature="fisher (block-diagonal)" if self.block_diagonal and len(self.blocks) > 1
-                            else "fisher", approximations=list(self.approximations), run_id=self.run_id,
-                            meta={"embeddings": str(self.path)})
-            for w, (t1, t2) in enumerate(wins)])
+        curvature = "fisher (block-diagonal)" if self.block_diagonal and len(self.blocks) > 1 else "fisher"
+        results = []
+        for w, (t1, t2) in enumerate(wins):
+            values, present = acc.compute(w)
+            results.append(InfluenceScores(
+                values=values, train_ids=rows_of.ids, present=present, query_ids=qids, method="dvemb",
+                window=(t1, t2), eval_step=self.final_step, curvature=curvature,
+                approximations=list(self.approximations), run_id=self.run_id, meta={"embeddings": str(self.path)}))
+        return results if many else results[0]
 
     def embeddings(self, window: Any = None, *, epochs: Any = None, train_ids: Any = None,
-                   chunk_rows: int = C.DEFAULT_CHUNK_ROWS, dtype: torch.dtype = torch.float32,
+                   chunk_rows: int = DEFAULT_CHUNK_ROWS, dtype: torch.dtype = torch.float32,
                    device: Any = None) -> tuple[np.ndarray, torch.Tensor]:
         """(ids [n], sum_{t in window} emb_t(i) [n, K]) for the n samples that occur in the window."""
         wins, _ = self._windows(window, epochs, None)
-        dev = C.resolve_device(device)
-        rows_of = C.SampleRows(self.run, train_ids, dev)
-        acc = C.WindowAccumulator(wins, rows_of.n, self.dim, dtype, dev)
+        dev = resolve_device(device)
+        rows_of = SampleRows(self.run, train_ids, dev)
+        acc = ScoreAccumulator(1, rows_of.n, self.dim, dtype=dtype, device=dev)
         r0, r1 = self._row_span(*wins[0])
         for st, sid, E in self._iter_rows(r0, r1, chunk_rows, dtype, dev):
             rows, keep = rows_of.rows(sid)
-            acc.add(st, rows, keep, E)
-        pres = acc.present[0].cpu()
-        return rows_of.ids[pres.numpy()], acc.out[0][acc.present[0]].cpu()
+            acc.update_windows(wins[:1], st, rows, keep, E)
+        values, present = acc.compute(0)
+        return rows_of.ids[present.numpy()], values[present]
 
     def close(self) -> None:
         self._f.close()

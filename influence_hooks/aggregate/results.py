@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigurationError
+from ..storage.jsonio import to_jsonable
 
 SCORES_FORMAT = "influence_hooks.scores"
 SCORES_FORMAT_VERSION = 1
@@ -144,7 +145,7 @@ class InfluenceScores:
                            curvature=self.curvature or "", run_id=self.run_id or "",
                            window=json.dumps(self.window), eval_step=json.dumps(self.eval_step),
                            approximations=json.dumps(self.approximations),
-                           meta=json.dumps(self.meta, default=_jsonable))
+                           meta=json.dumps(to_jsonable(self.meta, max_elements=None)))
             f.create_dataset("values", data=self.values.numpy())
             f.create_dataset("train_ids", data=self.train_ids)
             f.create_dataset("present", data=self.present.numpy())
@@ -205,13 +206,3 @@ class InfluenceScores:
             if bool((self.values[self.present] < 0).any()):
                 lines.append(f"  most negative: {fmt(*self.top_k(None, k, opponents=True))}")
         return "\n".join(lines)
-
-
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, (np.integer,)):
-        return int(x)
-    if isinstance(x, (np.floating,)):
-        return float(x)
-    if isinstance(x, (np.ndarray, torch.Tensor)):
-        return x.tolist()
-    return str(x)

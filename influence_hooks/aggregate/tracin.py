@@ -15,15 +15,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import ConfigurationError, MissingDataError
+from .. import windows as W
+from ..errors import ConfigurationError, MissingDataError, short_list
 from ..storage.reader import Run
-from . import _common as C
+from .notes import run_notes, window_notes
+from .queries import query_ids_of, require_queries
 from .results import InfluenceScores
+from .rows import DEFAULT_CHUNK_ROWS, SampleRows, iter_row_blocks, progress_bar, resolve_device, step_segments
+from .scores import ScoreAccumulator
 
 
 def tracin(run: Run, window: Any = None, *, epochs: Any = None, windows: Any = None,
            train_ids: Any = None, before_first_query: str = "error",
-           chunk_rows: int = C.DEFAULT_CHUNK_ROWS, dtype: torch.dtype = torch.float32,
+           chunk_rows: int = DEFAULT_CHUNK_ROWS, dtype: torch.dtype = torch.float32,
            device: Any = None, progress: bool = True) -> InfluenceScores | list[InfluenceScores]:
     """TracIn scores [n_train, n_query] of the run's recorded queries over a window of steps.
 
@@ -32,25 +36,25 @@ def tracin(run: Run, window: Any = None, *, epochs: Any = None, windows: Any = N
     first recorded query step raise MissingDataError, or with before_first_query='use_first' use
     the first recorded query step (noted).
 
-    window=(t1, t2) | epochs=(e1, e2) | windows=[...] | epochs=[...]: see `normalize_windows`;
+    window=(t1, t2) | epochs=(e1, e2) | windows=[...] | epochs=[...]: see `influence_hooks.windows.normalize`;
     a list of windows is computed in one pass and returns a list of results.
     Positive score: removing i would raise the query loss (i helped).
     """
     if before_first_query not in ("error", "use_first"):
         raise ConfigurationError(f"before_first_query must be 'error' or 'use_first', got {before_first_query!r}")
-    wins, many = C.normalize_windows(run, window, epochs, windows)
-    C.require_queries(run, "tracin")
-    dev = C.resolve_device(device)
-    rows_of = C.SampleRows(run, train_ids, dev)
+    wins, many = W.normalize(run.table, window, epochs, windows)
+    require_queries(run, "tracin")
+    dev = resolve_device(device)
+    rows_of = SampleRows(run, train_ids, dev)
     qsteps = run.query_steps
-    spans = C.merge_windows(wins)
+    spans = W.merge(wins)
 
     steps = np.concatenate([run.steps_in(s) for s in spans])
     qpos = np.searchsorted(qsteps, steps, side="right") - 1
     early = steps[qpos < 0]
     if len(early) and before_first_query == "error":
         raise MissingDataError(
-            f"tracin: steps {C.short_list(early)} come before the first recorded query step "
+            f"tracin: steps {short_list(early)} come before the first recorded query step "
             f"{int(qsteps[0])}, so no query gradient at or before them exists. Start the window at "
             f"{int(qsteps[0])} or later, or pass before_first_query='use_first'.")
 
@@ -58,7 +62,7 @@ def tracin(run: Run, window: Any = None, *, epochs: Any = None, windows: Any = N
         return qsteps[np.maximum(np.searchsorted(qsteps, st, side="right") - 1, 0)]
 
     q0 = run.query_gradients(int(qsteps[0]))
-    acc = C.WindowAccumulator(wins, rows_of.n, q0.shape[0], dtype, dev)
+    acc = ScoreAccumulator(len(wins), rows_of.n, q0.shape[0], dtype=dtype, device=dev)
     cache: dict[int, torch.Tensor] = {}
 
     def query(step: int) -> torch.Tensor:
@@ -67,19 +71,20 @@ def tracin(run: Run, window: Any = None, *, epochs: Any = None, windows: Any = N
             cache[step] = run.query_gradients(step, dtype=dtype, device=dev)
         return cache[step]
 
-    bar = C.progress_bar(sum(C.rows_between(run, *s) for s in spans), "tracin", progress)
+    bar = progress_bar(sum(run.table.rows_between(*s) for s in spans), "tracin", progress)
     with bar:
         for span in spans:
-            for blk in C.iter_row_blocks(run, span, chunk_rows=chunk_rows, dtype=dtype, device=dev):
+            for blk in iter_row_blocks(run, span, chunk_rows=chunk_rows, dtype=dtype, device=dev):
                 st = blk.steps
                 rows, keep = rows_of.rows(blk.sample_ids)
+                coef = blk.coef_like(blk.grads)
                 qs = qstep_of(st)
-                for a, b in C.step_segments(qs):
-                    contrib = (blk.grads[a:b] @ query(int(qs[a])).T).mul_(blk.coef[a:b, None])
-                    acc.add(st[a:b], rows[a:b], None if keep is None else keep[a:b], contrib)
+                for a, b in step_segments(qs):
+                    contrib = (blk.grads[a:b] @ query(int(qs[a])).T).mul_(coef[a:b, None])
+                    acc.update_windows(wins, st[a:b], rows[a:b], None if keep is None else keep[a:b], contrib)
                 bar.update(len(st))
 
-    base = run.approximations()
+    base = run_notes(run)
     results = []
     for w, (t1, t2) in enumerate(wins):
         notes = list(base)
@@ -93,19 +98,20 @@ def tracin(run: Run, window: Any = None, *, epochs: Any = None, windows: Any = N
         if n_early:
             notes.append(f"{n_early} step(s) before the first recorded query step {int(qsteps[0])} use "
                          "its query gradients")
-        notes += C.window_notes(run, t1, t2)
+        notes += window_notes(run, t1, t2)
+        values, present = acc.compute(w)
         results.append(InfluenceScores(
-            values=acc.out[w], train_ids=rows_of.ids, present=acc.present[w],
-            query_ids=C.query_ids_of(run, q0.shape[0]),
+            values=values, train_ids=rows_of.ids, present=present,
+            query_ids=query_ids_of(run, q0.shape[0]),
             method="tracin", window=(t1, t2), eval_step=None, curvature=None,
             approximations=notes, run_id=run.run_id,
             meta={"tracincp": bool((used != ws).any()), "query_steps_used": sorted(set(used.tolist())),
                   "steps": int(len(ws))}))
-    return C.finish(many, results)
+    return results if many else results[0]
 
 
 def self_influence(run: Run, window: Any = None, *, epochs: Any = None, windows: Any = None,
-                   train_ids: Any = None, chunk_rows: int = C.DEFAULT_CHUNK_ROWS,
+                   train_ids: Any = None, chunk_rows: int = DEFAULT_CHUNK_ROWS,
                    dtype: torch.dtype = torch.float32, device: Any = None,
                    progress: bool = True) -> InfluenceScores | list[InfluenceScores]:
     """TracIn self-influence SI(i; W) = sum_t (eta_t w_t) |g_t(i)|^2 per sample: [n_train].
@@ -113,22 +119,24 @@ def self_influence(run: Run, window: Any = None, *, epochs: Any = None, windows:
     Large values flag samples the model fits with large gradients, e.g. mislabelled ones.
     Needs no queries. Windows as in `tracin`.
     """
-    wins, many = C.normalize_windows(run, window, epochs, windows)
-    dev = C.resolve_device(device)
-    rows_of = C.SampleRows(run, train_ids, dev)
-    spans = C.merge_windows(wins)
-    acc = C.WindowAccumulator(wins, rows_of.n, None, dtype, dev)
-    bar = C.progress_bar(sum(C.rows_between(run, *s) for s in spans), "self-influence", progress)
+    wins, many = W.normalize(run.table, window, epochs, windows)
+    dev = resolve_device(device)
+    rows_of = SampleRows(run, train_ids, dev)
+    spans = W.merge(wins)
+    acc = ScoreAccumulator(len(wins), rows_of.n, None, dtype=dtype, device=dev)
+    bar = progress_bar(sum(run.table.rows_between(*s) for s in spans), "self-influence", progress)
     with bar:
         for span in spans:
-            for blk in C.iter_row_blocks(run, span, chunk_rows=chunk_rows, dtype=dtype, device=dev):
+            for blk in iter_row_blocks(run, span, chunk_rows=chunk_rows, dtype=dtype, device=dev):
                 rows, keep = rows_of.rows(blk.sample_ids)
-                sq = torch.linalg.vecdot(blk.grads, blk.grads).mul_(blk.coef)
-                acc.add(blk.steps, rows, keep, sq)
+                sq = torch.linalg.vecdot(blk.grads, blk.grads).mul_(blk.coef_like(blk.grads))
+                acc.update_windows(wins, blk.steps, rows, keep, sq)
                 bar.update(len(sq))
-    base = run.approximations()
-    return C.finish(many, [
-        InfluenceScores(values=acc.out[w], train_ids=rows_of.ids, present=acc.present[w], query_ids=None,
-                        method="self_influence", window=(t1, t2), approximations=base + C.window_notes(run, t1, t2),
-                        run_id=run.run_id)
-        for w, (t1, t2) in enumerate(wins)])
+    base = run_notes(run)
+    results = []
+    for w, (t1, t2) in enumerate(wins):
+        values, present = acc.compute(w)
+        results.append(InfluenceScores(values=values, train_ids=rows_of.ids, present=present, query_ids=None,
+                                       method="self_influence", window=(t1, t2),
+                                       approximations=base + window_notes(run, t1, t2), run_id=run.run_id))
+    return results if many else results[0]

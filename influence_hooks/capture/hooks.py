@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import SampleIdError
-from ..projection import LayerProjector, ProjectionSpec
+from .projection import LayerProjector, ProjectionSpec
 from .rules import LayerRule
 
 

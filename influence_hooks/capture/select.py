@@ -6,12 +6,12 @@ import fnmatch
 import hashlib
 import json
 import warnings
-from typing import Sequence
+from typing import Any, Sequence
 
 from torch import nn
 
 from ..errors import ConfigurationError
-from ..projection import LayerProjector, plan_projection
+from .projection import LayerProjector, plan_projection
 from .hooks import CapturedLayer
 from .rules import FuncRule, LayerRule, UnsupportedModuleError, own_trainable, refusal_reason, rule_for
 
@@ -123,15 +123,16 @@ def split_dims(grad_dims: list[int], total: int) -> list[int]:
 
 
 def plan_layers(selection: list[tuple[str, nn.Module, LayerRule]],
-                projection: int | str | dict[str, int] | None, kind: str = "auto",
+                projection: int | dict[str, Any] | None, kind: str = "auto",
                 seed: int = 0) -> list[CapturedLayer]:
     """Projection specs for the selected layers and their column offsets in a gradient row.
 
     projection: total dimensions shared among layers (int), per-layer dimensions by name glob
-    (dict; every layer must match a key), or None / "none" / 0 for exact gradients.
+    (dict; every layer must match a key; 'none' keeps that layer exact), or None for exact
+    gradients (RecordingConfig.projection_budget() gives this form).
     """
     grad_dims = [rule.grad_dim(m) for _, m, rule in selection]
-    if projection is None or projection == "none" or projection == 0 or kind == "none":
+    if projection is None:
         ks: list[int | None] = [None] * len(selection)
     elif isinstance(projection, dict):
         ks = []
@@ -141,7 +142,7 @@ def plan_layers(selection: list[tuple[str, nn.Module, LayerRule]],
                 raise ConfigurationError(
                     f"layer {name!r} matches no key of projection={projection}; add a key for it "
                     "(e.g. '*' for every other layer).")
-            ks.append(int(projection[key]) or None)
+            ks.append(None if projection[key] == "none" else int(projection[key]))
     elif isinstance(projection, int) and projection > 0:
         ks = list(split_dims(grad_dims, projection))
     else:

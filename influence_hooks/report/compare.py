@@ -25,169 +25,24 @@ the sample helped (a proponent); negative = it hurt (an opponent).
 from __future__ import annotations
 
 import json
-import warnings
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-import h5py
 import numpy as np
 import torch
-from torchmetrics.functional import spearman_corrcoef
-from torchmetrics.functional.classification import binary_auroc, binary_roc
-from torchmetrics.functional.retrieval import retrieval_precision
 
+from .. import windows as W
 from ..aggregate import InfluenceScores, dit, dvemb, self_influence, tracin
-from ..aggregate._common import normalize_windows
-from ..errors import ConfigurationError, MissingDataError
+from ..errors import ConfigurationError
 from ..storage.reader import Run
+from .files import WHOLE_RUN, read_comparison, save_comparison, write_csv
+from .patterns import PATTERNS, PatternRules, classify_patterns, normalized_scores
+from .stats import detection_quality, spearman_matrix
 
 METHODS = ("dit", "tracin", "dvemb")
 DETECTION_METHODS = ("dit", "dit_removal", "dit_accrued", "tracin", "self_influence", "dvemb")
-HELPFUL, HARMFUL = "consistently helpful", "consistently harmful"
-EARLY, LATE = "early-important", "late-important"
-FLIPPING, NEGLIGIBLE = "sign-flipping", "negligible"
-PATTERNS = (HELPFUL, HARMFUL, EARLY, LATE, FLIPPING, NEGLIGIBLE)
-WHOLE_RUN = "whole run"
-COMPARISON_FORMAT = "influence_hooks.window_comparison"
-
-
-# ---------------------------------------------------------------------- patterns
-@dataclass(frozen=True)
-class PatternRules:
-    """Thresholds of `classify_patterns`, relative to the score scale.
-
-    tau: a window is significant for a sample when |score| >= tau * scale.
-    concentration: share of a sample's influence mass (sum of |z| over windows) that must lie in the
-        early (or late) half of the windows for it to be early- (late-) important.
-    scale: 'window' divides each window's scores by that window's RMS over present samples, so a
-        pattern says how a sample compares with the typical sample of the same window (gradients
-        shrink as training converges; without this almost every sample would look early-important);
-        'global' divides everything by the RMS over all windows, keeping the raw time profile.
-    """
-
-    tau: float = 1.0
-    concentration: float = 0.7
-    scale: str = "window"
-
-    def __post_init__(self) -> None:
-        if self.tau <= 0:
-            raise ConfigurationError(f"tau must be positive, got {self.tau}")
-        if not 0.5 < self.concentration <= 1.0:
-            raise ConfigurationError(f"concentration must be in (0.5, 1], got {self.concentration}")
-        if self.scale not in ("window", "global"):
-            raise ConfigurationError(f"scale must be 'window' or 'global', got {self.scale!r}")
-
-
-def normalized_scores(scores: np.ndarray, present: np.ndarray | None = None, scale: str = "window"
-                      ) -> tuple[np.ndarray, np.ndarray]:
-    """(z [n, W], scales [W]): scores divided by the RMS of the present scores of each window
-    (scale='window') or of all windows together (scale='global'). Absent entries become 0."""
-    s = np.asarray(scores, np.float64)
-    p = np.ones(s.shape, bool) if present is None else np.asarray(present, bool)
-    s = np.where(p, s, 0.0)
-    if scale == "window":
-        cnt = np.maximum(p.sum(0), 1)
-        rms = np.sqrt((s ** 2).sum(0) / cnt)
-    else:
-        rms = np.full(s.shape[1], np.sqrt((s ** 2).sum() / max(p.sum(), 1)))
-    rms = np.where(rms > 0, rms, 1.0)
-    return s / rms, rms
-
-
-def classify_patterns(scores: np.ndarray, present: np.ndarray | None = None,
-                      rules: PatternRules = PatternRules()) -> np.ndarray:
-    """The time pattern of each sample's influence over chronological windows: [n] strings.
-
-    scores: [n, W] influence per window (positive = helpful), windows in time order; present:
-    [n, W] whether the sample occurs in the window (absent entries count as 0).
-    With z = scores / scale (see PatternRules.scale) and a window *significant* when
-    |z| >= tau, the rules, applied in this order:
-
-    1. negligible: no significant window.
-    2. sign-flipping: a significant positive window and a significant negative one.
-    3. early-important: at least `concentration` of the sample's mass sum_w |z_w| lies in the early
-       half of the windows (w < floor(W/2)).
-    4. late-important: at least `concentration` of the mass lies in the late half
-       (w >= ceil(W/2); with an odd W the middle window belongs to neither half).
-    5. consistently helpful / consistently harmful: the rest, by the sign of its significant
-       windows (all the same after rule 2): influence of one sign spread over early and late.
-
-    Early- and late-important samples may be helpful or harmful; the sign is in their scores.
-    """
-    z, _ = normalized_scores(scores, present, rules.scale)
-    n, W = z.shape
-    sig = np.abs(z) >= rules.tau
-    pos = (sig & (z > 0)).any(1)
-    neg = (sig & (z < 0)).any(1)
-    mass = np.abs(z)
-    total = np.maximum(mass.sum(1), np.finfo(float).tiny)
-    early = mass[:, :W // 2].sum(1) / total
-    late = mass[:, (W + 1) // 2:].sum(1) / total
-    out = np.where(np.where(sig, z, 0.0).sum(1) >= 0, HELPFUL, HARMFUL).astype(object)
-    out[late >= rules.concentration] = LATE
-    out[early >= rules.concentration] = EARLY
-    out[pos & neg] = FLIPPING
-    out[~sig.any(1)] = NEGLIGIBLE
-    return out.astype(str)
-
-
-# ---------------------------------------------------------------------- statistics
-def spearman_matrix(scores: np.ndarray, present: np.ndarray | None = None) -> np.ndarray:
-    """[W, W] Spearman rank correlations between the columns of scores [n, W], each pair over the
-    samples present in both windows (torchmetrics' spearman_corrcoef; ties get average ranks).
-    NaN where fewer than 3 samples are shared or a column is constant."""
-    s = torch.as_tensor(np.asarray(scores, np.float64))
-    p = np.ones(s.shape, bool) if present is None else np.asarray(present, bool)
-    W = s.shape[1]
-    out = np.eye(W)
-    for a in range(W):
-        for b in range(a + 1, W):
-            both = torch.from_numpy(p[:, a] & p[:, b])
-            x, y = s[both, a], s[both, b]
-            if len(x) < 3 or bool((x == x[0]).all()) or bool((y == y[0]).all()):
-                r = float("nan")
-            else:
-                r = float(spearman_corrcoef(x, y))
-            out[a, b] = out[b, a] = r
-    return out
-
-
-def _as_unit_interval(x: torch.Tensor) -> torch.Tensor:
-    """Average ranks scaled into [0, 1]: the same order and ties as x, as probabilities, so
-    torchmetrics does not take the scores for logits (a sigmoid would merge large values)."""
-    order = torch.argsort(x, stable=True)
-    xs = x[order]
-    ranks = torch.empty_like(x, dtype=torch.float64)
-    new = torch.ones(len(xs), dtype=torch.bool)
-    new[1:] = xs[1:] != xs[:-1]
-    group = torch.cumsum(new, 0) - 1
-    first = torch.nonzero(new).flatten()
-    last = torch.cat([first[1:], torch.tensor([len(xs)])]) - 1
-    avg = (first + last).double() / 2
-    ranks[order] = avg[group]
-    return ranks / max(len(x) - 1, 1)
-
-
-def detection_quality(corruption_score: np.ndarray, corrupted: np.ndarray, k: int) -> tuple[float, float]:
-    """(AUROC, precision at k) of ranking samples by corruption_score [n] (higher = more suspect)
-    against the known mask corrupted [n] bool. NaN where a class is missing."""
-    c = np.asarray(corrupted, bool)
-    if c.all() or not c.any():
-        return float("nan"), float("nan")
-    preds = _as_unit_interval(torch.as_tensor(np.asarray(corruption_score, np.float64)))
-    target = torch.from_numpy(c.astype(np.int64))
-    auroc = float(binary_auroc(preds, target))
-    prec = float(retrieval_precision(preds, target.bool(), top_k=int(min(k, len(c)))))
-    return auroc, prec
-
-
-def roc_curve(corruption_score: np.ndarray, corrupted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(false positive rates, true positive rates) of the ROC curve (torchmetrics' binary_roc)."""
-    preds = _as_unit_interval(torch.as_tensor(np.asarray(corruption_score, np.float64)))
-    fpr, tpr, _ = binary_roc(preds, torch.from_numpy(np.asarray(corrupted, bool).astype(np.int64)))
-    return fpr.numpy(), tpr.numpy()
 
 
 # ---------------------------------------------------------------------- the result
@@ -298,55 +153,7 @@ class WindowComparison:
     def to_csv(self, directory: str | os.PathLike) -> list[Path]:
         """influence_by_window.csv, correlation.csv, patterns.csv, top_samples.csv and (with a
         corrupted mask) detection.csv in `directory`; returns the paths."""
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        paths = []
-        p = d / "influence_by_window.csv"
-        cols = ["train_id", "pattern"] + (["corrupted"] if self.corrupted is not None else [])
-        cols += [f"{l} [{a},{b})" for l, (a, b) in zip(self.labels, self.windows)]
-        cols += [WHOLE_RUN] if self.whole_run is not None else []
-        with open(p, "w") as f:
-            f.write(",".join(_csv(c) for c in cols) + "\n")
-            for i, tid in enumerate(self.train_ids):
-                vals = [str(int(tid)), self.patterns[i]]
-                if self.corrupted is not None:
-                    vals.append(str(int(self.corrupted[i])))
-                vals += [repr(float(v)) if self.present[i, w] else "" for w, v in enumerate(self.scores[i])]
-                if self.whole_run is not None:
-                    vals.append(repr(float(self.whole_run[i])))
-                f.write(",".join(vals) + "\n")
-        paths.append(p)
-        p = d / "correlation.csv"
-        labels = list(self.labels) + ([WHOLE_RUN] if self.whole_run_correlation is not None else [])
-        full = self.full_correlation()
-        with open(p, "w") as f:
-            f.write(",".join(["window", *map(_csv, labels)]) + "\n")
-            for l, r in zip(labels, full):
-                f.write(",".join([_csv(l), *(f"{v:.6f}" for v in r)]) + "\n")
-        paths.append(p)
-        p = d / "patterns.csv"
-        with open(p, "w") as f:
-            f.write("pattern,count,examples\n")
-            for pat, c in self.counts().items():
-                f.write(f"{pat},{c},{' '.join(str(int(i)) for i in self.examples(pat, 10))}\n")
-        paths.append(p)
-        p = d / "top_samples.csv"
-        with open(p, "w") as f:
-            f.write("window,kind,rank,train_id,influence\n")
-            for l, t in zip(labels, self.top):
-                for kind in ("proponents", "opponents"):
-                    for r, (i, v) in enumerate(zip(*t[kind])):
-                        f.write(f"{_csv(l)},{kind},{r + 1},{int(i)},{float(v)!r}\n")
-        paths.append(p)
-        if self.detection:
-            p = d / "detection.csv"
-            with open(p, "w") as f:
-                f.write("method,window,t1,t2,auroc,precision_at_k,k\n")
-                for r in self.detection:
-                    f.write(f"{r['method']},{_csv(r['window'])},{r['t1']},{r['t2']},{r['auroc']:.6f},"
-                            f"{r['precision_at_k']:.6f},{r['k']}\n")
-            paths.append(p)
-        return paths
+        return write_csv(self, directory)
 
     def full_correlation(self) -> np.ndarray:
         """[W(+1), W(+1)]: the window correlations with the whole run appended as last row/column."""
@@ -360,53 +167,11 @@ class WindowComparison:
 
     def save(self, path: str | os.PathLike) -> None:
         """Everything (but the raw InfluenceScores) in one HDF5 file; `WindowComparison.load` reads it."""
-        with h5py.File(path, "w") as f:
-            f.attrs.update(format=COMPARISON_FORMAT, format_version=1, method=self.method,
-                           description=self.description, query=self.query, run_path=self.run_path,
-                           run_id=self.run_id, labels=json.dumps(self.labels),
-                           rules=json.dumps(self.rules.__dict__), approximations=json.dumps(self.approximations),
-                           detection=json.dumps(self.detection),
-                           top=json.dumps([{k: [v[0].tolist(), v[1].tolist()] for k, v in t.items()}
-                                           for t in self.top]))
-            f["train_ids"] = self.train_ids
-            f["windows"] = np.asarray(self.windows, np.int64).reshape(-1, 2)
-            f["scores"] = self.scores
-            f["present"] = self.present
-            f["correlation"] = self.correlation
-            f["z"] = self.z
-            f.create_dataset("patterns", data=np.asarray(self.patterns, dtype=object),
-                             dtype=h5py.string_dtype())
-            for name in ("whole_run", "whole_run_present", "whole_run_correlation", "corrupted",
-                         "per_query", "query_ids"):
-                v = getattr(self, name)
-                if v is not None:
-                    f[name] = v
-            for m, v in self.corruption_scores.items():
-                f[f"corruption_scores/{m}"] = v
-                f[f"corruption_present/{m}"] = self.corruption_present[m]
+        save_comparison(self, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "WindowComparison":
-        with h5py.File(path, "r") as f:
-            a = f.attrs
-            if a.get("format") != COMPARISON_FORMAT:
-                raise ConfigurationError(f"{path} is not a window comparison file.")
-            get = lambda n: f[n][()] if n in f else None  # noqa: E731
-            top = [{k: (np.asarray(v[0], np.int64), np.asarray(v[1], np.float64)) for k, v in t.items()}
-                   for t in json.loads(a["top"])]
-            return cls(
-                method=str(a["method"]), description=str(a["description"]), query=str(a["query"]),
-                train_ids=f["train_ids"][()], windows=[tuple(map(int, w)) for w in f["windows"][()]],
-                labels=json.loads(a["labels"]), scores=f["scores"][()], present=f["present"][()],
-                whole_run=get("whole_run"), whole_run_present=get("whole_run_present"),
-                correlation=f["correlation"][()], whole_run_correlation=get("whole_run_correlation"),
-                rules=PatternRules(**json.loads(a["rules"])),
-                patterns=np.asarray([p.decode() if isinstance(p, bytes) else p for p in f["patterns"][()]]),
-                z=f["z"][()], top=top, corrupted=get("corrupted"), detection=json.loads(a["detection"]),
-                corruption_scores={m: v[()] for m, v in f["corruption_scores"].items()} if "corruption_scores" in f else {},
-                corruption_present={m: v[()] for m, v in f["corruption_present"].items()} if "corruption_present" in f else {},
-                per_query=get("per_query"), query_ids=get("query_ids"),
-                approximations=json.loads(a["approximations"]), run_path=str(a["run_path"]), run_id=str(a["run_id"]))
+        return cls(**read_comparison(path))
 
     def write_report(self, directory: str | os.PathLike, **kwargs: Any) -> Path:
         """report.md with PNG plots, CSV and HDF5 in `directory`; returns the report.md path.
@@ -415,21 +180,7 @@ class WindowComparison:
         return write_report(self, directory, **kwargs)
 
 
-def _csv(s: str) -> str:
-    return f'"{s}"' if ("," in s or '"' in s) else s
-
-
 # ---------------------------------------------------------------------- computing it
-def window_label(run: Run, window: tuple[int, int]) -> str:
-    """'epoch 3', 'epochs 3-5' when the window is exactly whole epochs, else 'steps t1-t2'."""
-    t1, t2 = window
-    mask = (run.steps >= t1) & (run.steps < t2)
-    eps = np.unique(run.epochs[mask])
-    if len(eps) and eps[-1] - eps[0] + 1 == len(eps) and run.epoch_window(int(eps[0]), int(eps[-1]) + 1) == (t1, t2):
-        return f"epoch {eps[0]}" if len(eps) == 1 else f"epochs {eps[0]}-{eps[-1]}"
-    return f"steps {t1}-{t2}"
-
-
 def corrupted_from_run(run: Run) -> np.ndarray | None:
     """The ids of known-corrupted samples stored in the run's metadata (data.corrupted_ids, as the
     demo's data modules write them), or None."""
@@ -480,23 +231,14 @@ def _describe_query(run: Run, query: Any) -> str:
     return f"the mean loss of {len(list(query))} chosen queries"
 
 
-def _end_at_query_step(run: Run, window: tuple[int, int]) -> tuple[int, int]:
+def _end_at_query_step(run: Run, window: W.Window) -> W.Window:
     """DIT evaluates a window at its end t2, which needs query gradients recorded there. Where
     there are none (an interrupted run's last window, or queries recorded every n steps), the
     window ends at the latest recorded query step inside it instead, with a warning."""
-    t1, t2 = window
-    if not run.has_queries or t2 in set(run.query_steps.tolist()):
+    if not run.has_queries:
         return window
-    q = run.query_step_at_or_before(t2)
-    if q is None or q <= t1:
-        raise MissingDataError(
-            f"window [{t1}, {t2}) has no recorded query gradients at or before its end; record "
-            "queries more often (query_every_n_steps) or choose windows that end at query steps "
-            f"(recorded at {run.query_steps[:8].tolist()}...).")
-    warnings.warn(f"window [{t1}, {t2}) ends at step {q} instead, the latest step with recorded "
-                  "query gradients (the run is incomplete or records queries every n steps).",
-                  RuntimeWarning, stacklevel=3)
-    return t1, q
+    return W.end_at(window, run.query_steps, "recorded query gradients (the run is incomplete or records "
+                                            "queries every n steps)")
 
 
 def compare_windows(run: Run, windows: Sequence[tuple[int, int]] | None = None, *, epochs: Any = None,
@@ -527,92 +269,35 @@ def compare_windows(run: Run, windows: Sequence[tuple[int, int]] | None = None, 
     bad = [m for m in detection_methods if m not in DETECTION_METHODS]
     if bad:
         raise ConfigurationError(f"unknown detection method(s) {bad}; choose from {DETECTION_METHODS}")
-    if windows is not None and epochs is not None:
-        raise ConfigurationError("give windows= or epochs=, not both")
-    if windows is not None:
-        wins = [run.resolve_window(tuple(w)) for w in windows]
-    else:
-        wins, _ = normalize_windows(run, None, "each" if epochs is None else epochs, None)
-    if len(wins) < 2:
-        raise ConfigurationError(f"comparing windows needs at least two, got {wins}")
-    if any(b[0] < a[0] for a, b in zip(wins, wins[1:])):
-        raise ConfigurationError(f"windows must be in time order (by start step), got {wins}")
+    wins = _chronological_windows(run, windows, epochs)
     full = (run.first_step, run.last_step + 1)
     all_wins = [_end_at_query_step(run, w) for w in wins + ([full] if whole_run else [])]
     wins = all_wins[:len(wins)]
-    train_ids = run.sample_ids
-    mask = _corrupted_mask(run, train_ids, corrupted)
-
-    cache: dict[str, list[InfluenceScores]] = {}
-    emb_holder: dict[str, Any] = {}
-
-    def compute(m: str) -> list[InfluenceScores]:
-        if m in cache:
-            return cache[m]
-        if m.startswith("dit_"):
-            out = dit(run, windows=all_wins, mode=m[len("dit_"):], curvature=curvature, progress=progress)
-        elif m == "tracin":
-            out = tracin(run, windows=all_wins, before_first_query="use_first", progress=progress)
-        elif m == "self_influence":
-            out = self_influence(run, windows=all_wins, progress=progress)
-        else:
-            if "e" not in emb_holder:
-                emb_holder["e"] = dvemb(run, path=dvemb_path, progress=progress)
-            out = emb_holder["e"].scores(run.query_gradients(run.final_step), windows=all_wins, progress=progress)
-        cache[m] = list(out)
-        return cache[m]
-
-    primary = compute(_method_name(method, mode))
-    W = len(wins)
+    scorer = _Scorer(run, all_wins, curvature, dvemb_path, progress)
+    primary = scorer(_method_name(method, mode))
+    nw = len(wins)
     per_window = [_reduce_query(r, query) for r in primary]
-    scores = np.stack(per_window[:W], 1)
-    present = np.stack([r.present.numpy() for r in primary[:W]], 1)
-    whole = per_window[W] if whole_run else None
-    whole_present = primary[W].present.numpy() if whole_run else None
+    scores = np.stack(per_window[:nw], 1)
+    present = np.stack([r.present.numpy() for r in primary[:nw]], 1)
+    whole = per_window[nw] if whole_run else None
+    whole_present = primary[nw].present.numpy() if whole_run else None
     corr = spearman_matrix(scores, present)
     whole_corr = None
     if whole_run:
         both = np.concatenate([scores, whole[:, None]], 1)
         bp = np.concatenate([present, whole_present[:, None]], 1)
-        whole_corr = spearman_matrix(both, bp)[:W, W]
-    patterns = classify_patterns(scores, present, rules)
-    z, _ = normalized_scores(scores, present, rules.scale)
-
-    top = []
-    for r, vals in zip(primary, per_window):
-        per_sample = InfluenceScores(values=torch.from_numpy(vals), train_ids=r.train_ids, present=r.present,
-                                     query_ids=None, method=r.method, window=r.window)
-        top.append({"proponents": per_sample.top_k(None, top_k),
-                    "opponents": per_sample.top_k(None, top_k, opponents=True)})
-
-    labels = [window_label(run, w) for w in wins]
+        whole_corr = spearman_matrix(both, bp)[:nw, nw]
+    labels = [W.label(run.table, w) for w in wins]
+    train_ids = run.sample_ids
+    mask = _corrupted_mask(run, train_ids, corrupted)
     detection, cscores, cpresent = [], {}, {}
     if mask is not None:
-        k = int(precision_k or mask.sum())
         methods = list(dict.fromkeys(_method_name(m, mode) for m in [method, *detection_methods]))
-        for m in methods:
-            res = compute(m)
-            cols, pres = [], []
-            for w, r in enumerate(res):
-                v = _reduce_query(r, query) if r.per_query else r.values.double().numpy()
-                c = v if m == "self_influence" else -v  # opponents of a clean query / large self-influence
-                p = r.present.numpy()
-                cols.append(c)
-                pres.append(p)
-                auroc, prec = detection_quality(c[p], mask[p], k)
-                detection.append({"method": m, "window": (labels + [WHOLE_RUN])[w],
-                                  "t1": int(r.window[0]), "t2": int(r.window[1]), "auroc": auroc,
-                                  "precision_at_k": prec, "k": k})
-            cscores[m] = np.stack(cols, 1)
-            cpresent[m] = np.stack(pres, 1)
-
+        detection, cscores, cpresent = _detection(scorer, methods, query, mask, labels + [WHOLE_RUN],
+                                                  int(precision_k or mask.sum()))
     per_query = None
-    if primary[0].per_query and primary[0].n_query * W * len(train_ids) <= 50_000_000:
-        per_query = np.stack([r.values.numpy() for r in primary[:W]], 1)
-    notes = list(dict.fromkeys(n for r in primary for n in r.approximations))
-    for m, res in cache.items():  # the other methods' own approximations, from their widest window
-        widest = max(res, key=lambda r: r.window[1] - r.window[0])
-        notes += [f"{m}: {n}" for n in widest.approximations if n not in notes]
+    if primary[0].per_query and primary[0].n_query * nw * len(train_ids) <= 50_000_000:
+        per_query = np.stack([r.values.numpy() for r in primary[:nw]], 1)
     desc = {"dit": f"DIT {mode} influence ({curvature} curvature)",
             "tracin": "TracIn influence", "dvemb": "data value embedding influence (removal, evaluated at T)"}[method]
     return WindowComparison(
@@ -620,10 +305,90 @@ def compare_windows(run: Run, windows: Sequence[tuple[int, int]] | None = None, 
         query=json.dumps(query if isinstance(query, str) else int(query) if isinstance(query, (int, np.integer))
                          else [int(q) for q in query]), train_ids=train_ids, windows=wins, labels=labels, scores=scores,
         present=present, whole_run=whole, whole_run_present=whole_present, correlation=corr,
-        whole_run_correlation=whole_corr, rules=rules, patterns=patterns, z=z, top=top, corrupted=mask,
-        detection=detection, corruption_scores=cscores, corruption_present=cpresent, per_query=per_query,
-        query_ids=primary[0].query_ids, approximations=notes, run_path=str(run.path), run_id=run.run_id,
-        results=cache)
+        whole_run_correlation=whole_corr, rules=rules, patterns=classify_patterns(scores, present, rules),
+        z=normalized_scores(scores, present, rules.scale)[0], top=_top_lists(primary, per_window, top_k),
+        corrupted=mask, detection=detection, corruption_scores=cscores, corruption_present=cpresent,
+        per_query=per_query, query_ids=primary[0].query_ids, approximations=_notes(primary, scorer.cache),
+        run_path=str(run.path), run_id=run.run_id, results=scorer.cache)
+
+
+def _chronological_windows(run: Run, windows: Any, epochs: Any) -> list[W.Window]:
+    if windows is not None and epochs is not None:
+        raise ConfigurationError("give windows= or epochs=, not both")
+    if windows is not None:
+        wins, _ = W.normalize(run.table, windows=[tuple(w) for w in windows])
+    else:
+        wins, _ = W.normalize(run.table, epochs="each" if epochs is None else epochs)
+    if len(wins) < 2:
+        raise ConfigurationError(f"comparing windows needs at least two, got {wins}")
+    if any(b[0] < a[0] for a, b in zip(wins, wins[1:])):
+        raise ConfigurationError(f"windows must be in time order (by start step), got {wins}")
+    return wins
+
+
+class _Scorer:
+    """Each estimator's results over all the windows, computed once (one pass per method)."""
+
+    def __init__(self, run: Run, windows: list[W.Window], curvature: str, dvemb_path: Any, progress: bool):
+        self.run, self.windows, self.curvature = run, windows, curvature
+        self.dvemb_path, self.progress = dvemb_path, progress
+        self.cache: dict[str, list[InfluenceScores]] = {}
+        self._emb: Any = None
+
+    def __call__(self, m: str) -> list[InfluenceScores]:
+        if m not in self.cache:
+            self.cache[m] = list(self._compute(m))
+        return self.cache[m]
+
+    def _compute(self, m: str) -> list[InfluenceScores]:
+        run, wins, progress = self.run, self.windows, self.progress
+        if m.startswith("dit_"):
+            return dit(run, windows=wins, mode=m[len("dit_"):], curvature=self.curvature, progress=progress)
+        if m == "tracin":
+            return tracin(run, windows=wins, before_first_query="use_first", progress=progress)
+        if m == "self_influence":
+            return self_influence(run, windows=wins, progress=progress)
+        if self._emb is None:
+            self._emb = dvemb(run, path=self.dvemb_path, progress=progress)
+        return self._emb.scores(run.query_gradients(run.final_step), windows=wins, progress=progress)
+
+
+def _top_lists(primary: list[InfluenceScores], per_window: list[np.ndarray], k: int) -> list[dict[str, Any]]:
+    top = []
+    for r, vals in zip(primary, per_window):
+        per_sample = InfluenceScores(values=torch.from_numpy(vals), train_ids=r.train_ids, present=r.present,
+                                     query_ids=None, method=r.method, window=r.window)
+        top.append({"proponents": per_sample.top_k(None, k), "opponents": per_sample.top_k(None, k, opponents=True)})
+    return top
+
+
+def _detection(scorer: _Scorer, methods: list[str], query: Any, mask: np.ndarray, labels: list[str], k: int
+               ) -> tuple[list[dict[str, Any]], dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Detection quality of each method in each window. Corrupted samples should be opponents of a
+    clean query (-influence) and have large self-influence (+self-influence)."""
+    detection, cscores, cpresent = [], {}, {}
+    for m in methods:
+        cols, pres = [], []
+        for w, r in enumerate(scorer(m)):
+            v = _reduce_query(r, query) if r.per_query else r.values.double().numpy()
+            c = v if m == "self_influence" else -v
+            p = r.present.numpy()
+            cols.append(c)
+            pres.append(p)
+            auroc, prec = detection_quality(c[p], mask[p], k)
+            detection.append({"method": m, "window": labels[w], "t1": int(r.window[0]), "t2": int(r.window[1]),
+                              "auroc": auroc, "precision_at_k": prec, "k": k})
+        cscores[m] = np.stack(cols, 1)
+        cpresent[m] = np.stack(pres, 1)
+    return detection, cscores, cpresent
+
+
+def _notes(primary: list[InfluenceScores], cache: dict[str, list[InfluenceScores]]) -> list[str]:
+    notes = list(dict.fromkeys(n for r in primary for n in r.approximations))
+    for m, res in cache.items():  # the other methods' own approximations, from their widest window
+        widest = max(res, key=lambda r: r.window[1] - r.window[0])
+        notes += [f"{m}: {n}" for n in widest.approximations if n not in notes]
+    return notes
 
 
 def _method_name(m: str, mode: str) -> str:

@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import os
 from pathlib import Path
 from typing import Sequence
@@ -15,7 +17,12 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .compare import PATTERNS, WHOLE_RUN, WindowComparison, roc_curve
+from .files import WHOLE_RUN
+from .patterns import PATTERNS
+from .stats import roc_curve
+
+if TYPE_CHECKING:
+    from .compare import WindowComparison
 
 PATTERN_COLORS = {
     "consistently helpful": "#1b7837", "consistently harmful": "#b2182b", "early-important": "#2166ac",

@@ -10,6 +10,8 @@ holds on this run. `findings(cmp)` returns those verdicts for programs and tests
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,8 +19,12 @@ from typing import Any
 
 import numpy as np
 
-from .compare import EARLY, LATE, NEGLIGIBLE, PATTERNS, WHOLE_RUN, WindowComparison, classify_patterns
+from .files import WHOLE_RUN
+from .patterns import EARLY, LATE, NEGLIGIBLE, PATTERNS, classify_patterns
 from .plots import method_name, plot_correlation, plot_detection, plot_trajectories
+
+if TYPE_CHECKING:
+    from .compare import WindowComparison
 
 WEAK_CORRELATION = 0.3
 MIN_PATTERN_SHARE = 0.05

@@ -1,15 +1,22 @@
 """Reading a run directory: `open_run(path)` returns a `Run`.
 
-The reader needs nothing but the directory. It indexes the per-step tables of every finished shard
-(small), merges ranks, drops rows superseded by a resume, and streams gradients in bounded memory,
-forward or backward in step order, for any window [t1, t2).
+The reader needs nothing but the directory. `storage.index.ShardIndex` indexes the per-step tables
+of every finished shard (small), merges ranks and drops rows superseded by a resume; `Run` is the
+narrow read interface the aggregators use:
+
+- metadata: `manifest`, `layers`, `dim`, `run_id`, `complete`, `final_step`, `optimizer`;
+- the step table: `table` (and its columns as `steps`, `lrs`, ... for convenience);
+- gradients, streamed in bounded memory, forward or backward in step order, for any window:
+  `iter_steps` (one step at a time) and `iter_blocks` (`RowBlock`s of whole steps);
+- query gradients `query_gradients(step)`, parameters `load_parameters(step)`.
+
+Windows are checked by `influence_hooks.windows`; how estimators describe their approximations is
+the aggregators' business (`aggregate.notes`), not the reader's.
 """
 
 from __future__ import annotations
 
-import errno
 import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -18,8 +25,10 @@ import h5py
 import numpy as np
 import torch
 
-from ..errors import CorruptShardError, MissingDataError, RunDirectoryError, WindowError
+from .. import windows as W
+from ..errors import MissingDataError, RunDirectoryError
 from . import format as fmt
+from .index import FilePool, ShardFile, ShardIndex, StepTable
 from .jsonio import read_json
 
 
@@ -35,6 +44,10 @@ class LayerInfo:
     grad_dim: int
     param_shapes: dict[str, tuple[int, ...]]  # in the order of the row's columns
     projection: dict[str, Any]
+
+    @property
+    def projected(self) -> bool:
+        return self.projection.get("kind", "none") != "none"
 
 
 @dataclass
@@ -59,30 +72,19 @@ class StepBatch:
 class RowBlock:
     """Consecutive rows of whole steps, for GEMM-shaped work.
 
-    steps, sample_ids, coef: [R]; grads: [R, K]. coef = eta_t * w_t of each row's step, always
-    float64 (grads may be float16). Rows are in ascending step order, or descending backward.
+    steps [R] (numpy int64, host-side bookkeeping without device syncs); sample_ids [R] (a tensor
+    on the compute device); coef [R] (numpy float64: eta_t * w_t of each row's step); grads [R, K].
+    Rows are in ascending step order, or descending when read backward.
     """
 
-    steps: torch.Tensor
+    steps: np.ndarray
     sample_ids: torch.Tensor
-    coef: torch.Tensor
+    coef: np.ndarray
     grads: torch.Tensor
 
-
-@dataclass
-class _Shard:
-    path: Path
-    rank: int
-    index: int
-
-
-_MAX_OPEN_FILES = 32
-
-
-def _superseded(segments: list[dict[str, int]], shard: "_Shard", step: int) -> bool:
-    """A resume at from_step, writing from shard first_shard on, replaces the steps >= from_step
-    that earlier shards of the same rank hold."""
-    return any(seg["first_shard"] > shard.index and step >= seg["from_step"] for seg in segments)
+    def coef_like(self, t: torch.Tensor) -> torch.Tensor:
+        """coef as a tensor of t's dtype and device."""
+        return torch.from_numpy(self.coef).to(device=t.device, dtype=t.dtype)
 
 
 def _ordered_shapes(entry: Any) -> dict[str, tuple[int, ...]]:
@@ -108,21 +110,7 @@ class Run:
         if on_corrupt not in ("raise", "skip"):
             raise ValueError(f"on_corrupt must be 'raise' or 'skip', got {on_corrupt!r}")
         self.path = Path(path)
-        mpath = self.path / fmt.MANIFEST
-        if not mpath.is_file():
-            raise RunDirectoryError(
-                f"no influence_hooks run in {self.path}: {fmt.MANIFEST} is missing. Pass the directory "
-                "given to InfluenceCallback / GradientRecorder.")
-        try:
-            self.manifest: dict[str, Any] = read_json(mpath)
-        except (OSError, ValueError) as e:
-            raise RunDirectoryError(f"{mpath} is unreadable ({e}); the run cannot be opened.") from e
-        if self.manifest.get("format") != fmt.FORMAT_NAME:
-            raise RunDirectoryError(f"{mpath} is not an influence_hooks manifest.")
-        if int(self.manifest.get("format_version", 0)) > fmt.FORMAT_VERSION:
-            raise RunDirectoryError(
-                f"{self.path} was written by a newer format (v{self.manifest['format_version']}); "
-                "upgrade influence_hooks to read it.")
+        self.manifest: dict[str, Any] = _read_manifest(self.path)
         self.run_id: str = self.manifest["run_id"]
         self.dim: int = int(self.manifest["dim"])
         self.layers: list[LayerInfo] = [
@@ -131,18 +119,75 @@ class Run:
                       param_shapes=_ordered_shapes(l["param_shapes"]),
                       projection=dict(l["projection"]))
             for l in self.manifest["layers"]]
-        self.skipped_shards: list[tuple[Path, str]] = []
-        self._on_corrupt = on_corrupt
-        self._files: dict[Path, h5py.File] = {}
-        self._rank_states = self._read_rank_states()
-        self._index_shards()
-        self._index_params()
+        self._pool = FilePool()
+        self._index = ShardIndex.build(self.path, self.run_id, self._pool, on_corrupt=on_corrupt)
+        self.table: StepTable = self._index.table
+        self._sample_ids: np.ndarray | None = None
+
+    # ------------------------------------------------------------------ the step table
+    @property
+    def steps(self) -> np.ndarray:
+        return self.table.steps
+
+    @property
+    def epochs(self) -> np.ndarray:
+        return self.table.epochs
+
+    @property
+    def lrs(self) -> np.ndarray:
+        return self.table.lrs
+
+    @property
+    def update_weights(self) -> np.ndarray:
+        return self.table.update_weights
+
+    @property
+    def batch_sizes(self) -> np.ndarray:
+        return self.table.batch_sizes
+
+    @property
+    def batch_sizes_recorded(self) -> np.ndarray:
+        return self.table.rows
+
+    @property
+    def nonfinite(self) -> np.ndarray:
+        return self.table.nonfinite
+
+    @property
+    def skipped(self) -> np.ndarray:
+        """Steps the optimizer did not apply (an AMP GradScaler found inf/NaN)."""
+        return self.table.skipped
+
+    @property
+    def losses(self) -> np.ndarray:
+        return self.table.losses
+
+    @property
+    def micro_batches(self) -> np.ndarray:
+        return self.table.micro_batches
+
+    def step_position(self, step: int) -> int:
+        return self.table.position(step)
+
+    def steps_in(self, window: Any = None, *, skip_nonfinite: bool = True) -> np.ndarray:
+        """The recorded steps of a window (see influence_hooks.windows), flagged steps left out."""
+        return W.steps_in(self.table, window, skip_nonfinite=skip_nonfinite)
 
     # ------------------------------------------------------------------ metadata
     @property
+    def skipped_shards(self) -> list[tuple[Path, str]]:
+        """Shards left out as unreadable (open_run(..., on_corrupt='skip')): (path, why)."""
+        return self._index.skipped_shards
+
+    @property
+    def rank_states(self) -> dict[int, dict[str, Any]]:
+        return self._index.rank_states
+
+    @property
     def complete(self) -> bool:
         """True when every rank finished training and closed its recording."""
-        return bool(self._rank_states) and all(s.get("complete") for s in self._rank_states.values())
+        states = self._index.rank_states
+        return bool(states) and all(s.get("complete") for s in states.values())
 
     @property
     def first_step(self) -> int:
@@ -157,20 +202,24 @@ class Run:
     @property
     def final_step(self) -> int:
         """T: the step count at the end of training (parameters w_T after the last update)."""
-        finals = [s.get("final_step") for s in self._rank_states.values() if s.get("final_step") is not None]
+        finals = [s.get("final_step") for s in self._index.rank_states.values() if s.get("final_step") is not None]
         return int(max(finals)) if finals else self.last_step + 1
 
     @property
     def sample_ids(self) -> np.ndarray:
         """Sorted unique ids of every training sample recorded."""
         if self._sample_ids is None:
-            ids = [self._dataset(sh, fmt.ROWS_SAMPLE_ID)[:] for sh in self._shards]
+            ids = [self._dataset(sh, fmt.ROWS_SAMPLE_ID)[:] for sh in self._index.shards]
             self._sample_ids = np.unique(np.concatenate(ids)) if ids else np.zeros(0, np.int64)
         return self._sample_ids
 
     @property
     def n_rows(self) -> int:
-        return int(self.batch_sizes_recorded.sum())
+        return int(self.table.rows.sum())
+
+    @property
+    def n_shards(self) -> int:
+        return len(self._index.shards)
 
     @property
     def query_ids(self) -> np.ndarray:
@@ -186,21 +235,10 @@ class Run:
         """Identifies the projection; gradients with different fingerprints are not comparable."""
         return str(self.manifest.get("projection_fingerprint", ""))
 
-    def approximations(self) -> list[str]:
-        """The approximations any estimator over this run makes, as readable sentences."""
-        notes = []
-        if any(l.projection.get("kind") != "none" for l in self.layers):
-            notes.append(f"gradients randomly projected to {self.dim} dimensions "
-                         f"({', '.join(sorted({l.projection.get('kind') for l in self.layers}))})")
-        opt = self.optimizer
-        if opt and not opt.get("is_plain_sgd", False):
-            notes.append(f"optimizer {opt.get('name')} is not plain SGD: the SGD form with the recorded "
-                         "learning rate is used")
-        if self.manifest.get("gradient_clipping"):
-            notes.append(f"gradient clipping ({self.manifest['gradient_clipping']}) is ignored")
-        if self.manifest.get("partial_model", True):
-            notes.append("only the recorded layers' parameters are attributed")
-        return notes
+    @property
+    def projected(self) -> bool:
+        """Whether any recorded layer is randomly projected."""
+        return any(l.projected for l in self.layers)
 
     def layer(self, name: str) -> LayerInfo:
         for l in self.layers:
@@ -232,89 +270,28 @@ class Run:
             "nonfinite_steps": [int(s) for s in self.steps[self.nonfinite]],
             "skipped_steps": [int(s) for s in self.steps[self.skipped]],
             "optimizer": self.optimizer.get("name"), "precision": self.manifest.get("precision"),
-            "shards": len(self._shards), "skipped_shards": [str(p) for p, _ in self.skipped_shards],
+            "shards": self.n_shards, "skipped_shards": [str(p) for p, _ in self.skipped_shards],
             "size_bytes": size,
         }
-
-    # ------------------------------------------------------------------ windows
-    def resolve_window(self, window: tuple[int, int] | None = None,
-                       epochs: tuple[int, int] | None = None) -> tuple[int, int]:
-        """Check a window and return it as (t1, t2), the half-open step range [t1, t2).
-
-        window=None and epochs=None: the whole run. epochs=(e1, e2): epochs e1..e2-1.
-        """
-        self._require_steps()
-        if window is not None and epochs is not None:
-            raise WindowError("give either window=(t1, t2) or epochs=(e1, e2), not both.")
-        if epochs is not None:
-            return self.epoch_window(*epochs)
-        if window is None:
-            return self.first_step, self.last_step + 1
-        try:
-            t1, t2 = (int(window[0]), int(window[1]))
-        except (TypeError, ValueError, IndexError):
-            raise WindowError(f"a window is a pair of steps (t1, t2), got {window!r}") from None
-        if t2 <= t1:
-            raise WindowError(f"window [{t1}, {t2}) is empty: t2 must be greater than t1.")
-        if t2 <= self.first_step or t1 > self.last_step:
-            raise WindowError(f"window [{t1}, {t2}) lies outside the recorded steps "
-                              f"[{self.first_step}, {self.last_step + 1}).")
-        if not ((self.steps >= t1) & (self.steps < t2)).any():
-            raise WindowError(f"no recorded step falls in window [{t1}, {t2}).")
-        c1, c2 = max(t1, self.first_step), min(t2, self.last_step + 1)
-        if (c1, c2) != (t1, t2):  # results name the window they really cover
-            warnings.warn(f"window [{t1}, {t2}) reaches beyond the recorded steps [{self.first_step}, "
-                          f"{self.last_step + 1}); using [{c1}, {c2}).", RuntimeWarning, stacklevel=2)
-        return c1, c2
-
-    def epoch_window(self, e1: int, e2: int | None = None) -> tuple[int, int]:
-        """Steps of epochs [e1, e2) (e2 = e1 + 1 by default) as a half-open window."""
-        e2 = e1 + 1 if e2 is None else e2
-        mask = (self.epochs >= e1) & (self.epochs < e2)
-        recorded = sorted({int(e) for e in self.epochs})
-        if e2 <= e1 or not mask.any():
-            raise WindowError(f"no recorded step in epochs [{e1}, {e2}); recorded epochs: {recorded}")
-        if e1 < recorded[0] or e2 > recorded[-1] + 1:
-            warnings.warn(f"epochs [{e1}, {e2}) reach beyond the recorded epochs {recorded[0]}.."
-                          f"{recorded[-1]}; using the recorded ones.", RuntimeWarning, stacklevel=2)
-        sel = self.steps[mask]
-        return int(sel.min()), int(sel.max()) + 1
-
-    def epoch_windows(self) -> list[tuple[int, int]]:
-        """One window per recorded epoch, in order."""
-        return [self.epoch_window(int(e)) for e in np.unique(self.epochs)]
-
-    def steps_in(self, window: tuple[int, int] | None = None, *, skip_nonfinite: bool = True) -> np.ndarray:
-        t1, t2 = self.resolve_window(window)
-        mask = (self.steps >= t1) & (self.steps < t2)
-        if skip_nonfinite:  # flagged steps, and steps the optimizer never applied
-            mask &= ~(self.nonfinite | self.skipped)
-        return self.steps[mask]
-
-    def step_position(self, step: int) -> int:
-        i = int(np.searchsorted(self.steps, step))
-        if i >= len(self.steps) or self.steps[i] != step:
-            raise KeyError(f"step {step} is not recorded")
-        return i
 
     # ------------------------------------------------------------------ gradients
     def step_sample_ids(self, step: int) -> np.ndarray:
         """The sample ids of step `step`'s batch, in batch order, without reading gradients."""
-        if int(step) not in self._step_rows:
+        if int(step) not in self._index.step_rows:
             raise KeyError(f"step {step} is not recorded")
         return np.concatenate([self._dataset(sh, fmt.ROWS_SAMPLE_ID)[r0:r1]
-                               for sh, r0, r1 in self._step_rows[int(step)]])
+                               for sh, r0, r1 in self._index.step_rows[int(step)]])
 
-    def iter_steps(self, window: tuple[int, int] | None = None, *, reverse: bool = False,
+    def iter_steps(self, window: Any = None, *, reverse: bool = False,
                    dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                    layers: Sequence[str] | None = None, skip_nonfinite: bool = True) -> Iterator[StepBatch]:
         """Yield one StepBatch per recorded step of the window, in step order (or reversed)."""
         cols = self.columns(layers)
-        for step in (self.steps_in(window, skip_nonfinite=skip_nonfinite)[::-1] if reverse
-                     else self.steps_in(window, skip_nonfinite=skip_nonfinite)):
+        steps = self.steps_in(window, skip_nonfinite=skip_nonfinite)
+        for step in (steps[::-1] if reverse else steps):
             i = self.step_position(int(step))
             ids, grads = [], []
-            for shard, r0, r1 in self._step_rows[int(step)]:
+            for shard, r0, r1 in self._index.step_rows[int(step)]:
                 ids.append(self._dataset(shard, fmt.ROWS_SAMPLE_ID)[r0:r1])
                 g = self._dataset(shard, fmt.ROWS_GRAD)[r0:r1]
                 grads.append(g if cols is None else g[:, cols])
@@ -323,20 +300,20 @@ class Run:
                             sample_ids=torch.from_numpy(np.concatenate(ids)).to(device),
                             grads=torch.from_numpy(np.concatenate(grads)).to(device=device, dtype=dtype))
 
-    def iter_blocks(self, window: tuple[int, int] | None = None, *, reverse: bool = False,
-                    max_rows: int = 65536, dtype: torch.dtype = torch.float32,
-                    device: str | torch.device = "cpu", layers: Sequence[str] | None = None,
-                    skip_nonfinite: bool = True) -> Iterator[RowBlock]:
+    def iter_blocks(self, window: Any = None, *, reverse: bool = False, max_rows: int = 65536,
+                    dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+                    layers: Sequence[str] | None = None, skip_nonfinite: bool = True) -> Iterator[RowBlock]:
         """Yield RowBlocks of whole steps, each at most max_rows rows (or one step if bigger).
 
-        Memory is bounded by max_rows * K, whatever the size of the run.
+        Memory is bounded by max_rows * K, whatever the size of the run. dtype None: the storage
+        dtype (no conversion).
         """
         cols = self.columns(layers)
         steps = self.steps_in(window, skip_nonfinite=skip_nonfinite)
-        pending: list[tuple[int, _Shard, int, int]] = []
+        pending: list[tuple[int, ShardFile, int, int]] = []
         n = 0
         for step in (steps[::-1] if reverse else steps):
-            parts = self._step_rows[int(step)]
+            parts = self._index.step_rows[int(step)]
             rows = sum(r1 - r0 for _, r0, r1 in parts)
             if pending and n + rows > max_rows:
                 yield self._read_block(pending, cols, dtype, device)
@@ -373,17 +350,19 @@ class Run:
             ids.append(s_ids)
             steps.append(st)
         st = np.concatenate(steps)
-        pos = np.searchsorted(self.steps, st)
-        coef = self.lrs[pos] * self.update_weights[pos]
-        return RowBlock(steps=torch.from_numpy(st).to(device),
-                        sample_ids=torch.from_numpy(np.concatenate(ids)).to(device),
-                        coef=torch.from_numpy(coef).to(device),
-                        grads=torch.from_numpy(np.concatenate(grads)).to(device=device, dtype=dtype))
+        coef = self.table.coef[np.searchsorted(self.steps, st)]
+        g = torch.from_numpy(np.concatenate(grads))
+        return RowBlock(steps=st, sample_ids=torch.from_numpy(np.concatenate(ids)).to(device), coef=coef,
+                        grads=g.to(device=device, dtype=dtype or g.dtype))
 
     # ------------------------------------------------------------------ queries
     @property
+    def query_steps(self) -> np.ndarray:
+        return np.array(sorted(self._index.query_index), np.int64)
+
+    @property
     def has_queries(self) -> bool:
-        return len(self.query_steps) > 0
+        return len(self._index.query_index) > 0
 
     def query_gradients(self, step: int, *, dtype: torch.dtype = torch.float32,
                         device: str | torch.device = "cpu",
@@ -393,11 +372,12 @@ class Run:
             raise MissingDataError(
                 f"{self.path} has no query gradients. Record them by passing queries=... (and "
                 "query_every_n_steps) to InfluenceCallback / GradientRecorder.")
-        if int(step) not in self._query_index:
+        if int(step) not in self._index.query_index:
+            qs = self.query_steps
             raise MissingDataError(
-                f"no query gradients recorded at step {step}; recorded at {len(self.query_steps)} steps, "
-                f"e.g. {self.query_steps[:5].tolist()}... Use query_step_at_or_before(step).")
-        sh, j = self._query_index[int(step)]
+                f"no query gradients recorded at step {step}; recorded at {len(qs)} steps, "
+                f"e.g. {qs[:5].tolist()}... Use query_step_at_or_before(step).")
+        sh, j = self._index.query_index[int(step)]
         g = self._dataset(sh, fmt.QUERY_GRAD)[j]
         cols = self.columns(layers)
         if cols is not None:
@@ -406,81 +386,68 @@ class Run:
 
     def query_step_at_or_before(self, step: int) -> int | None:
         """The latest step <= `step` with recorded query gradients, or None."""
-        i = int(np.searchsorted(self.query_steps, step, side="right")) - 1
-        return int(self.query_steps[i]) if i >= 0 else None
+        qs = self.query_steps
+        i = int(np.searchsorted(qs, step, side="right")) - 1
+        return int(qs[i]) if i >= 0 else None
 
     # ------------------------------------------------------------------ parameters
     @property
     def snapshot_steps(self) -> np.ndarray:
-        return np.array(sorted(self._param_files["snapshot"]), np.int64)
+        return np.array(sorted(self._index.param_files["snapshot"]), np.int64)
 
     @property
     def checkpoint_steps(self) -> np.ndarray:
-        return np.array(sorted(self._param_files["checkpoint"]), np.int64)
+        return np.array(sorted(self._index.param_files["checkpoint"]), np.int64)
+
+    def parameter_names(self, step: int, kind: str | None = None) -> set[str]:
+        """Names of the parameters in the snapshot (or checkpoint) of `step`, without loading them."""
+        with h5py.File(self.param_file(step, kind), "r") as f:
+            return set(f[fmt.PARAMS_GROUP].keys())
 
     def load_parameters(self, step: int, kind: str | None = None, *,
                         device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
         """Parameters w_step from a snapshot or checkpoint file: {name: tensor}."""
-        path = self._param_path(step, kind)
-        with h5py.File(path, "r") as f:
+        with h5py.File(self.param_file(step, kind), "r") as f:
             return {name: torch.from_numpy(ds[()]).to(device) for name, ds in f[fmt.PARAMS_GROUP].items()}
 
-    def load_optimizer_state(self, step: int) -> dict[str, dict[str, torch.Tensor]]:
-        """Optimizer state saved with the checkpoint at `step`: {param name: {key: tensor}}."""
-        path = self._param_path(step, "checkpoint")
-        with h5py.File(path, "r") as f:
+    def load_optimizer_state(self, step: int, kind: str = "checkpoint") -> dict[str, dict[str, torch.Tensor]]:
+        """Optimizer state saved with the parameters of `step`: {param name: {key: tensor}}."""
+        with h5py.File(self.param_file(step, kind), "r") as f:
             if fmt.OPTIM_GROUP not in f:
                 return {}
-            return {p: {k: torch.from_numpy(v[()]) for k, v in g.items()} for p, g in f[fmt.OPTIM_GROUP].items()}
+            return {p: {k: torch.from_numpy(np.asarray(v[()])) for k, v in g.items()}
+                    for p, g in f[fmt.OPTIM_GROUP].items()}
 
-    def _param_path(self, step: int, kind: str | None) -> Path:
+    def param_file(self, step: int, kind: str | None = None) -> Path:
+        """The snapshot (or checkpoint) file of `step`; MissingDataError naming how to record it."""
         kinds = [kind] if kind else ["snapshot", "checkpoint"]
         for k in kinds:
-            if int(step) in self._param_files[k]:
-                return self._param_files[k][int(step)]
+            if int(step) in self._index.param_files[k]:
+                return self._index.param_files[k][int(step)]
         raise MissingDataError(
             f"no parameter {'/'.join(kinds)} recorded at step {step} in {self.path}. Record snapshots "
             "(snapshot_every_n_steps / snapshot_windows) or checkpoints (checkpoint_every_n_steps).")
+
+    def param_files(self) -> dict[str, dict[int, Path]]:
+        """{'snapshot': {step: path}, 'checkpoint': {step: path}}."""
+        return {k: dict(v) for k, v in self._index.param_files.items()}
 
     # ------------------------------------------------------------------ verification
     def verify(self, *, require_complete: bool = True) -> list[str]:
         """Read every shard and parameter file in full; return a list of problems (empty: all good).
         An interrupted run counts as a problem unless require_complete=False."""
-        problems = [f"{p}: {why}" for p, why in self.skipped_shards]
-        for sh in self._shards:
-            try:
-                f = self._file(sh.path)
-                g = f[fmt.ROWS_GRAD]
-                for r in range(0, g.shape[0], 65536):
-                    if not np.isfinite(np.asarray(g[r:r + 65536], np.float64)).all():
-                        problems.append(f"{sh.path}: non-finite gradient values (flagged steps: "
-                                        f"{int(self.nonfinite.sum())})")
-                        break
-                if fmt.QUERY_GRAD in f:
-                    f[fmt.QUERY_GRAD][()]
-            except Exception as e:  # noqa: BLE001 - verification reports everything it finds
-                problems.append(f"{sh.path}: unreadable ({e})")
-        for kind, files in self._param_files.items():
-            for step, p in files.items():
-                try:
-                    with h5py.File(p, "r") as f:
-                        for ds in f[fmt.PARAMS_GROUP].values():
-                            ds[()]
-                except Exception as e:  # noqa: BLE001
-                    problems.append(f"{p}: unreadable {kind} ({e})")
-        if require_complete and not self.complete:
-            problems.append("run is incomplete: training did not finish or was interrupted "
-                            f"(recorded steps {self.first_step if len(self.steps) else '-'}.."
-                            f"{self.last_step if len(self.steps) else '-'})")
-        return problems
+        from .verify import verify_run
+
+        return verify_run(self, require_complete=require_complete)
+
+    def shard_files(self) -> list[ShardFile]:
+        return list(self._index.shards)
+
+    def open_shard(self, shard: ShardFile) -> h5py.File:
+        return self._pool.get(shard.path)
 
     def close(self) -> None:
-        for f in self._files.values():
-            try:
-                f.close()
-            except Exception:  # noqa: BLE001 - closing is best effort
-                pass
-        self._files.clear()
+        self._pool.close()
 
     def __enter__(self) -> "Run":
         return self
@@ -494,123 +461,31 @@ class Run:
         return (f"Run({str(self.path)!r}, {span}, {len(self.layers)} layers, dim {self.dim}, "
                 f"{'complete' if self.complete else 'INCOMPLETE'})")
 
-    # ------------------------------------------------------------------ indexing
-    def _read_rank_states(self) -> dict[int, dict[str, Any]]:
-        states = {}
-        for p in self.path.glob("rank-*.json"):
-            r = fmt.parse_rank_file_name(p.name)
-            if r is not None:
-                try:
-                    states[r] = read_json(p)
-                except (OSError, ValueError):
-                    states[r] = {"rank": r, "segments": [{"from_step": 0, "first_shard": 0}], "complete": False}
-        return states
-
-    def _file(self, path: Path) -> h5py.File:
-        """An open shard, from a small pool: a run may have thousands of shards, and file
-        descriptors are limited."""
-        f = self._files.pop(path, None)
-        if f is None:
-            while len(self._files) >= _MAX_OPEN_FILES:
-                self._files.pop(next(iter(self._files))).close()  # least recently used
-            f = h5py.File(path, "r")
-        self._files[path] = f  # most recently used last
-        return f
-
-    def _dataset(self, shard: _Shard, name: str) -> h5py.Dataset:
-        return self._file(shard.path)[name]
-
-    def _index_shards(self) -> None:
-        shard_dir = self.path / fmt.SHARD_DIR
-        found = []
-        for p in sorted(shard_dir.iterdir()) if shard_dir.is_dir() else []:
-            parsed = fmt.parse_shard_name(p.name)
-            if parsed:
-                found.append(_Shard(p, *parsed))
-        self._shards: list[_Shard] = []
-        tables: list[tuple[_Shard, dict[str, np.ndarray]]] = []
-        self._query_index: dict[int, tuple[_Shard, int]] = {}
-        for sh in found:
-            try:
-                f = self._file(sh.path)
-                if f.attrs.get("run_id") != self.run_id:
-                    raise CorruptShardError(f"{sh.path} belongs to run {f.attrs.get('run_id')}, "
-                                            f"not {self.run_id}; remove it from the run directory.")
-                cols = {name: f[fmt.STEPS][name][()] for name in fmt.STEP_COLUMNS}
-                qsteps = f[fmt.QUERY_STEP][()]
-                if len(qsteps):
-                    f[fmt.QUERY_GRAD].shape  # noqa: B018 - touch it, so a broken dataset fails here
-                f[fmt.ROWS_GRAD].shape  # noqa: B018
-            except Exception as e:  # noqa: BLE001 - any failure to read means a broken shard
-                f = self._files.pop(sh.path, None)
-                if f is not None:
-                    f.close()
-                if isinstance(e, OSError) and e.errno in (errno.EMFILE, errno.ENFILE):
-                    raise  # out of file descriptors: not a problem of the shard
-                why = str(e) if isinstance(e, CorruptShardError) else f"cannot be read ({type(e).__name__}: {e})"
-                if self._on_corrupt == "raise":
-                    raise CorruptShardError(
-                        f"shard {sh.path} {why}. Nothing else is lost: open_run(path, on_corrupt='skip') "
-                        "(`influence-hooks info RUN --skip-corrupt`) reads the other shards, and "
-                        "`influence-hooks verify RUN` lists every problem.") from e
-                warnings.warn(f"skipping unreadable shard {sh.path}: {why}", RuntimeWarning)
-                self.skipped_shards.append((sh.path, why))
-                continue
-            self._shards.append(sh)
-            tables.append((sh, cols))
-            for j, qs in enumerate(qsteps):
-                self._query_index[int(qs)] = (sh, j)
-        # a resume supersedes the rows of steps >= from_step in shards written before it
-        cutoffs = {r: s.get("segments", []) for r, s in self._rank_states.items()}
-        per_step: dict[int, dict[str, Any]] = {}
-        self._step_rows: dict[int, list[tuple[_Shard, int, int]]] = {}
-        for sh, cols in tables:
-            segs = cutoffs.get(sh.rank, [])
-            for j, step in enumerate(cols["step"]):
-                step = int(step)
-                if _superseded(segs, sh, step):
-                    continue
-                r0 = int(cols["row_start"][j])
-                self._step_rows.setdefault(step, []).append((sh, r0, r0 + int(cols["row_count"][j])))
-                row = {name: cols[name][j] for name in fmt.STEP_COLUMNS}
-                if step in per_step:  # another rank's part of the same step: a global batch
-                    per_step[step]["rows_total"] += int(cols["row_count"][j])
-                    per_step[step]["batch_size"] += int(cols["batch_size"][j])
-                    per_step[step]["nonfinite"] |= bool(cols["nonfinite"][j])
-                    per_step[step]["skipped"] |= bool(cols["skipped"][j])
-                else:
-                    per_step[step] = {**row, "rows_total": int(cols["row_count"][j])}
-        for step, (sh, j) in list(self._query_index.items()):
-            segs = cutoffs.get(sh.rank, [])
-            if _superseded(segs, sh, step):
-                if self._query_index.get(step) == (sh, j):
-                    del self._query_index[step]
-        order = sorted(per_step)
-        self.steps = np.array(order, np.int64)
-        col = lambda name, dt: np.array([per_step[s][name] for s in order], dt)  # noqa: E731
-        self.epochs = col("epoch", np.int64)
-        self.lrs = col("lr", np.float64)
-        self.batch_sizes = col("batch_size", np.int64)
-        self.batch_sizes_recorded = col("rows_total", np.int64)
-        self.update_weights = col("update_weight", np.float64)
-        self.micro_batches = col("micro_batches", np.int64)
-        self.nonfinite = col("nonfinite", bool)
-        self.skipped = col("skipped", bool)  # not applied by the optimizer (AMP overflow)
-        self.losses = col("loss", np.float64)
-        self.query_steps = np.array(sorted(self._query_index), np.int64)
-        self._sample_ids: np.ndarray | None = None
-
-    def _index_params(self) -> None:
-        self._param_files: dict[str, dict[int, Path]] = {k: {} for k in fmt.PARAM_KINDS}
-        pdir = self.path / fmt.PARAM_DIR
-        for p in sorted(pdir.iterdir()) if pdir.is_dir() else []:
-            parsed = fmt.parse_param_file_name(p.name)
-            if parsed:
-                kind, _rank, step = parsed
-                self._param_files[kind][step] = p
+    # ------------------------------------------------------------------ internals
+    def _dataset(self, shard: ShardFile, name: str) -> h5py.Dataset:
+        return self._pool.get(shard.path)[name]
 
     def _require_steps(self) -> None:
         if len(self.steps) == 0:
             raise MissingDataError(
                 f"{self.path} holds no finished steps yet (complete={self.complete}). If training was "
                 "interrupted before the first shard was written, nothing was recorded.")
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    mpath = path / fmt.MANIFEST
+    if not mpath.is_file():
+        raise RunDirectoryError(
+            f"no influence_hooks run in {path}: {fmt.MANIFEST} is missing. Pass the directory "
+            "given to InfluenceCallback / GradientRecorder.")
+    try:
+        manifest: dict[str, Any] = read_json(mpath)
+    except (OSError, ValueError) as e:
+        raise RunDirectoryError(f"{mpath} is unreadable ({e}); the run cannot be opened.") from e
+    if manifest.get("format") != fmt.FORMAT_NAME:
+        raise RunDirectoryError(f"{mpath} is not an influence_hooks manifest.")
+    if int(manifest.get("format_version", 0)) > fmt.FORMAT_VERSION:
+        raise RunDirectoryError(
+            f"{path} was written by a newer format (v{manifest['format_version']}); "
+            "upgrade influence_hooks to read it.")
+    return manifest

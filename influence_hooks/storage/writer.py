@@ -24,7 +24,7 @@ import h5py
 import numpy as np
 import torch
 
-from .. import __version__
+from .._version import __version__
 from ..errors import ConfigurationError, NonFiniteGradientError, RunDirectoryError, StorageError
 from . import format as fmt
 from .jsonio import read_json, write_json_atomic
@@ -56,6 +56,22 @@ class StepRecord:
     ready: Any = None
 
 
+@dataclass(frozen=True)
+class WriterOptions:
+    """How a rank's writer stores its shards (the recording options declare these once, here)."""
+
+    steps_per_shard: int = 256
+    max_shard_mb: float = 256.0
+    queue_size: int = 32
+    on_nonfinite: str = "warn"
+
+    def __post_init__(self) -> None:
+        if self.steps_per_shard < 1 or self.queue_size < 1 or self.max_shard_mb <= 0:
+            raise ConfigurationError("steps_per_shard, queue_size and max_shard_mb must be positive")
+        if self.on_nonfinite not in ("warn", "raise"):
+            raise ConfigurationError(f"on_nonfinite must be 'warn' or 'raise', got {self.on_nonfinite!r}")
+
+
 @dataclass
 class _ShardBuffer:
     index: int
@@ -77,19 +93,22 @@ class RunWriter:
     """
 
     def __init__(self, path: Path, manifest: dict[str, Any], rank: int, rank_state: dict[str, Any],
-                 next_shard: int, storage_dtype: str, steps_per_shard: int, max_shard_mb: float,
-                 queue_size: int, on_nonfinite: str):
+                 next_shard: int, options: WriterOptions):
         self.path = path
         self.manifest = manifest
         self.rank = rank
         self._rank_state = rank_state
+        storage_dtype = manifest["storage_dtype"]
+        if storage_dtype not in fmt.STORAGE_DTYPES:
+            raise ConfigurationError(
+                f"storage dtype must be one of {fmt.STORAGE_DTYPES}, got {storage_dtype!r}")
         self._np_dtype = np.dtype(storage_dtype)
         self._torch_dtype = getattr(torch, storage_dtype)
-        self._steps_per_shard = steps_per_shard
-        self._max_shard_bytes = int(max_shard_mb * 2**20)
-        self._on_nonfinite = on_nonfinite
+        self._steps_per_shard = options.steps_per_shard
+        self._max_shard_bytes = int(options.max_shard_mb * 2**20)
+        self._on_nonfinite = options.on_nonfinite
         self._buffer = _ShardBuffer(next_shard)
-        self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
+        self._queue: queue.Queue = queue.Queue(maxsize=options.queue_size)
         self._error: BaseException | None = None
         self._bytes_written = 0
         self._shards_written = 0
@@ -100,7 +119,7 @@ class RunWriter:
     # ------------------------------------------------------------------ construction
     @classmethod
     def create(cls, path: str | os.PathLike, manifest: dict[str, Any], *, rank: int = 0,
-               overwrite: bool = False, **options: Any) -> "RunWriter":
+               overwrite: bool = False, options: WriterOptions = WriterOptions()) -> "RunWriter":
         """Start a new run in `path`. Refuses a directory that already holds a run unless overwrite."""
         path = Path(path)
         mpath = path / fmt.MANIFEST
@@ -129,7 +148,7 @@ class RunWriter:
         state = {"rank": rank, "segments": [{"from_step": 0, "first_shard": 0}], "complete": False,
                  "last_step": None, "final_step": None}
         write_json_atomic(path / fmt.rank_file_name(rank), state)
-        return cls(path, manifest, rank, state, 0, **_writer_options(manifest, options))
+        return cls(path, manifest, rank, state, 0, options)
 
     @staticmethod
     def check_new_run_dir(path: str | os.PathLike, *, overwrite: bool = False, rank: int = 0) -> None:
@@ -166,7 +185,7 @@ class RunWriter:
 
     @classmethod
     def resume(cls, path: str | os.PathLike, run_id: str, from_step: int, *, rank: int = 0,
-               **options: Any) -> "RunWriter":
+               options: WriterOptions = WriterOptions()) -> "RunWriter":
         """Continue run `run_id` in `path` from optimizer step `from_step` (a checkpoint's step).
 
         Rows of steps >= from_step in earlier shards are superseded: the reader drops them, so a
@@ -188,7 +207,7 @@ class RunWriter:
             parsed = fmt.parse_param_file_name(p.name)
             if parsed and parsed[1] == rank and parsed[2] >= from_step:
                 p.unlink()  # w_t of steps the resumed run records again
-        return cls(path, manifest, rank, state, next_shard, **_writer_options(manifest, options))
+        return cls(path, manifest, rank, state, next_shard, options)
 
     # ------------------------------------------------------------------ training-thread API
     def write_step(self, record: StepRecord) -> None:
@@ -469,16 +488,3 @@ def _safe_manifest(path: Path) -> dict[str, Any]:
         return read_json(path)
     except (OSError, ValueError):
         return {}
-
-
-def _writer_options(manifest: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
-    opts = dict(storage_dtype=manifest["storage_dtype"], steps_per_shard=256, max_shard_mb=256.0,
-                queue_size=32, on_nonfinite="warn")
-    unknown = set(options) - set(opts)
-    if unknown:
-        raise ConfigurationError(f"unknown RunWriter option(s): {sorted(unknown)}")
-    opts.update(options)
-    if opts["storage_dtype"] not in fmt.STORAGE_DTYPES:
-        raise ConfigurationError(
-            f"storage dtype must be one of {fmt.STORAGE_DTYPES}, got {opts['storage_dtype']!r}")
-    return opts

@@ -25,9 +25,9 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_map
 
-from ..errors import ConfigurationError
+from ...errors import ConfigurationError
 
 LossFn = Callable[[nn.Module, Any], Any]
 Params = dict[str, Tensor]
@@ -67,26 +67,6 @@ def _forward_replaced(model: nn.Module, fn: Callable[..., Any]) -> Iterator[None
             object.__setattr__(model, "forward", old)
         else:
             del model.__dict__["forward"]
-
-
-def batch_size_of(batch: Any) -> int:
-    leaves, _ = tree_flatten(batch)
-    sizes = {int(x.shape[0]) for x in leaves if isinstance(x, Tensor) and x.dim() > 0}
-    if not leaves or any(not isinstance(x, Tensor) or x.dim() == 0 for x in leaves) or len(sizes) != 1:
-        raise ConfigurationError(
-            "a batch must be a tensor or a tuple/list/dict of tensors that all hold the samples along "
-            f"dim 0 (non-tensor items cannot be split per sample); got leaves "
-            f"{[type(x).__name__ if not isinstance(x, Tensor) else tuple(x.shape) for x in leaves]}.")
-    return sizes.pop()
-
-
-def cast_batch(batch: Any, dtype: torch.dtype, device: torch.device) -> Any:
-    """Floating tensors to dtype, every tensor to device."""
-    def f(x: Any) -> Any:
-        if isinstance(x, Tensor):
-            return x.to(device=device, dtype=dtype if x.is_floating_point() else x.dtype)
-        return x
-    return tree_map(f, batch)
 
 
 def _one(s: Any) -> Any:

@@ -11,9 +11,11 @@ from __future__ import annotations
 from collections import deque
 from typing import Any, Iterator
 
+import numpy as np
+import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from .errors import SampleIdError
+from ..errors import SampleIdError
 
 
 class IndexedDataset(Dataset):
@@ -85,3 +87,28 @@ NO_IDS_HELP = (
     "the dataset, `IndexedDataset(dataset)` (items become (index, sample) and the training_step "
     "unpacks `ids, batch = batch`), or pass `sample_ids=lambda batch, batch_idx: ...` returning the "
     "batch's sample ids (e.g. batch['idx']) to InfluenceCallback.")
+
+
+def as_ids(sample_ids: Any) -> Any:
+    """Sample ids as an int64 numpy array, or as a 1-D integer tensor left on its GPU (reading
+    it here would synchronise with the device every step)."""
+    if isinstance(sample_ids, torch.Tensor) and sample_ids.device.type != "cpu":
+        if sample_ids.dim() != 1 or sample_ids.is_floating_point() or sample_ids.is_complex():
+            raise SampleIdError(f"sample ids must be a 1-D tensor of integers (dataset indices), got "
+                                f"{sample_ids.dtype} of shape {tuple(sample_ids.shape)}.")
+        return sample_ids.to(torch.int64)
+    if isinstance(sample_ids, torch.Tensor):
+        sample_ids = sample_ids.detach().numpy()
+    ids = np.asarray(sample_ids)
+    if ids.ndim != 1 or not (np.issubdtype(ids.dtype, np.integer)):
+        raise SampleIdError(f"sample ids must be a 1-D sequence of integers (dataset indices), got "
+                            f"{ids.dtype} array of shape {ids.shape}.")
+    return ids.astype(np.int64)
+
+
+def concat_ids(parts: list[Any]) -> Any:
+    """The ids of a step's micro-batches, in order (a device tensor if any part is one)."""
+    if all(isinstance(p, np.ndarray) for p in parts):
+        return np.concatenate(parts)
+    dev = next(p.device for p in parts if isinstance(p, torch.Tensor))
+    return torch.cat([torch.as_tensor(p, device=dev) for p in parts])

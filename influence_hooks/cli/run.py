@@ -1,25 +1,35 @@
-"""`influence-hooks`: the command line. Each area of the library adds its own subcommands."""
+"""Subcommands about a recorded run itself: `info` and `verify`."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
-from typing import Sequence
-
-from .errors import InfluenceHooksError
-from .storage.reader import open_run
 
 
-def _format_bytes(n: int) -> str:
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("info", help="summary of a recorded run")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--skip-corrupt", action="store_true", help="leave unreadable shards out")
+    p.set_defaults(func=cmd_info)
+    p = sub.add_parser("verify", help="read every shard in full and report problems (exit 1 if any; "
+                                      "an interrupted run is noted, not a problem)")
+    p.add_argument("run", help="run directory")
+    p.set_defaults(func=cmd_verify)
+
+
+def format_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1024
     return f"{n} B"
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    from ..aggregate.notes import run_notes
+    from ..storage.reader import open_run
+
     run = open_run(args.run, on_corrupt="skip" if args.skip_corrupt else "raise")
     info = run.info()
     if args.json:
@@ -36,7 +46,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"optimizer  {info['optimizer']}   precision {info['precision']}")
     print(f"queries    {info['queries']} queries at {info['query_steps']} steps")
     print(f"params     {info['snapshots']} snapshots, {info['checkpoints']} checkpoints")
-    print(f"disk       {_format_bytes(info['size_bytes'])} in {info['shards']} shards")
+    print(f"disk       {format_bytes(info['size_bytes'])} in {info['shards']} shards")
     if info["nonfinite_steps"]:
         print(f"non-finite {len(info['nonfinite_steps'])} flagged steps: {info['nonfinite_steps'][:10]}")
     if info["skipped_shards"]:
@@ -45,12 +55,14 @@ def cmd_info(args: argparse.Namespace) -> int:
     width = max(len(l["name"]) for l in info["layers"])
     for l in info["layers"]:
         print(f"  {l['name']:<{width}}  {l['rule']:<12} grad {l['grad_dim']:>9} -> {l['dim']:>6} ({l['projection']})")
-    for note in run.approximations():
+    for note in run_notes(run):
         print(f"note       {note}")
     return 0
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    from ..storage.reader import open_run
+
     run = open_run(args.run, on_corrupt="skip")
     problems = run.verify(require_complete=False)
     for p in problems:
@@ -62,43 +74,3 @@ def cmd_verify(args: argparse.Namespace) -> int:
         return 1
     print(f"OK  {args.run}: {len(run.steps)} steps, every shard and parameter file reads in full")
     return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    from .aggregate.cli import add_commands as add_aggregate_commands
-    from .report.cli import add_commands as add_report_commands
-
-    parser = argparse.ArgumentParser(
-        prog="influence-hooks",
-        description="Which training samples shaped this model, and when did they matter?")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    p = sub.add_parser("info", help="summary of a recorded run")
-    p.add_argument("run", help="run directory")
-    p.add_argument("--json", action="store_true", help="print the summary as JSON")
-    p.add_argument("--skip-corrupt", action="store_true", help="leave unreadable shards out")
-    p.set_defaults(func=cmd_info)
-    p = sub.add_parser("verify", help="read every shard in full and report problems (exit 1 if any; "
-                                      "an interrupted run is noted, not a problem)")
-    p.add_argument("run", help="run directory")
-    p.set_defaults(func=cmd_verify)
-    add_aggregate_commands(sub)
-    add_report_commands(sub)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["fit"]:  # LightningCLI parses its own arguments
-        from .report.cli import run_lightning_cli
-        return run_lightning_cli(argv[1:])
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except InfluenceHooksError as e:
-        print(f"influence-hooks {args.command}: error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,9 +1,7 @@
-"""Command-line subcommands of the aggregators: tracin, dit, dvemb, self-influence.
+"""Subcommands of the aggregators: tracin, dit, dvemb, self-influence.
 
 `add_commands(subparsers)` adds them to an argparse parser; each sets `func`, which takes the
-parsed namespace, prints a readable summary and returns an exit code:
-
-    args = parser.parse_args(); sys.exit(args.func(args))
+parsed namespace, prints a readable summary and returns an exit code.
 """
 
 from __future__ import annotations
@@ -12,15 +10,8 @@ import argparse
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
-
+from .. import windows as W
 from ..errors import ConfigurationError
-from ..storage.reader import Run, open_run
-from ._common import DEFAULT_CHUNK_ROWS
-from .dit import dit
-from .dvemb import DataValueEmbeddings, dvemb
-from .results import InfluenceScores
-from .tracin import self_influence, tracin
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -60,7 +51,8 @@ def _command(subparsers: argparse._SubParsersAction, name: str, help: str,
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--device", default=None, help="e.g. cuda, cuda:1 (default cpu)")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
-    p.add_argument("--chunk-rows", type=int, default=DEFAULT_CHUNK_ROWS, help="rows per block read (memory bound)")
+    p.add_argument("--chunk-rows", type=int, default=None,
+                   help="rows per block read, which bounds memory (default 4096)")
     p.add_argument("--top", type=int, default=5, help="proponents/opponents shown per query")
     p.add_argument("--show-queries", type=int, default=3, help="queries shown in the summary")
     p.set_defaults(func=func)
@@ -68,69 +60,36 @@ def _command(subparsers: argparse._SubParsersAction, name: str, help: str,
 
 
 # ---------------------------------------------------------------------- argument parsing
-WINDOW_FORMS = "half-open step windows T1:T2, comma-separated (e.g. 0:100 or 0:100,100:200)"
-EPOCH_FORMS = ("'each' alone, or epochs E and epoch ranges E1:E2 (epochs E1..E2-1), comma-separated "
-               "(e.g. 3 or 0:2 or 0,2:4)")
+def _argparse_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """An argparse type from a windows parser: malformed text is a usage error naming the forms."""
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    convert.__name__ = parse.__name__
+    return convert
 
 
-def _items(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
-
-
-def _pair(text: str) -> tuple[int, int]:
-    a, b = text.split(":")  # ValueError unless exactly one ':'
-    return int(a), int(b)
-
-
-def parse_windows(text: str) -> list[tuple[int, int]]:
-    """'T1:T2,...' -> [(t1, t2), ...]. An argparse type: malformed text is a usage error."""
-    try:
-        wins = [_pair(item) for item in _items(text)]
-    except ValueError:
-        wins = []
-    if not wins:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected {WINDOW_FORMS}")
-    return wins
-
-
-def parse_epochs(text: str) -> str | list[int | tuple[int, int]]:
-    """'each' | 'E,E1:E2,...' -> 'each' | [e or (e1, e2), ...], the aggregators' epochs=.
-    An argparse type: malformed text is a usage error."""
-    items = _items(text)
-    if items == ["each"]:
-        return "each"
-    try:
-        eps = [_pair(item) if ":" in item else int(item) for item in items]
-    except ValueError:
-        eps = []
-    if not eps:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected {EPOCH_FORMS}")
-    return eps
+parse_windows = _argparse_type(W.parse_windows_text)
+parse_epochs = _argparse_type(W.parse_epochs_text)
 
 
 def window_args(args: argparse.Namespace) -> dict[str, Any]:
     """The window keyword arguments for an aggregator from --window / --epochs (parsed, appended)."""
-    if args.window and args.epochs:
-        raise ConfigurationError("give --window or --epochs, not both")
-    if args.window:
-        wins = [w for item in args.window for w in item]
-        return {"windows": wins} if len(wins) > 1 else {"window": wins[0]}
-    if args.epochs:
-        if "each" in args.epochs:
-            if len(args.epochs) > 1:
-                raise ConfigurationError(f"--epochs: expected {EPOCH_FORMS}")
-            return {"epochs": "each"}
-        eps = [e for item in args.epochs for e in item]
-        return {"epochs": eps} if len(eps) > 1 else {"epochs": eps[0]}
-    return {}
+    return W.window_kwargs(args.window, args.epochs)
 
 
 def _common(args: argparse.Namespace) -> dict[str, Any]:
-    return dict(chunk_rows=args.chunk_rows, dtype=getattr(torch, args.dtype), device=args.device,
-                progress=not args.quiet)
+    import torch
+
+    out = dict(dtype=getattr(torch, args.dtype), device=args.device, progress=not args.quiet)
+    if args.chunk_rows is not None:
+        out["chunk_rows"] = args.chunk_rows
+    return out
 
 
-def _emit(args: argparse.Namespace, results: InfluenceScores | list[InfluenceScores]) -> int:
+def _emit(args: argparse.Namespace, results: Any) -> int:
     many = isinstance(results, list)
     for r in results if many else [results]:
         print(r.summary(k=args.top, max_queries=args.show_queries))
@@ -146,17 +105,23 @@ def _emit(args: argparse.Namespace, results: InfluenceScores | list[InfluenceSco
 
 
 # ---------------------------------------------------------------------- commands
-def _open(args: argparse.Namespace) -> Run:
+def _open(args: argparse.Namespace) -> Any:
+    from ..storage.reader import open_run
+
     return open_run(args.run)
 
 
 def _run_tracin(args: argparse.Namespace) -> int:
+    from ..aggregate import tracin
+
     with _open(args) as run:
         return _emit(args, tracin(run, **window_args(args), before_first_query=args.before_first_query,
                                   **_common(args)))
 
 
 def _run_dit(args: argparse.Namespace) -> int:
+    from ..aggregate import dit
+
     ev = args.eval_step
     if ev is not None and ev != "final":
         try:
@@ -169,11 +134,15 @@ def _run_dit(args: argparse.Namespace) -> int:
 
 
 def _run_self_influence(args: argparse.Namespace) -> int:
+    from ..aggregate import self_influence
+
     with _open(args) as run:
         return _emit(args, self_influence(run, **window_args(args), **_common(args)))
 
 
 def _run_dvemb(args: argparse.Namespace) -> int:
+    from ..aggregate import DataValueEmbeddings, dvemb
+
     bd = {"auto": None, "true": True, "false": False}[args.block_diagonal]
     with _open(args) as run:
         path = Path(args.emb_path) if args.emb_path else None
@@ -190,18 +159,4 @@ def _run_dvemb(args: argparse.Namespace) -> int:
                 print(f"no query gradients recorded at the end of training (step {T}); score queries later "
                       "with DataValueEmbeddings.load(path).scores(u_q(T)).")
                 return 0
-            c = _common(args)
-            return _emit(args, emb.scores(run.query_gradients(T), **window_args(args), chunk_rows=c["chunk_rows"],
-                                          dtype=c["dtype"], device=c["device"], progress=c["progress"]))
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run one aggregator subcommand on its own (the package CLI wires add_commands itself)."""
-    parser = argparse.ArgumentParser(prog="influence-hooks")
-    add_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+            return _emit(args, emb.scores(run.query_gradients(T), **window_args(args), **_common(args)))

@@ -1,28 +1,23 @@
-"""Command-line subcommands of the reports: `compare`, `demo` and `fit` (LightningCLI).
+"""Subcommand of the reports: `compare`.
 
     influence-hooks compare RUN --epochs each [--method dit] [--corrupted auto|FILE] [--out DIR]
     influence-hooks compare RUN --windows 0:100,100:200,200:300
-    influence-hooks demo [--out DIR]
-    influence-hooks fit --config configs/digits.yaml      # LightningCLI: train and record a run
-
-`add_commands(subparsers)` adds them; each sets `func(args) -> exit code`.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
-from ..aggregate.cli import parse_epochs, parse_windows
 from ..errors import ConfigurationError
+from .aggregate import parse_epochs, parse_windows
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
-    """Add the subcommands `compare`, `demo` and `fit`."""
+    """Add the subcommand `compare`."""
     p = subparsers.add_parser(
         "compare", help="compare per-sample influence across windows of training; writes a report",
         description="Per-sample influence in each window, Spearman correlations between windows, time "
@@ -61,32 +56,6 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_compare)
 
-    from .demo import DEFAULTS
-    p = subparsers.add_parser(
-        "demo", help="train a small model on noisy digits, record it, and write the window report",
-        description="Trains an MLP on scikit-learn's digits with 10% flipped labels while recording, "
-                    "computes per-epoch influence and writes a report (under 5 minutes on a CPU).")
-    p.add_argument("--out", default="influence_demo", help="output directory (default ./influence_demo)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    quick = p.add_argument_group("smaller or different runs (for quick checks)")
-    quick.add_argument("--epochs", type=int, default=None, help=f"epochs (default {DEFAULTS['epochs']})")
-    quick.add_argument("--n-train", dest="n_train", type=int, default=None,
-                       help="training samples (default: all 1497 not held out)")
-    quick.add_argument("--n-queries", dest="n_queries", type=int, default=None,
-                       help=f"validation queries (default {DEFAULTS['n_queries']})")
-    quick.add_argument("--label-noise", dest="label_noise", type=float, default=None,
-                       help=f"fraction of flipped training labels (default {DEFAULTS['label_noise']})")
-    quick.add_argument("--lr", type=float, default=None, help=f"SGD learning rate (default {DEFAULTS['lr']})")
-    quick.add_argument("--seed", type=int, default=None, help=f"seed (default {DEFAULTS['seed']})")
-    p.set_defaults(func=cmd_demo)
-
-    p = subparsers.add_parser(
-        "fit", help="LightningCLI: train and record, e.g. fit --config configs/digits.yaml",
-        description="Runs LightningCLI's fit with the remaining arguments (see fit --help).",
-        add_help=False, prefix_chars="+")  # '+': every '-'/'--' argument belongs to LightningCLI
-    p.add_argument("lightning_args", nargs=argparse.REMAINDER)
-    p.set_defaults(func=lambda args: run_lightning_cli(args.lightning_args))
-
 
 # ---------------------------------------------------------------------- compare
 def parse_query(text: str) -> Any:
@@ -117,8 +86,8 @@ def read_corrupted(spec: str) -> Any:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    from ..report import PatternRules, compare_windows
     from ..storage.reader import open_run
-    from .compare import PatternRules, compare_windows
 
     run = open_run(args.run)
     kw: dict[str, Any] = {}
@@ -139,46 +108,3 @@ def cmd_compare(args: argparse.Namespace) -> int:
         print("  (no corrupted ids in the run's metadata: pass --corrupted FILE for detection quality)")
     print(f"report: {report}")
     return 0
-
-
-# ---------------------------------------------------------------------- demo
-def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import DEFAULTS, demo
-
-    settings = {k: getattr(args, k) for k in DEFAULTS if getattr(args, k, None) is not None}
-    demo(args.out, progress=not args.quiet, **settings)
-    return 0
-
-
-# ---------------------------------------------------------------------- fit
-def run_lightning_cli(argv: Sequence[str]) -> int:
-    """LightningCLI's `fit` with argv (e.g. ['--config', 'configs/digits.yaml']).
-
-    Model, data and callbacks come from the config by class_path (see configs/*.yaml); with
-    influence_hooks.InfluenceCallback the run directory it names is recorded.
-    """
-    from lightning.pytorch.cli import LightningCLI
-
-    argv = list(argv)
-    if argv[:1] == ["fit"]:
-        argv = argv[1:]
-    # LightningCLI reads sys.argv (passing args= as well makes it warn), so it gets ours
-    saved = sys.argv
-    sys.argv = ["influence-hooks", "fit", *argv]
-    try:
-        LightningCLI(save_config_kwargs={"overwrite": True})
-    finally:
-        sys.argv = saved
-    return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """These subcommands alone (the full CLI is influence_hooks.cli.main)."""
-    parser = argparse.ArgumentParser(prog="influence-hooks")
-    add_commands(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
-    args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

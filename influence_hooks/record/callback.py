@@ -3,17 +3,17 @@ LightningModule. A thin layer over GradientRecorder."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
 from lightning.pytorch.utilities import move_data_to_device
-from torch.utils.data import Dataset, Subset, default_collate
 
-from .errors import ConfigurationError, SampleIdError
+from ..batches import as_batch, training_step_loss
+from ..errors import ConfigurationError, SampleIdError
 from .ids import NO_IDS_HELP, IndexedDataset, TrackedBatchSampler, ids_from_indexed_batch, track_loader
-from .recorder import GradientRecorder, RecordingConfig
+from .options import RecordingConfig
+from .recorder import GradientRecorder
 
 
 class InfluenceCallback(pl.Callback):
@@ -30,48 +30,31 @@ class InfluenceCallback(pl.Callback):
     `influence_metadata()`, its dict is stored in the run's metadata under "data" (the demo
     stores the ids of its flipped labels there).
     Resuming from a Lightning checkpoint continues the same run directory.
-    See RecordingConfig for every other option.
+    Every recording option (layers=, projection=, snapshot_windows=, ...) is a field of
+    RecordingConfig, given as a keyword argument or all together as config=RecordingConfig(...).
     """
 
     def __init__(
         self,
         run_dir: str,
-        layers: Sequence[str] | str | None = None,
-        layer_types: Sequence[str] | None = None,
-        exclude: Sequence[str] | None = None,
-        projection: int | str | dict[str, int] | None = 1024,
-        projection_kind: str = "auto",
-        seed: int = 0,
-        loss_reduction: str = "mean",
-        storage_dtype: str | None = None,
+        *,
         queries: Any = None,
         queries_from: str | None = None,
         query_loss_fn: Callable[[pl.LightningModule, Any], torch.Tensor] | None = None,
-        query_every_n_steps: int | None = None,
         sample_ids: Callable[[Any, int], Any] | None = None,
-        snapshot_every_n_steps: int | None = None,
-        snapshot_windows: Sequence[Sequence[int]] | None = None,
-        snapshot_scope: str = "layers",
-        checkpoint_every_n_steps: int | None = None,
-        on_nonfinite: str = "warn",
-        steps_per_shard: int = 256,
-        queue_size: int = 32,
-        overwrite: bool = False,
         metadata: dict[str, Any] | None = None,
+        config: RecordingConfig | None = None,
+        **options: Any,
     ):
         super().__init__()
         self.run_dir = str(run_dir)
-        self.config = RecordingConfig(
-            layers=layers, layer_types=layer_types, exclude=exclude, projection=projection,
-            projection_kind=projection_kind, seed=seed, loss_reduction=loss_reduction,
-            storage_dtype=storage_dtype, query_every_n_steps=query_every_n_steps,
-            snapshot_every_n_steps=snapshot_every_n_steps, snapshot_windows=snapshot_windows,
-            snapshot_scope=snapshot_scope, checkpoint_every_n_steps=checkpoint_every_n_steps,
-            on_nonfinite=on_nonfinite, steps_per_shard=steps_per_shard, queue_size=queue_size,
-            overwrite=overwrite)
+        if config is not None and options:
+            raise ConfigurationError(f"pass either config= or recording options ({sorted(options)}), not both")
+        # RecordingConfig(**options) written out, so LightningCLI (jsonargparse) sees every field
+        self.config = config if config is not None else RecordingConfig(**options)
         if queries is not None and queries_from is not None:
             raise ConfigurationError("pass queries= or queries_from=, not both.")
-        self.query_batch, self.query_ids = _query_batch(queries)
+        self.query_batch, self.query_ids = as_batch(queries)
         self.queries_from = queries_from
         self.query_loss_fn = query_loss_fn
         self.sample_ids = sample_ids
@@ -139,7 +122,7 @@ class InfluenceCallback(pl.Callback):
             queries = move_data_to_device(self.query_batch, pl_module.device)
         self.recorder = GradientRecorder(
             self.run_dir, pl_module, queries=queries,
-            query_loss_fn=(self.query_loss_fn or _training_step_loss) if queries is not None else None,
+            query_loss_fn=(self.query_loss_fn or training_step_loss) if queries is not None else None,
             query_ids=self.query_ids, config=self.config, metadata=self.metadata,
             precision=str(trainer.precision), rank=trainer.global_rank)
         extra = {
@@ -165,7 +148,7 @@ class InfluenceCallback(pl.Callback):
                 "has it. Give the data module a method of that name returning a Dataset (e.g. a "
                 "Subset of the validation set) or one batch, or pass queries= in Python.")
         source = getattr(holder, self.queries_from)
-        self.query_batch, self.query_ids = _query_batch(source() if callable(source) else source)
+        self.query_batch, self.query_ids = as_batch(source() if callable(source) else source)
         describe = getattr(dm, "influence_metadata", None)
         if callable(describe):
             self.metadata = {**(self.metadata or {}), "data": describe()}
@@ -217,32 +200,3 @@ class InfluenceCallback(pl.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._resume_state = dict(state_dict) if state_dict.get("run_id") else None
-
-
-def _training_step_loss(pl_module: pl.LightningModule, batch: Any) -> torch.Tensor:
-    """The query loss by default: the module's own training_step, with its logging muted."""
-    mute = lambda *a, **k: None  # noqa: E731
-    pl_module.log, pl_module.log_dict = mute, mute  # instance attributes shadow the methods
-    try:
-        out = pl_module.training_step(batch, 0)
-    finally:
-        del pl_module.log, pl_module.log_dict
-    if isinstance(out, dict):
-        out = out["loss"]
-    if not isinstance(out, torch.Tensor):
-        raise ConfigurationError("training_step returned no loss tensor for the query batch; pass "
-                                 "query_loss_fn=(module, batch) -> loss to InfluenceCallback.")
-    return out
-
-
-def _query_batch(queries: Any) -> tuple[Any, np.ndarray | None]:
-    """Queries as one collated batch, with their ids (Subset indices where available)."""
-    if queries is None:
-        return None, None
-    if isinstance(queries, Dataset):
-        items = [queries[i] for i in range(len(queries))]  # type: ignore[arg-type]
-        if not items:
-            raise ConfigurationError("queries is an empty dataset.")
-        ids = np.asarray(queries.indices, np.int64) if isinstance(queries, Subset) else np.arange(len(items))
-        return default_collate(items), ids
-    return queries, None

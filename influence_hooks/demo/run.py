@@ -1,6 +1,6 @@
 """The demo: record a real training run, then ask when each training sample mattered.
 
-    influence-hooks demo [--out DIR]        # or: from influence_hooks.report.demo import demo; demo()
+    influence-hooks demo [--out DIR]        # or: from influence_hooks.demo.run import demo; demo()
 
 1. Trains a small MLP (DigitsMLP) on scikit-learn's bundled 8x8 digits (no download) with 10% of
    the training labels flipped to a wrong class at random (fixed seed), with plain SGD, while
@@ -27,12 +27,10 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ..errors import ConfigurationError
-from .compare import WHOLE_RUN, PatternRules, WindowComparison, compare_windows
-from .plots import method_name
-from .render import Finding, findings
-
-DEFAULTS = dict(epochs=10, n_train=None, n_val=300, n_queries=150, label_noise=0.1, lr=0.1, hidden=64,
-                batch_size=32, projection=1024, query_every_n_steps=4, seed=0)
+from ..report.compare import WHOLE_RUN, PatternRules, WindowComparison, compare_windows
+from ..report.plots import method_name
+from ..report.render import Finding, findings
+from .settings import DEFAULTS
 
 
 @dataclass
@@ -77,8 +75,8 @@ def train_and_record(run_dir: str | Path, *, progress: bool = True, **settings: 
     """
     import lightning.pytorch as pl
 
-    from ..callback import InfluenceCallback
-    from ..models import DigitsDataModule, DigitsMLP
+    from ..record.callback import InfluenceCallback
+    from .models import DigitsDataModule, DigitsMLP
 
     s = {**DEFAULTS, **settings}
     pl.seed_everything(s["seed"], verbose=False)

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
-from .errors import ConfigurationError
+from ..errors import ConfigurationError
 
 
 # ---------------------------------------------------------------------- data

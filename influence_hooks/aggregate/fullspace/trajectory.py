@@ -5,18 +5,18 @@ Two sources, chosen per call (`ParameterTrajectory.plan`):
 - snapshots recorded during training (RecordingConfig.snapshot_every_n_steps / snapshot_windows),
   when one exists at every step needed: read from disk one step at a time, newest first;
 - a replay of the recorded steps from the latest checkpoint at or before the range (with the
-  recorded batch ids and learning rates, and torch.optim.SGD's update: momentum, dampening,
-  Nesterov, weight decay). For plain SGD, which keeps no optimizer state, a snapshot of the whole
-  model is as good a starting point as a checkpoint.
+  recorded batch ids and learning rates, and the optimizer's update from `optimizers.py`). For an
+  optimizer without state (plain SGD), a snapshot of the whole model is as good a starting point
+  as a checkpoint.
 
 The backward recursion visits steps newest first, a replay produces them oldest first. A replay
 keeps at most `max_memory` bytes of parameter vectors (|w| bytes each): when the n steps of the range
 fit, one forward replay keeps every w_t. Otherwise the range is cut into segments: a first replay
-keeps the state (w, and the momentum buffer) at each segment start, then each segment, last first,
+keeps the state (w, and the optimizer's state) at each segment start, then each segment, last first,
 is replayed again from its start into memory and handed out newest first. With segments of
 S ~ sqrt(n * state/|w|) steps the starts and one segment fit in memory together when
 S + (n / S) * state/|w| <= max_memory / |w|; otherwise segments get max_memory / |w| steps and their
-starts go to a temporary directory (cache_dir). Cost: one SGD step (a forward and backward pass
+starts go to a temporary directory (cache_dir). Cost: one optimizer step (a forward and backward pass
 over the batch) per step from the checkpoint to the range, and one, or two when in segments, per
 step of the range.
 """
@@ -28,80 +28,29 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor
 
-from ..errors import ConfigurationError, MissingDataError
-from ..storage.reader import Run
-from . import _common as C
+from ...errors import ConfigurationError, MissingDataError, short_list
+from ...storage.reader import Run
+from .optimizers import OptimizerForm
 
 Params = dict[str, Tensor]
 #: grad_fn(step, params) -> grad L_step at params, for every trainable parameter
 GradFn = Callable[[int, Params], Params]
 
-_SGD_KEYS = ("momentum", "dampening", "weight_decay", "nesterov", "maximize")
-
-
-@dataclass(frozen=True)
-class SGDForm:
-    """The update w_{t+1} = w_t - eta_t s_t of torch.optim.SGD (one parameter group):
-    d = grad + weight_decay * w; b = d at the first step, else momentum * b + (1 - dampening) * d;
-    s = d + momentum * b (Nesterov), b (momentum), d (no momentum)."""
-
-    momentum: float = 0.0
-    dampening: float = 0.0
-    weight_decay: float = 0.0
-    nesterov: bool = False
-
-    @property
-    def plain(self) -> bool:
-        return self.momentum == 0.0 and self.weight_decay == 0.0
-
-    @property
-    def stateless(self) -> bool:
-        return self.momentum == 0.0
-
-    def describe(self) -> str:
-        if self.plain:
-            return "plain SGD"
-        parts = [f"momentum {self.momentum:g}" + (" (Nesterov)" if self.nesterov else "")
-                 + (f", dampening {self.dampening:g}" if self.dampening else "")] if self.momentum else []
-        if self.weight_decay:
-            parts.append(f"weight decay {self.weight_decay:g}")
-        return "SGD with " + ", ".join(parts)
-
-
-def sgd_form(run: Run) -> SGDForm | None:
-    """The run's optimizer as an SGDForm, or None when it is not torch.optim.SGD (or unknown)."""
-    opt = run.optimizer
-    if not opt or opt.get("name") != "SGD":
-        return None
-    groups = opt.get("param_groups") or [{}]
-    keys = [tuple(g.get(k) for k in _SGD_KEYS) for g in groups]
-    lrs = {g.get("initial_lr", g.get("lr")) for g in groups}
-    if len(set(keys)) > 1 or len(lrs) > 1:
-        raise ConfigurationError(
-            f"the run's SGD has {len(groups)} parameter groups with different hyperparameters "
-            f"({[dict(zip(('lr',) + _SGD_KEYS, (g.get('lr'),) + k)) for g, k in zip(groups, keys)]}); the "
-            "recording does not say which parameter is in which group, so the update cannot be replayed. "
-            "Record snapshots at every step of the window (snapshot_windows=[(t1, t_e + 1)]).")
-    g = groups[0]
-    if g.get("maximize"):
-        raise ConfigurationError("the run's SGD maximizes (maximize=True); exact curvature assumes a "
-                                 "minimized loss.")
-    return SGDForm(momentum=float(g.get("momentum") or 0.0), dampening=float(g.get("dampening") or 0.0),
-                   weight_decay=float(g.get("weight_decay") or 0.0), nesterov=bool(g.get("nesterov")))
-
 
 @dataclass
 class State:
-    """w_t and the momentum buffers b_{t-1} (None: no buffer yet, step t is the first SGD step)."""
+    """w_t and the optimizer state before step t (None where unknown or not needed). first: step t
+    is the optimizer's first (its state starts fresh there)."""
 
     step: int
     params: Params
-    bufs: Params | None
+    opt: dict[str, Any] | None
+    first: bool
 
 
 @dataclass
@@ -125,21 +74,21 @@ class Plan:
 
 
 class ParameterTrajectory:
-    """Yields (t, w_t) for t = hi, hi - 1, ..., lo.
+    """Yields the states (t, w_t, optimizer state) for t = hi, hi - 1, ..., lo.
 
     names: every parameter the caller needs in w_t (the model's trainable parameters for a replay).
     init: values for names no snapshot holds (the model's own) and the buffers.
-    sgd: the update to replay (None: no replay possible). grad_fn: see GradFn.
+    form: the optimizer update to replay (None: no replay possible). grad_fn: see GradFn.
     source: 'auto' | 'snapshots' | 'replay'. max_memory: bytes of parameter vectors kept at once.
     """
 
-    def __init__(self, run: Run, names: list[str], init: Params, sgd: SGDForm | None, grad_fn: GradFn, *,
+    def __init__(self, run: Run, names: list[str], init: Params, form: OptimizerForm | None, grad_fn: GradFn, *,
                  dtype: torch.dtype, device: torch.device, source: str = "auto",
                  max_memory: int = 2 << 30, cache_dir: str | None = None,
                  snapshot_names: list[str] | None = None):
         if source not in ("auto", "snapshots", "replay"):
             raise ConfigurationError(f"source must be 'auto', 'snapshots' or 'replay', got {source!r}")
-        self.run, self.names, self.init, self.sgd, self.grad_fn = run, list(names), init, sgd, grad_fn
+        self.run, self.names, self.init, self.form, self.grad_fn = run, list(names), init, form, grad_fn
         self.dtype, self.device, self.source = dtype, device, source
         self.max_memory, self.cache_dir = int(max_memory), cache_dir
         # names that must come from snapshots for the snapshot source (others are held at init)
@@ -153,11 +102,7 @@ class ParameterTrajectory:
     # ------------------------------------------------------------------ planning
     def _snapshot_keys(self, step: int) -> set[str]:
         if step not in self._snap_names:
-            import h5py
-
-            from ..storage import format as fmt
-            with h5py.File(self.run._param_path(step, "snapshot"), "r") as f:
-                self._snap_names[step] = set(f[fmt.PARAMS_GROUP].keys())
+            self._snap_names[step] = self.run.parameter_names(step, "snapshot")
         return self._snap_names[step]
 
     def _full_snapshot(self, step: int) -> bool:
@@ -182,7 +127,7 @@ class ParameterTrajectory:
             budget = self.max_memory // max(self.vector_bytes, 1)  # parameter vectors
             if n <= budget:
                 return Plan("replay", lo, hi, start=step, start_kind=kind)
-            per_state = 1 if self.sgd.stateless else 2
+            per_state = 1 + len(self.form.slots)
             seg = max(1, math.ceil(math.sqrt(n * per_state)))
             if seg + math.ceil(n / seg) * per_state <= budget:
                 return Plan("replay", lo, hi, start=step, start_kind=kind, segment=seg, states_on_disk=False)
@@ -201,7 +146,7 @@ class ParameterTrajectory:
             raise MissingDataError(
                 f"source='snapshots' needs a parameter snapshot at every step {lo}..{hi}; "
                 f"{(hi - lo + 1) - len(have)} of them are missing (snapshots at "
-                f"{C.short_list(sorted(snaps))}). Record snapshot_windows=[({lo}, {hi + 1})], or let the "
+                f"{short_list(sorted(snaps))}). Record snapshot_windows=[({lo}, {hi + 1})], or let the "
                 "parameters be replayed from a checkpoint (source='auto').")
         raise MissingDataError(
             f"exact curvature needs the parameters w_t at steps {lo}..{hi}, and the run has "
@@ -211,10 +156,10 @@ class ParameterTrajectory:
             "before the window).")
 
     def _replay_start(self, lo: int) -> tuple[int, str] | None:
-        if self.sgd is None:
+        if self.form is None:
             return None
         cands = [(int(t), "checkpoint") for t in self.run.checkpoint_steps if t <= lo]
-        if self.sgd.stateless:
+        if self.form.stateless:
             cands += [(int(t), "snapshot") for t in self.run.snapshot_steps
                       if t <= lo and self._full_snapshot(int(t))]
         if not cands:
@@ -223,13 +168,13 @@ class ParameterTrajectory:
 
     def _why_no_replay(self, lo: int, hi: int) -> str:
         snaps = self.run.snapshot_steps
-        parts = [f"snapshots at {C.short_list(snaps)}" if len(snaps) else "no parameter snapshots"]
+        parts = [f"snapshots at {short_list(snaps)}" if len(snaps) else "no parameter snapshots"]
         ck = self.run.checkpoint_steps
-        if self.sgd is None:
+        if self.form is None:
             parts.append(f"its optimizer ({self.run.optimizer.get('name', 'unknown')}) cannot be replayed "
                          "(only torch.optim.SGD can)")
         elif len(ck):
-            parts.append(f"no checkpoint at or before step {lo} (checkpoints at {C.short_list(ck)})")
+            parts.append(f"no checkpoint at or before step {lo} (checkpoints at {short_list(ck)})")
         else:
             parts.append("no checkpoints")
         return ", ".join(parts)
@@ -240,32 +185,29 @@ class ParameterTrajectory:
         if missing:
             raise MissingDataError(
                 f"replaying steps {a}..{b - 1} needs the batch (sample ids) of each, but steps "
-                f"{C.short_list(missing)} are not in the recording; record snapshots of the window instead.")
+                f"{short_list(missing)} are not in the recording; record snapshots of the window instead.")
 
     # ------------------------------------------------------------------ iteration
-    def reverse(self, plan: Plan) -> Iterator[tuple[int, Params, bool]]:
-        """(t, w_t, first) for t = plan.hi down to plan.lo; first: step t had no momentum buffer."""
+    def reverse(self, plan: Plan) -> Iterator[State]:
+        """The states for t = plan.hi down to plan.lo."""
         if plan.source == "snapshots":
             first = int(self.run.first_step)
             for t in range(plan.hi, plan.lo - 1, -1):
-                yield t, self._load_snapshot(t), t == first
+                yield State(t, self._load_snapshot(t), None, t == first)
             return
         state = self._load_start(plan)
         if plan.segment is None:
-            kept: list[tuple[int, Params, bool]] = []
-            for st in self._forward(state, plan.hi):
-                if st.step >= plan.lo:
-                    kept.append((st.step, st.params, st.bufs is None))
-            for item in reversed(kept):
-                yield item
+            kept = [st for st in self._forward(state, plan.hi) if st.step >= plan.lo]
+            yield from reversed(kept)
             return
         with tempfile.TemporaryDirectory(prefix="influence_hooks_replay_", dir=self.cache_dir) as tmp:
             starts = list(range(plan.lo, plan.hi + 1, plan.segment))
             kept_states: dict[int, State] = {}
             for st in self._forward(state, starts[-1]):
                 if st.step in starts:
-                    if plan.states_on_disk:
-                        torch.save({"params": st.params, "bufs": st.bufs}, Path(tmp) / f"state_{st.step}.pt")
+                    if plan.states_on_disk:  # a temporary cache of tensors, read with weights_only
+                        torch.save({"params": st.params, "opt": st.opt, "first": st.first},
+                                   Path(tmp) / f"state_{st.step}.pt")
                     else:
                         kept_states[st.step] = st
             for k in range(len(starts) - 1, -1, -1):
@@ -273,13 +215,11 @@ class ParameterTrajectory:
                     path = Path(tmp) / f"state_{starts[k]}.pt"
                     d = torch.load(path, weights_only=True)
                     path.unlink()
-                    begin = State(starts[k], d["params"], d["bufs"])
+                    begin = State(starts[k], d["params"], d["opt"], d["first"])
                 else:
                     begin = kept_states.pop(starts[k])
                 end = min(plan.hi, starts[k] + plan.segment - 1)
-                seg = [(s.step, s.params, s.bufs is None) for s in self._forward(begin, end)]
-                for item in reversed(seg):
-                    yield item
+                yield from reversed(list(self._forward(begin, end)))
 
     def _load_snapshot(self, t: int) -> Params:
         snap = self.run.load_parameters(t, "snapshot")
@@ -293,21 +233,20 @@ class ParameterTrajectory:
             raise MissingDataError(f"the {plan.start_kind} at step {plan.start} lacks parameter(s) "
                                    f"{missing[:5]}: the model does not match the run.")
         params = {n: vals[n].to(device=self.device, dtype=self.dtype) for n in self.names}
-        bufs = None
-        if plan.start_kind == "checkpoint" and not self.sgd.stateless:
-            opt = self.run.load_optimizer_state(plan.start)
-            if opt:
-                bufs = {n: (opt[n]["momentum_buffer"].to(device=self.device, dtype=self.dtype)
-                            if n in opt and "momentum_buffer" in opt[n] else torch.zeros_like(params[n]))
-                        for n in self.names}
-        return State(plan.start, params, bufs)
+        saved = None
+        if plan.start_kind == "checkpoint" and not self.form.stateless:
+            saved = {n: {k: v.to(device=self.device, dtype=self.dtype if v.is_floating_point() else v.dtype)
+                         for k, v in st.items()}
+                     for n, st in self.run.load_optimizer_state(plan.start).items()}
+        opt = self.form.init_state(params, saved)
+        return State(plan.start, params, opt, opt is None)
 
     def _forward(self, state: State, stop: int) -> Iterator[State]:
         """state at its step, then each following state up to step `stop`."""
         snaps = set(self.run.snapshot_steps.tolist())
         yield state
         while state.step < stop:
-            state = self._sgd_step(state)
+            state = self._step(state)
             self.replayed_steps += 1
             if state.step in snaps and state.step not in self._checked:
                 self._checked.add(state.step)
@@ -315,24 +254,13 @@ class ParameterTrajectory:
             yield state
 
     @torch.no_grad()
-    def _sgd_step(self, state: State) -> State:
+    def _step(self, state: State) -> State:
         t = state.step
-        i = self.run.step_position(t)
-        lr = float(self.run.lrs[i])
-        sgd = self.sgd
+        lr = float(self.run.lrs[self.run.step_position(t)])
         with torch.enable_grad():
             grads = self.grad_fn(t, state.params)
-        new_p, new_b = {}, ({} if sgd.momentum else None)
-        for n in self.names:
-            d = grads[n]
-            if sgd.weight_decay:
-                d = d + sgd.weight_decay * state.params[n]
-            if sgd.momentum:
-                b = d.clone() if state.bufs is None else state.bufs[n] * sgd.momentum + d * (1 - sgd.dampening)
-                new_b[n] = b
-                d = d + sgd.momentum * b if sgd.nesterov else b
-            new_p[n] = state.params[n] - lr * d
-        return State(t + 1, new_p, new_b)
+        params, opt = self.form.step(state.params, state.opt, grads, lr)
+        return State(t + 1, params, opt, False)
 
     def _check_drift(self, state: State) -> None:
         snap = self.run.load_parameters(state.step, "snapshot")

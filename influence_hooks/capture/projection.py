@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from influence_hooks.capture.rules import LayerRule, compute_dtype
 from influence_hooks.errors import ConfigurationError
 
-__all__ = ["KINDS", "ProjectionSpec", "plan_projection", "LayerProjector", "split_k"]
+__all__ = ["KINDS", "ProjectionSpec", "plan_projection", "LayerProjector", "split_k", "any_projected"]
 
 KINDS = ("none", "kronecker", "gaussian", "rademacher")
 
@@ -83,6 +83,12 @@ class ProjectionSpec:
         if set(d) - names:
             raise ConfigurationError(f"unknown ProjectionSpec fields {sorted(set(d) - names)}")
         return cls(**d)
+
+
+def any_projected(specs) -> bool:
+    """Whether any of these layer projections (ProjectionSpecs, or their dicts as stored in a
+    manifest) is a random projection rather than the exact gradient."""
+    return any((s["kind"] if isinstance(s, dict) else s.kind) != "none" for s in specs)
 
 
 def split_k(k: int, left_dim: int, right_dim: int) -> tuple[int, int]:
@@ -239,6 +245,22 @@ class LayerProjector:
                 return (left[:, 0, :, None] * right[:, 0, None, :]).reshape(left.shape[0], -1)
             return torch.bmm(left.transpose(1, 2), right).reshape(left.shape[0], -1)
         return self.rule.exact(module, inputs, output, grad_output) @ mats[0].T
+
+    def project_exact(self, flat: Tensor) -> Tensor:
+        """Project exact canonical per-sample gradients ``[N, grad_dim]`` (computed elsewhere, e.g.
+        by torch.func) the way ``per_sample`` projects them during recording: ``[N, out_dim]``, on
+        the CPU in ``flat``'s dtype."""
+        flat = flat.cpu()
+        dtype, n, s = flat.dtype, flat.shape[0], self.spec
+        if s.kind == "none":
+            return flat
+        if s.kind == "kronecker":
+            p_left, p_right = self.kronecker_factors(dtype)
+            g = torch.zeros(n, s.left_dim * s.right_dim, dtype=dtype)
+            g[:, self._index] = flat
+            g = g.view(n, s.left_dim, s.right_dim)
+            return (p_left @ g @ p_right.T).reshape(n, -1)
+        return flat @ self._matrices("cpu", dtype)[0].T
 
     def kronecker_factors(self, dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor]:
         """``(P_L [kL, dl], P_R [kR, dr])`` on the CPU, identities materialised."""

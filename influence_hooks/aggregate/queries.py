@@ -1,0 +1,61 @@
+"""Query gradients for the recorded-space estimators: the run's own, or given by the caller."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import ConfigurationError, MissingDataError, ProjectionMismatchError, short_list
+from ..storage.reader import Run
+
+
+def require_queries(run: Run, method: str) -> None:
+    if not run.has_queries:
+        raise MissingDataError(
+            f"{method} needs query gradients, and {run.path} has none. Record them during training "
+            "(queries=... and query_every_n_steps on InfluenceCallback / GradientRecorder), or use "
+            "dvemb(run) and score any query later, or self_influence(run), which need no queries.")
+
+
+def require_query_step(run: Run, step: int, what: str, *, suggest_later: bool) -> None:
+    """MissingDataError unless query gradients were recorded at `step`."""
+    if step in set(run.query_steps.tolist()):
+        return
+    later = run.query_steps[run.query_steps >= step]
+    hint = (f"the nearest later one is {int(later[0])} (pass eval_step={int(later[0])})"
+            if len(later) and suggest_later else "choose a window whose ends are recorded query steps")
+    raise MissingDataError(
+        f"{what} needs the query gradients u_q({step}), but queries were recorded only at "
+        f"steps {short_list(run.query_steps, 20)}; {hint}, or pass query_grads=.")
+
+
+def query_ids_of(run: Run, q: int, given: Any = None) -> np.ndarray:
+    """The ids of q query columns: `given`, else the run's recorded query ids, else 0..q-1."""
+    if given is not None:
+        ids = np.asarray(given, np.int64).ravel()
+        if len(ids) != q:
+            raise ConfigurationError(f"{len(ids)} query_ids for {q} queries.")
+        return ids
+    ids = run.query_ids
+    return ids if len(ids) == q else np.arange(q, dtype=np.int64)
+
+
+def check_query_grads(run: Run, grads: Any, fingerprint: str | None, what: str = "query gradients"
+                      ) -> torch.Tensor:
+    """Check user-given query gradients [Q, K] against the run's projection."""
+    g = torch.as_tensor(grads)
+    if g.dim() == 1:
+        g = g[None]
+    if g.dim() != 2 or g.shape[1] != run.dim:
+        raise ProjectionMismatchError(
+            f"{what} have shape {tuple(torch.as_tensor(grads).shape)}, but the run's projected gradients "
+            f"have {run.dim} dimensions: expected [Q, {run.dim}]. Project the query gradients with the "
+            "run's projection (same layers, same seed and k).")
+    if fingerprint is not None and run.projection_fingerprint and fingerprint != run.projection_fingerprint:
+        raise ProjectionMismatchError(
+            f"{what} come from projection {fingerprint!r}, the run from {run.projection_fingerprint!r}; "
+            "dot products between different projections are meaningless. Recompute the query gradients "
+            "with the run's projection.")
+    return g

@@ -1,0 +1,63 @@
+"""Checks of a model and its selected layers, before and at the first recorded step."""
+
+from __future__ import annotations
+
+import warnings
+
+from torch import nn
+
+from ..capture.hooks import GradientCapture
+from ..errors import ConfigurationError
+
+
+def warn_batch_mixing(model: nn.Module) -> None:
+    mixing = [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if mixing:
+        warnings.warn(
+            f"the model has BatchNorm layers {mixing[:5]}: in train mode they normalise with "
+            "statistics of the whole batch, so the recorded gradient of a sample also depends on the "
+            "other samples of its batch (exact per-sample gradients need them in eval mode or "
+            "replaced by GroupNorm/LayerNorm).", RuntimeWarning, stacklevel=4)
+
+
+def warn_tied_parameters(layers: list) -> None:
+    owners: dict[int, list[str]] = {}
+    for l in layers:
+        for p in l.module.parameters(recurse=False):
+            owners.setdefault(id(p), []).append(l.name)
+    tied = [names for names in owners.values() if len(names) > 1]
+    if tied:
+        warnings.warn(
+            f"layers {tied} share (tie) a parameter: each records its own part of that parameter's "
+            "per-sample gradient in a separate block, so inner products over the run miss the cross "
+            f"terms between the parts. Exclude all but one of them (e.g. exclude=[{tied[0][-1]!r}]) for "
+            "estimates over the others, or untie the weights.", RuntimeWarning, stacklevel=4)
+
+
+def check_first_step(capture: GradientCapture, n_rows: int, explicit_selection: bool) -> set[str]:
+    """Validate the layers on the first step, before anything is written. Raises for layers that got
+    no gradient; returns the batch-broadcast layers to leave out (an error if the user named them)."""
+    missing = [l.name for i, l in enumerate(capture.layers) if i not in capture.seen_layers]
+    if missing:
+        capture.discard()
+        raise ConfigurationError(
+            f"selected layer(s) {missing} received no gradient in the first step: they are not "
+            "called as modules in the forward pass (e.g. weights used through a functional call, "
+            "like nn.MultiheadAttention.out_proj) or not used at all. Exclude them "
+            "(exclude=[...]) or select other layers.")
+    mismatch = dict(capture.batch_mismatch)
+    if not mismatch:
+        return set()
+    broadcast = {capture.layers[i].name for i, seen in mismatch.items() if seen == 1 and n_rows > 1}
+    if broadcast != {capture.layers[i].name for i in mismatch} or len(broadcast) == len(capture.layers):
+        return set()  # wrong sample ids: collect() raises with the details
+    if explicit_selection:
+        capture.discard()
+        raise ConfigurationError(
+            f"layer(s) {sorted(broadcast)} are applied to an input shared by the whole batch "
+            "(batch dimension 1, e.g. position embeddings broadcast over samples), so their "
+            "per-sample gradients cannot be read from hooks. Leave them out (exclude=[...]).")
+    warnings.warn(f"not recording {sorted(broadcast)}: applied to an input shared by the whole "
+                  "batch (e.g. position embeddings), so per-sample gradients are not available "
+                  f"from hooks. Pass exclude={sorted(broadcast)} to silence this.", RuntimeWarning, stacklevel=4)
+    return broadcast

@@ -1,0 +1,322 @@
+"""GradientRecorder: per-sample gradient recording for hand-written PyTorch training loops.
+
+    rec = GradientRecorder("runs/exp1", model, projection=1024, queries=(xq, yq),
+                           query_loss_fn=lambda model, batch: F.cross_entropy(model(batch[0]), batch[1]))
+    for epoch in range(E):
+        for ids, x, y in loader:
+            rec.begin_micro_batch(ids)          # before the forward pass
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            rec.end_step(optimizer, epoch=epoch)   # after backward, BEFORE optimizer.step()
+            optimizer.step(); optimizer.zero_grad()
+    rec.finish()
+
+With gradient accumulation, call begin_micro_batch once per micro-batch and end_step once per
+optimizer step; each micro-batch's loss is taken to be divided by the number of micro-batches (the
+usual recipe, and what Lightning does); pass loss_divided_by_micro_batches=False otherwise.
+InfluenceCallback is a thin Lightning layer over this class.
+
+The pieces: options.py (what to record), capture/ (hooks and projection), queries.py (query
+gradients), params.py (snapshots and checkpoints), optim.py (what is kept of the optimizer),
+host.py (asynchronous host copies), storage/writer.py (the files).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..capture.hooks import GradientCapture
+from ..capture.projection import any_projected
+from ..capture.select import layers_manifest, plan_layers, projection_fingerprint, select_layers
+from ..errors import ConfigurationError, InfluenceHooksError, SampleIdError
+from ..storage.jsonio import to_jsonable
+from ..storage.writer import RunWriter, StepRecord
+from .checks import check_first_step, warn_batch_mixing, warn_tied_parameters
+from .host import event_after, host_copy, loss_scale, scaler_found_inf
+from .ids import as_ids, concat_ids
+from .optim import RecordedLearningRate, describe_optimizer
+from .options import RecordingConfig
+from .params import ParameterSaver
+from .queries import QueryLossFn, QuerySet
+
+
+class GradientRecorder:
+    """Records per-sample gradients g_t(i) of selected layers of `model` into `run_dir`.
+
+    Args:
+        run_dir: directory of the run (created; must not hold another run unless overwrite).
+        model: the model being trained; hooks are attached at construction.
+        queries: query samples as one batch (whatever query_loss_fn takes) or a map-style Dataset;
+            their gradients u_q(t) = grad f_q(w_t) are recorded on the query schedule.
+        query_loss_fn: (model, query_batch) -> loss over the query batch, reduced as
+            config.loss_reduction says. Must not depend on the training batch.
+        query_ids: ids of the query samples (default: a Subset's indices, else 0..Q-1).
+        config / **options: a RecordingConfig, or its fields as keyword arguments.
+        metadata: JSON-serialisable extras stored in the manifest.
+    """
+
+    def __init__(self, run_dir: str, model: nn.Module, *, queries: Any = None,
+                 query_loss_fn: QueryLossFn | None = None, query_ids: Sequence[int] | None = None,
+                 config: RecordingConfig | None = None, metadata: dict[str, Any] | None = None,
+                 precision: str | None = None, rank: int = 0, **options: Any):
+        self.config = RecordingConfig.from_options(config, options)
+        self.run_dir = str(run_dir)
+        self.model = model
+        self.rank = rank
+        self.metadata = dict(metadata or {})
+        self.precision = precision
+        self.queries = (QuerySet(queries, query_loss_fn, query_ids, self.config.query_every_n_steps,
+                                 self.config.loss_reduction) if queries is not None else None)
+        selection = select_layers(model, self.config.layers, self.config.layer_types, self.config.exclude)
+        self.layers = plan_layers(selection, self.config.projection_budget(), self.config.projection_kind,
+                                  self.config.seed)
+        warn_tied_parameters(self.layers)
+        warn_batch_mixing(model)
+        self.capture = GradientCapture(self.layers)
+        self.capture.attach()  # armed only between begin_micro_batch and end_step
+        self.params = ParameterSaver(self.config, model)
+        self._lr = RecordedLearningRate(self._recorded_parameters())
+        self.writer: RunWriter | None = None
+        self._start_kwargs: dict[str, Any] = {}
+        self._warned_no_unscale = False
+        self._warned_uneven = False
+        self._step = 0
+        self._micro_ids: list[Any] = []
+        self._last_epoch: int | None = None
+        self._first_step_checked = False
+        self._finished = False
+        self.run_id: str | None = None
+
+    @property
+    def dim(self) -> int:
+        """K: the length of a recorded gradient row."""
+        return self.capture.dim
+
+    # ------------------------------------------------------------------ lifecycle
+    def plan_start(self, *, resume_run_id: str | None = None, resume_step: int | None = None,
+                   extra: dict[str, Any] | None = None) -> None:
+        """How the first end_step opens the run directory: resume run `resume_run_id` from
+        `resume_step`, or create it with `extra` manifest entries. The directory is opened only
+        after the first step has validated the layers, so the manifest lists what is recorded."""
+        self._start_kwargs = dict(resume_run_id=resume_run_id, resume_step=resume_step, extra=extra)
+        if resume_run_id is None:
+            RunWriter.check_new_run_dir(self.run_dir, overwrite=self.config.overwrite, rank=self.rank)
+        if resume_step is not None:
+            self._step = int(resume_step)
+
+    def start(self, optimizer: torch.optim.Optimizer | None = None, *, resume_run_id: str | None = None,
+              resume_step: int | None = None, extra: dict[str, Any] | None = None) -> None:
+        """Create (or resume) the run directory. Called by the first end_step if not before."""
+        if self.writer is not None:
+            return
+        opts = self.config.writer_options()
+        if resume_run_id is not None:
+            RunWriter.check_resume(self.run_dir, resume_run_id, self._manifest(optimizer, {}))
+            self.writer = RunWriter.resume(self.run_dir, resume_run_id, int(resume_step or 0), rank=self.rank,
+                                           options=opts)
+            self._step = int(resume_step or 0)
+        else:
+            self.writer = RunWriter.create(self.run_dir, self._manifest(optimizer, extra or {}), rank=self.rank,
+                                           overwrite=self.config.overwrite, options=opts)
+        self.run_id = self.writer.manifest["run_id"]
+
+    def _manifest(self, optimizer: torch.optim.Optimizer | None, extra: dict[str, Any]) -> dict[str, Any]:
+        layers = layers_manifest(self.layers)
+        n_trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        n_recorded = sum(p.numel() for p in self._recorded_parameters() if p.requires_grad)
+        # layers smaller than their share stay exact: what counts is what was planned
+        projected = any_projected(l.spec for l in self.layers)
+        param = next(self.model.parameters())
+        return {
+            "dim": self.dim, "layers": layers,
+            "storage_dtype": self.config.storage_dtype or ("float16" if projected else "float32"),
+            "projection_fingerprint": projection_fingerprint(layers),
+            "projection": {"total": self.dim, "kind": self.config.projection_kind, "seed": self.config.seed},
+            "loss_reduction": self.config.loss_reduction,
+            "optimizer": describe_optimizer(optimizer),
+            "precision": self.precision or str(param.dtype).replace("torch.", ""),
+            "parameter_dtype": str(param.dtype).replace("torch.", ""),
+            "partial_model": n_recorded < n_trainable,
+            "recorded_parameters": n_recorded, "trainable_parameters": n_trainable,
+            "queries": self.queries.manifest() if self.queries is not None else None,
+            "config": self.config.to_manifest(), "world_size": 1, "metadata": to_jsonable(self.metadata),
+            **extra,
+        }
+
+    def close(self, *, complete: bool = False, final_step: int | None = None) -> None:
+        """Flush what is queued and stop recording; hooks are removed."""
+        self.capture.detach()
+        if self.writer is not None:
+            self.writer.close(final_step=final_step, complete=complete)
+
+    def abort(self) -> None:
+        """Training failed: keep every finished step on disk, mark the run incomplete."""
+        self.capture.detach()
+        if self.writer is not None:
+            try:
+                self.writer.close(complete=False)
+            except InfluenceHooksError:
+                self.writer.abort()
+
+    def __enter__(self) -> "GradientRecorder":
+        return self
+
+    def __exit__(self, exc_type, *exc: Any) -> None:
+        if exc_type is not None:
+            self.abort()
+        elif not self._finished:
+            self.close(complete=False)
+
+    # ------------------------------------------------------------------ per step
+    def begin_micro_batch(self, sample_ids: Any) -> None:
+        """Announce the next forward/backward pass and its samples' ids (dataset indices), in
+        batch order."""
+        ids = as_ids(sample_ids)
+        self._micro_ids.append(ids)
+        self.capture.begin_micro_batch(len(ids))
+        self.capture.set_enabled(True)
+
+    def end_step(self, optimizer: torch.optim.Optimizer, *, step: int | None = None, epoch: int = 0,
+                 epoch_end: bool = False, loss: float | torch.Tensor | None = None,
+                 grad_scaler: Any = None, micro_batches: int | None = None) -> None:
+        """Finish optimizer step `step` (default: the next one). Call after the backward pass(es)
+        and before optimizer.step(), so query gradients and snapshots see w_t.
+
+        micro_batches: the number each micro-batch loss was divided by (default: the number of
+        begin_micro_batch calls since the last step); Lightning divides by accumulate_grad_batches
+        even in an epoch's last step when fewer micro-batches are left."""
+        step = self._step if step is None else int(step)
+        if not self._micro_ids:
+            raise SampleIdError(f"step {step}: end_step() without begin_micro_batch(sample_ids); call it "
+                                "before each forward pass with the ids of the batch's samples.")
+        ids = concat_ids(self._micro_ids)
+        n_micro = micro_batches or len(self._micro_ids)
+        sizes = [len(i) for i in self._micro_ids]
+        self._micro_ids = []
+        self.capture.set_enabled(False)
+        if not self._first_step_checked:
+            self._check_first_step(len(ids))
+        # the update is -lr * sum_j sum_{i in micro-batch j} g_t(i) / (acc * |b_j|) (mean) or / acc
+        # (sum); with equal micro-batch sizes that is one weight for every sample of the step
+        acc = n_micro if self.config.loss_divided_by_micro_batches else 1
+        grads = self.capture.collect(self._row_scales(sizes, acc, grad_scaler))
+        self._warn_uneven(step, sizes)
+        if self.writer is None:
+            self.start(optimizer, **self._start_kwargs)
+        first_of_epoch = self._last_epoch != epoch
+        self._last_epoch = epoch
+        rec = StepRecord(
+            step=step, epoch=int(epoch), lr=self._lr(optimizer),
+            lr_groups=[float(g["lr"]) for g in optimizer.param_groups], batch_size=len(ids),
+            update_weight=(len(sizes) / (acc * len(ids)) if self.config.loss_reduction == "mean" else 1.0 / acc),
+            micro_batches=n_micro, sample_ids=host_copy(ids), grads=None,
+            skipped=self._found_inf(grad_scaler, optimizer),
+            loss=float(loss) if loss is not None else float("nan"))
+        rec.grads, rec.finite = self._to_host(grads)
+        rec.ready = event_after(grads)
+        if self.queries is not None and self.queries.due(step, first_of_epoch, epoch_end):
+            self.write_queries(step)
+        self.params.save_if_due(self.writer, step, self.layers, optimizer)
+        self.writer.write_step(rec)
+        self._step = step + 1
+
+    def finish(self, *, final_step: int | None = None) -> None:
+        """End of training: record query gradients (and a snapshot) at w_T, close the run as complete."""
+        if self._finished:
+            return
+        self._finished = True
+        final_step = self._step if final_step is None else int(final_step)
+        if self.writer is not None:
+            if self.queries is not None:
+                self.write_queries(final_step)
+            if self.params.snapshots:
+                self.params.snapshot(self.writer, final_step, self.layers)
+        self.close(complete=self.writer is not None, final_step=final_step)
+
+    @property
+    def finished(self) -> bool:
+        """True after finish(): the run is closed and complete."""
+        return self._finished
+
+    @property
+    def step(self) -> int:
+        """The step the next end_step records (without an explicit step)."""
+        return self._step
+
+    def flush(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+
+    # ------------------------------------------------------------------ queries
+    def query_gradients(self) -> torch.Tensor:
+        """u_q(w) for the current parameters: [Q, K], same projection as training rows."""
+        if self.queries is None:
+            raise ConfigurationError("this recorder has no queries (pass queries= and query_loss_fn=).")
+        return self.queries.gradients(self.model, self.capture, self._recorded_parameters())
+
+    def write_queries(self, step: int) -> None:
+        g = self.query_gradients()
+        self.writer.write_queries(step, self._to_host(g)[0], ready=event_after(g))
+
+    # ------------------------------------------------------------------ helpers
+    def _recorded_parameters(self) -> list[nn.Parameter]:
+        return [p for l in self.layers for p in l.module.parameters(recurse=False)]
+
+    def _check_first_step(self, n_rows: int) -> None:
+        self._first_step_checked = True
+        explicit = self.config.layers is not None or self.config.layer_types is not None
+        broadcast = check_first_step(self.capture, n_rows, explicit)
+        if broadcast:
+            self.capture.drop_layers(broadcast)
+            self.layers = self.capture.layers
+            self._lr.reset(self._recorded_parameters())  # the group lookup must be redone for the kept layers
+
+    def _warn_uneven(self, step: int, sizes: list[int]) -> None:
+        if self.config.loss_reduction == "mean" and len(set(sizes)) > 1 and not self._warned_uneven:
+            self._warned_uneven = True
+            warnings.warn(
+                f"step {step}: micro-batches of unequal size {sizes} under a mean loss weigh their samples "
+                "differently (1/(n_micro*|b_j|)), but a step records one update weight, from their mean "
+                "size; estimates for such steps are approximate (typically an epoch's short last "
+                "batch with gradient accumulation; drop_last=True avoids it).", RuntimeWarning, stacklevel=3)
+
+    def _row_scales(self, sizes: list[int], acc: int, grad_scaler: Any) -> list[Any]:
+        """Factors that turn what the hooks saw into g_t(i) = grad l_i: undo the mean over each
+        micro-batch, the division by `acc` (the number of micro-batches, where the loss is divided
+        by it), and the AMP loss scale."""
+        scales: list[Any] = [float(n * acc) if self.config.loss_reduction == "mean" else float(acc) for n in sizes]
+        amp = loss_scale(grad_scaler)
+        if amp is not None:
+            scales = [s / amp for s in scales]
+        return scales
+
+    def _to_host(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(the values as stored, in storage dtype on the host; whether they are finite). On a
+        GPU the copy is asynchronous into pinned memory and finiteness a device tensor, both read
+        by the writer thread after the step's event; finiteness is checked after the cast, so a
+        float16 overflow is flagged too. On the CPU the writer checks the array itself."""
+        dtype = getattr(torch, self.writer.manifest["storage_dtype"])
+        t = t.detach().to(dtype)
+        if t.device.type == "cpu":
+            return t, None
+        return host_copy(t), torch.isfinite(t).all()
+
+    def _found_inf(self, grad_scaler: Any, optimizer: torch.optim.Optimizer) -> torch.Tensor | None:
+        """Whether an AMP GradScaler will skip this step. Known once scaler.unscale_(optimizer)
+        ran: Lightning does that before on_before_optimizer_step; a hand-written loop must call it
+        before end_step."""
+        found = scaler_found_inf(grad_scaler, optimizer)
+        if found is False:
+            if not self._warned_no_unscale:
+                self._warned_no_unscale = True
+                warnings.warn("end_step() got a GradScaler that has not unscaled this step's gradients "
+                              "yet: call scaler.unscale_(optimizer) before end_step() so that steps the "
+                              "scaler skips are flagged (and left out by the aggregators).",
+                              RuntimeWarning, stacklevel=3)
+            return None
+        return found
