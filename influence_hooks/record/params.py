@@ -1,5 +1,7 @@
 """Parameter files during recording: snapshots of w_t (the recorded layers, or the whole model)
-and checkpoints (the whole model and the optimizer state), on their schedules."""
+and checkpoints (the whole model), each with the optimizer's state of the parameters it holds
+(momentum buffers, Adam's moments and step counts: what an exact linearization of the optimizer
+needs at w_t), on their schedules."""
 
 from __future__ import annotations
 
@@ -28,16 +30,17 @@ class ParameterSaver:
 
     def save_if_due(self, writer: RunWriter, step: int, layers: list, optimizer: torch.optim.Optimizer) -> None:
         if self._snapshot_due(step):
-            self.snapshot(writer, step, layers)
+            self.snapshot(writer, step, layers, optimizer)
         c = self.config
         if c.checkpoint_every_n_steps and step % c.checkpoint_every_n_steps == 0:
             state = {k: v for k, v in self.model.state_dict().items() if isinstance(v, torch.Tensor)}
             writer.write_params("checkpoint", step, state, optim_state=optimizer_state_by_name(self.model, optimizer),
                                 attrs={"scope": "model"})
 
-    def snapshot(self, writer: RunWriter, step: int, layers: list) -> None:
-        writer.write_params("snapshot", step, self._snapshot_params(layers),
-                            attrs={"scope": self.config.snapshot_scope})
+    def snapshot(self, writer: RunWriter, step: int, layers: list, optimizer: torch.optim.Optimizer | None) -> None:
+        params = self._snapshot_params(layers)
+        optim = optimizer_state_by_name(self.model, optimizer, set(params)) if optimizer is not None else None
+        writer.write_params("snapshot", step, params, optim_state=optim, attrs={"scope": self.config.snapshot_scope})
 
     def _snapshot_params(self, layers: list) -> dict[str, torch.Tensor]:
         if self.config.snapshot_scope == "model":

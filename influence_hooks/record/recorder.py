@@ -90,6 +90,7 @@ class GradientRecorder:
         self._last_epoch: int | None = None
         self._first_step_checked = False
         self._finished = False
+        self._optimizer: torch.optim.Optimizer | None = None  # the last one seen, for the final snapshot
         self.run_id: str | None = None
 
     @property
@@ -222,6 +223,7 @@ class GradientRecorder:
         if self.queries is not None and self.queries.due(step, first_of_epoch, epoch_end):
             self.write_queries(step)
         self.params.save_if_due(self.writer, step, self.layers, optimizer)
+        self._optimizer = optimizer
         self.writer.write_step(rec)
         self._step = step + 1
 
@@ -235,7 +237,7 @@ class GradientRecorder:
             if self.queries is not None:
                 self.write_queries(final_step)
             if self.params.snapshots:
-                self.params.snapshot(self.writer, final_step, self.layers)
+                self.params.snapshot(self.writer, final_step, self.layers, self._optimizer)
         self.close(complete=self.writer is not None, final_step=final_step)
 
     @property

@@ -404,6 +404,11 @@ class Run:
         with h5py.File(self.param_file(step, kind), "r") as f:
             return set(f[fmt.PARAMS_GROUP].keys())
 
+    def optimizer_state_names(self, step: int, kind: str | None = None) -> set[str]:
+        """Names of the parameters whose optimizer state is saved with the parameters of `step`."""
+        with h5py.File(self.param_file(step, kind), "r") as f:
+            return set(f[fmt.OPTIM_GROUP].keys()) if fmt.OPTIM_GROUP in f else set()
+
     def load_parameters(self, step: int, kind: str | None = None, *,
                         device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
         """Parameters w_step from a snapshot or checkpoint file: {name: tensor}."""

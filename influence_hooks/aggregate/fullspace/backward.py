@@ -75,7 +75,7 @@ class FullSpacePass:
                     if self.check != "off" and "step" not in check_info:
                         check_info |= check_recording(run, self.model, self.lf, diff, fixed, batch, ids, t, self.check)
                     grad = self.lf.batch_grad(diff, fixed, batch, uw) if form.needs_state else None
-                    P, ctx = form.direction(A, st.opt, grad, lr, st.first)
+                    P, ctx = form.direction(A, state=st.opt, grad=grad, params=diff, lr=lr, first=st.first)
                     HP, GP = self.products(diff, fixed, batch, uw, P)      # [A*Q, ...], [A*Q, B]
                     rows, keep = self.rows_of.rows(torch.as_tensor(ids, device=self.device))
                     for c, k in enumerate(active):

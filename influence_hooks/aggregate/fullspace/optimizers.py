@@ -57,10 +57,10 @@ class OptimizerForm:
              ) -> tuple[Params, dict[str, Any] | None]:
         raise NotImplementedError
 
-    def direction(self, A: Adjoint, state: dict[str, Any] | None, grad: Params | None, lr: float,
-                  first: bool) -> tuple[Params, Any]:
-        """(p, ctx for pull_back). state: the optimizer state before the step (when needs_state),
-        grad: the step's batch gradient (when needs_state), first: the optimizer's first step."""
+    def direction(self, A: Adjoint, *, state: dict[str, Any] | None, grad: Params | None, params: Params,
+                  lr: float, first: bool) -> tuple[Params, Any]:
+        """(p, ctx for pull_back). state: the optimizer state before the step and grad: the step's
+        batch gradient at params = w_t (both only when needs_state); first: the optimizer's first step."""
         raise NotImplementedError
 
     def pull_back(self, A: Adjoint, P: Params, HP: Params, ctx: Any) -> Adjoint:
@@ -128,8 +128,8 @@ class SGDForm(OptimizerForm):
             new_p[n] = w - lr * d
         return new_p, ({"b": new_b} if self.momentum else None)
 
-    def direction(self, A: Adjoint, state: dict[str, Any] | None, grad: Params | None, lr: float,
-                  first: bool) -> tuple[Params, Any]:
+    def direction(self, A: Adjoint, *, state: dict[str, Any] | None, grad: Params | None, params: Params,
+                  lr: float, first: bool) -> tuple[Params, Any]:
         AW = A["w"]
         if not self.momentum:
             return {n: -lr * v for n, v in AW.items()}, None
@@ -150,21 +150,158 @@ class SGDForm(OptimizerForm):
         return out
 
 
+@dataclass(frozen=True)
+class AdamForm(OptimizerForm):
+    """torch.optim.Adam and AdamW (REFERENCE.md, "Adam and AdamW"). Per parameter, with the step
+    count n (after its increment), g the batch gradient and lambda the weight decay:
+
+        g^ = g + lambda w (Adam's L2; AdamW: g^ = g and w is first scaled by a = 1 - eta lambda)
+        m' = b1 m + (1 - b1) g^;   v' = b2 v + (1 - b2) g^ * g^   (AMSGrad: v'' = max(vmax, v'))
+        s = sqrt(v' / (1 - b2^n));  w' = a w - (eta / (1 - b1^n)) m' / (s + eps)
+
+    Linearized, with A = (eta / (1 - b1^n)) / (s + eps) and
+    B = (eta / (1 - b1^n)) m' / (2 (1 - b2^n) s (s + eps)^2) (0 where s = 0, a coordinate that never
+    had a gradient): dw' = a dw - A dm' + B dv'. Its adjoint, from the adjoints (u, mu', nu') of
+    (w', m', v'):
+        mu = mu' - A u;   nu = nu' + B u
+        p  = (1 - b1) mu + 2 (1 - b2) g^ nu          (the adjoint of the step's gradient)
+        u <- a u + (H_t + lambda_L2) p;   mu' <- b1 mu;   nu' <- b2 nu
+    A sample enters through m (factor 1 - b1) and through v (factor 2 (1 - b2) g^), both in p.
+    With AMSGrad the max passes the adjoint to whichever of v' and vmax is larger.
+    """
+
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    decoupled: bool = False
+    amsgrad: bool = False
+    needs_state = True
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return "AdamW" if self.decoupled else "Adam"
+
+    @property
+    def slots(self) -> tuple[str, ...]:  # type: ignore[override]
+        return ("m", "v", "vmax") if self.amsgrad else ("m", "v")
+
+    def describe(self) -> str:
+        wd = f", {'decoupled ' if self.decoupled else 'L2 '}weight decay {self.weight_decay:g}" if self.weight_decay else ""
+        return (f"{self.name} (betas ({self.beta1:g}, {self.beta2:g}), eps {self.eps:g}{wd}"
+                f"{', AMSGrad' if self.amsgrad else ''})")
+
+    _KEYS = {"m": "exp_avg", "v": "exp_avg_sq", "vmax": "max_exp_avg_sq"}
+
+    def init_state(self, params: Params, saved: dict[str, dict[str, Tensor]] | None) -> dict[str, Any] | None:
+        if not saved or not any(n in saved and "exp_avg" in saved[n] for n in params):
+            return None  # before the optimizer's first step: no state yet
+        state: dict[str, Any] = {"step": {}}
+        for slot in self.slots:
+            state[slot] = {}
+        for n, w in params.items():
+            st = saved.get(n, {})
+            for slot in self.slots:
+                t = st.get(self._KEYS[slot])
+                state[slot][n] = torch.zeros_like(w) if t is None else t.to(w)
+            state["step"][n] = float(st["step"]) if "step" in st else 0.0
+        return state
+
+    def _fresh(self, params: Params) -> dict[str, Any]:
+        return {"step": {n: 0.0 for n in params}, **{s: {n: torch.zeros_like(w) for n, w in params.items()}
+                                                     for s in self.slots}}
+
+    def _forward(self, w: Tensor, g: Tensor, st: dict[str, Any], n: str, lr: float) -> dict[str, Any]:
+        """The quantities of one parameter's update: g^, m', v', the denominator's s and the rest."""
+        count = st["step"][n] + 1.0
+        if self.weight_decay and not self.decoupled:
+            g = g + self.weight_decay * w
+        m1 = st["m"][n].lerp(g, 1 - self.beta1)
+        v1 = st["v"][n] * self.beta2 + (1 - self.beta2) * g * g
+        vmax1 = torch.maximum(st["vmax"][n], v1) if self.amsgrad else None
+        bc1, bc2 = 1 - self.beta1 ** count, 1 - self.beta2 ** count
+        s = (v1 if vmax1 is None else vmax1).sqrt() / bc2 ** 0.5
+        return {"g": g, "m": m1, "v": v1, "vmax": vmax1, "s": s, "bc1": bc1, "bc2": bc2, "count": count}
+
+    @torch.no_grad()
+    def step(self, params: Params, state: dict[str, Any] | None, grads: Params, lr: float
+             ) -> tuple[Params, dict[str, Any] | None]:
+        st = state if state is not None else self._fresh(params)
+        new_p: Params = {}
+        new_st: dict[str, Any] = {"step": {}, **{s: {} for s in self.slots}}
+        for n, w in params.items():
+            f = self._forward(w, grads[n], st, n, lr)
+            a = 1 - lr * self.weight_decay if self.decoupled else 1.0
+            new_p[n] = w * a - (lr / f["bc1"]) * f["m"] / (f["s"] + self.eps)
+            new_st["step"][n] = f["count"]
+            for slot in self.slots:
+                new_st[slot][n] = f[slot]
+        return new_p, new_st
+
+    def direction(self, A: Adjoint, *, state: dict[str, Any] | None, grad: Params | None, params: Params,
+                  lr: float, first: bool) -> tuple[Params, Any]:
+        if state is None and not first:
+            raise ConfigurationError("the Adam moments before this step are unknown (snapshots without "
+                                     "optimizer state); record checkpoints or snapshots of the window.")
+        st = state if state is not None else self._fresh(grad)
+        P, ctx = {}, {}
+        for n, u in A["w"].items():
+            f = self._forward(params[n], grad[n], st, n, lr)
+            D = f["s"] + self.eps
+            coef_a = (lr / f["bc1"]) / D
+            safe = torch.where(f["s"] > 0, f["s"], torch.ones_like(f["s"]))
+            coef_b = torch.where(f["s"] > 0, (lr / f["bc1"]) * f["m"] / (2 * f["bc2"] * safe * D * D),
+                                 torch.zeros_like(D))
+            mu = A["m"][n] - coef_a * u
+            kappa = coef_b * u  # the adjoint the update passes to its second moment
+            if self.amsgrad:
+                from_v = f["v"] >= st["vmax"][n]
+                nu = A["v"][n] + torch.where(from_v, A["vmax"][n] + kappa, torch.zeros_like(kappa))
+                to_vmax = torch.where(from_v, torch.zeros_like(kappa), A["vmax"][n] + kappa)
+            else:
+                nu, to_vmax = A["v"][n] + kappa, None
+            P[n] = (1 - self.beta1) * mu + (2 * (1 - self.beta2)) * f["g"] * nu
+            ctx[n] = (mu, nu, to_vmax)
+        return P, (1 - lr * self.weight_decay if self.decoupled else 1.0, ctx)
+
+    def pull_back(self, A: Adjoint, P: Params, HP: Params, ctx: Any) -> Adjoint:
+        a, per = ctx
+        l2 = self.weight_decay if not self.decoupled else 0.0
+        out: Adjoint = {"w": {}, "m": {}, "v": {}, **({"vmax": {}} if self.amsgrad else {})}
+        for n, u in A["w"].items():
+            mu, nu, to_vmax = per[n]
+            out["w"][n] = a * u + HP[n] + (l2 * P[n] if l2 else 0)
+            out["m"][n] = self.beta1 * mu
+            out["v"][n] = self.beta2 * nu
+            if self.amsgrad:
+                out["vmax"][n] = to_vmax
+        return out
+
+
+def _single_group(opt: dict[str, Any], keys: tuple[str, ...]) -> list[dict[str, Any]]:
+    """The optimizer's parameter groups, refused unless they share their hyperparameters."""
+    groups = opt.get("param_groups") or [{}]
+    values = [tuple(_hashable(g.get(k)) for k in keys) for g in groups]
+    lrs = {g.get("initial_lr", g.get("lr")) for g in groups}
+    if len(set(values)) > 1 or len(lrs) > 1:
+        raise ConfigurationError(
+            f"the run's {opt.get('name')} has {len(groups)} parameter groups with different hyperparameters "
+            f"({[dict(zip(('lr',) + keys, (g.get('lr'),) + v)) for g, v in zip(groups, values)]}); the "
+            "recording does not say which parameter is in which group, so the update cannot be linearized. "
+            "Train with one parameter group (or the same hyperparameters in every group).")
+    return groups
+
+
+def _hashable(v: Any) -> Any:
+    return tuple(v) if isinstance(v, list) else v
+
+
 def sgd_form(run: Run) -> SGDForm | None:
     """The run's optimizer as an SGDForm, or None when it is not torch.optim.SGD (or unknown)."""
     opt = run.optimizer
     if not opt or opt.get("name") != "SGD":
         return None
-    groups = opt.get("param_groups") or [{}]
-    keys = [tuple(g.get(k) for k in _SGD_KEYS) for g in groups]
-    lrs = {g.get("initial_lr", g.get("lr")) for g in groups}
-    if len(set(keys)) > 1 or len(lrs) > 1:
-        raise ConfigurationError(
-            f"the run's SGD has {len(groups)} parameter groups with different hyperparameters "
-            f"({[dict(zip(('lr',) + _SGD_KEYS, (g.get('lr'),) + k)) for g, k in zip(groups, keys)]}); the "
-            "recording does not say which parameter is in which group, so the update cannot be replayed. "
-            "Record snapshots at every step of the window (snapshot_windows=[(t1, t_e + 1)]).")
-    g = groups[0]
+    g = _single_group(opt, _SGD_KEYS)[0]
     if g.get("maximize"):
         raise ConfigurationError("the run's SGD maximizes (maximize=True); exact curvature assumes a "
                                  "minimized loss.")
@@ -172,9 +309,35 @@ def sgd_form(run: Run) -> SGDForm | None:
                    weight_decay=float(g.get("weight_decay") or 0.0), nesterov=bool(g.get("nesterov")))
 
 
+def adam_form(run: Run) -> AdamForm | None:
+    """The run's optimizer as an AdamForm, or None when it is not torch.optim.Adam / AdamW."""
+    opt = run.optimizer
+    if not opt or opt.get("name") not in ("Adam", "AdamW"):
+        return None
+    groups = _single_group(opt, _ADAM_KEYS)
+    g = groups[0]
+    if g.get("maximize"):
+        raise ConfigurationError("the run's Adam maximizes (maximize=True); exact curvature assumes a "
+                                 "minimized loss.")
+    betas = g.get("betas") or (0.9, 0.999)
+    decoupled = bool(g.get("decoupled_weight_decay", opt.get("name") == "AdamW"))
+    return AdamForm(beta1=float(betas[0]), beta2=float(betas[1]), eps=float(g.get("eps", 1e-8)),
+                    weight_decay=float(g.get("weight_decay") or 0.0), decoupled=decoupled,
+                    amsgrad=bool(g.get("amsgrad")))
+
+
+_ADAM_KEYS = ("betas", "eps", "weight_decay", "amsgrad", "maximize", "decoupled_weight_decay")
+FORMS = {"SGD": sgd_form, "Adam": adam_form, "AdamW": adam_form}
+
+
 def optimizer_form(run: Run) -> tuple[OptimizerForm | None, str | None]:
     """(the run's optimizer form, or None with the reason it cannot be linearized exactly)."""
+    name = (run.optimizer or {}).get("name")
+    parse = FORMS.get(name)
+    if parse is None:
+        return None, (f"optimizer {name or 'unknown'} has no exact form here (supported: "
+                      f"{', '.join(sorted(FORMS))})")
     try:
-        return sgd_form(run), None
+        return parse(run), None
     except ConfigurationError as e:
         return None, str(e)

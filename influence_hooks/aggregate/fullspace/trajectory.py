@@ -105,6 +105,17 @@ class ParameterTrajectory:
             self._snap_names[step] = self.run.parameter_names(step, "snapshot")
         return self._snap_names[step]
 
+    def _snapshots_hold_state(self, lo: int, hi: int) -> bool:
+        """Whether the snapshots of [lo, hi] hold the optimizer state the recursion needs (Adam's
+        moments) for the attributed parameters; always true for optimizers that need none."""
+        if self.form is None or not self.form.needs_state:
+            return True
+        first = int(self.run.first_step)
+        for t in (lo, hi):  # recorded together: the ends stand for the window
+            if t != first and not set(self.snapshot_names) <= self.run.optimizer_state_names(t, "snapshot"):
+                return False
+        return True
+
     def _full_snapshot(self, step: int) -> bool:
         return set(self.names) <= self._snapshot_keys(step)
 
@@ -115,7 +126,7 @@ class ParameterTrajectory:
         attributed parameters (`snapshot_names`), the others held at `init` (Plan.held says which).
         """
         snaps = set(self.run.snapshot_steps.tolist())
-        covered = all(t in snaps for t in range(lo, hi + 1))
+        covered = all(t in snaps for t in range(lo, hi + 1)) and self._snapshots_hold_state(lo, hi)
         keys = self._snapshot_keys(hi) if covered else set()
         if covered and self.source != "replay" and set(self.names) <= keys:
             return Plan("snapshots", lo, hi)
@@ -125,9 +136,9 @@ class ParameterTrajectory:
             self._require_recorded(step, hi)
             n = hi - lo + 1
             budget = self.max_memory // max(self.vector_bytes, 1)  # parameter vectors
-            if n <= budget:
+            per_state = 1 + len(self.form.slots)  # w and the optimizer's state tensors
+            if n * per_state <= budget:
                 return Plan("replay", lo, hi, start=step, start_kind=kind)
-            per_state = 1 + len(self.form.slots)
             seg = max(1, math.ceil(math.sqrt(n * per_state)))
             if seg + math.ceil(n / seg) * per_state <= budget:
                 return Plan("replay", lo, hi, start=step, start_kind=kind, segment=seg, states_on_disk=False)
@@ -172,7 +183,10 @@ class ParameterTrajectory:
         ck = self.run.checkpoint_steps
         if self.form is None:
             parts.append(f"its optimizer ({self.run.optimizer.get('name', 'unknown')}) cannot be replayed "
-                         "(only torch.optim.SGD can)")
+                         "(SGD, Adam and AdamW can)")
+        elif self.form.needs_state and len(snaps):
+            parts.append(f"{self.form.name} needs its moments along the window, which the snapshots do not "
+                         "hold (they were recorded before optimizer state was saved with them)")
         elif len(ck):
             parts.append(f"no checkpoint at or before step {lo} (checkpoints at {short_list(ck)})")
         else:
@@ -193,7 +207,8 @@ class ParameterTrajectory:
         if plan.source == "snapshots":
             first = int(self.run.first_step)
             for t in range(plan.hi, plan.lo - 1, -1):
-                yield State(t, self._load_snapshot(t), None, t == first)
+                params = self._load_snapshot(t)
+                yield State(t, params, self._snapshot_state(t, params), t == first)
             return
         state = self._load_start(plan)
         if plan.segment is None:
@@ -226,6 +241,16 @@ class ParameterTrajectory:
         return {n: (snap[n] if n in snap else self.init[n]).to(device=self.device, dtype=self.dtype)
                 for n in self.names}
 
+    def _snapshot_state(self, t: int, params: Params) -> dict[str, Any] | None:
+        if self.form is None or not self.form.needs_state:
+            return None
+        return self.form.init_state(params, self._saved_state(t, "snapshot"))
+
+    def _saved_state(self, t: int, kind: str) -> dict[str, dict[str, Tensor]]:
+        return {n: {k: v.to(device=self.device, dtype=self.dtype if v.is_floating_point() else v.dtype)
+                    for k, v in st.items()}
+                for n, st in self.run.load_optimizer_state(t, kind).items()}
+
     def _load_start(self, plan: Plan) -> State:
         vals = self.run.load_parameters(plan.start, plan.start_kind)
         missing = [n for n in self.names if n not in vals]
@@ -235,9 +260,7 @@ class ParameterTrajectory:
         params = {n: vals[n].to(device=self.device, dtype=self.dtype) for n in self.names}
         saved = None
         if plan.start_kind == "checkpoint" and not self.form.stateless:
-            saved = {n: {k: v.to(device=self.device, dtype=self.dtype if v.is_floating_point() else v.dtype)
-                         for k, v in st.items()}
-                     for n, st in self.run.load_optimizer_state(plan.start).items()}
+            saved = self._saved_state(plan.start, "checkpoint")
         opt = self.form.init_state(params, saved)
         return State(plan.start, params, opt, opt is None)
 
