@@ -71,6 +71,25 @@ class Problem:
     build: Callable[[], nn.Module]
     lr: float
     image: bool = False
+    optimizer: str = "sgd"  # 'sgd' (constant lr) or 'adamw' (lr warmed up, then decaying linearly to half)
+    warmup: int = 0  # steps of linear warmup (AdamW)
+
+    def lr_at(self, t: int, T: int) -> float:
+        if self.optimizer == "sgd":
+            return self.lr
+        if t < self.warmup:
+            return self.lr * (t + 1) / self.warmup
+        return self.lr * (1 - 0.5 * (t - self.warmup) / (T - self.warmup))
+
+    def describe(self, T: int) -> str:
+        if self.optimizer == "sgd":
+            return f"SGD lr {self.lr}"
+        warm = f"linear warmup over {self.warmup} steps, then " if self.warmup else "no warmup, "
+        return (f"AdamW lr {self.lr} ({warm}decaying linearly to {self.lr / 2:g}), weight decay "
+                f"{ADAMW['weight_decay']}, betas {ADAMW['betas']}")
+
+
+ADAMW = {"betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 1e-2}
 
 
 def build_logreg() -> nn.Module:
@@ -90,6 +109,14 @@ PROBLEMS = {
     "logreg": Problem("logistic regression (650 params)", build_logreg, lr=0.5),
     "mlp": Problem("MLP 64-32-10 (2,410 params)", build_mlp, lr=0.3),
     "cnn": Problem("CNN 2 conv + linear (3,130 params)", build_cnn, lr=0.2, image=True),
+    # AdamW as it is usually run: a warmup of two epochs (24 steps), then a linear decay
+    "mlp-adamw": Problem("MLP 64-32-10 (2,410 params)", build_mlp, lr=1e-2, optimizer="adamw", warmup=24),
+    "cnn-adamw": Problem("CNN 2 conv + linear (3,130 params)", build_cnn, lr=1e-2, image=True, optimizer="adamw",
+                         warmup=24),
+    # and without warmup, where Adam's first steps (the sign of the gradient) defeat any first-order estimate
+    "mlp-adamw-nowarmup": Problem("MLP 64-32-10 (2,410 params)", build_mlp, lr=1e-2, optimizer="adamw"),
+    "cnn-adamw-nowarmup": Problem("CNN 2 conv + linear (3,130 params)", build_cnn, lr=1e-2, image=True,
+                                  optimizer="adamw"),
 }
 
 
@@ -128,8 +155,11 @@ def record(path: str, prob: Problem, init: dict, ds: TensorDataset, queries, ord
                            queries=queries, query_loss_fn=loss_fn, query_every_n_steps=1,
                            snapshot_every_n_steps=1 if exact else None, snapshot_scope="model", overwrite=True)
     X, Y = ds.tensors
-    opt = torch.optim.SGD(model.parameters(), lr=prob.lr)
+    opt = (torch.optim.SGD(model.parameters(), lr=prob.lr) if prob.optimizer == "sgd"
+           else torch.optim.AdamW(model.parameters(), lr=prob.lr, **ADAMW))
     for t, ids in enumerate(order):
+        for g in opt.param_groups:
+            g["lr"] = prob.lr_at(t, len(order))
         rec.begin_micro_batch(ids)
         loss_fn(model, (X[ids], Y[ids])).backward()
         rec.end_step(opt, epoch=t // steps_per_epoch)
@@ -141,10 +171,11 @@ def record(path: str, prob: Problem, init: dict, ds: TensorDataset, queries, ord
 
 # ---------------------------------------------------------------------- ground truth
 class Retrainer:
-    """Functional SGD of many models at once (vmap over a leading model axis)."""
+    """Functional training of many models at once (vmap over a leading model axis), with
+    torch.optim's SGD or AdamW update written out here, independent of the library."""
 
-    def __init__(self, model: nn.Module, ds: TensorDataset, queries, order, lr: float):
-        self.model, self.order, self.lr = model, order, lr
+    def __init__(self, model: nn.Module, ds: TensorDataset, queries, order, prob: Problem):
+        self.model, self.order, self.prob = model, order, prob
         self.X, self.Y = ds.tensors
         self.Xq, self.Yq = queries
 
@@ -156,45 +187,66 @@ class Retrainer:
         self.query_loss = vmap(lambda w: F.cross_entropy(functional_call(self.model, w, (self.Xq,)), self.Yq,
                                                          reduction="none"))
 
-    def run(self, W: dict, t_from: int, t_to: int, removed: torch.Tensor, window: tuple[int, int],
-            evals: set[int], keep: set[int] = frozenset()) -> tuple[dict[int, torch.Tensor], dict[int, dict]]:
+    def update(self, W: dict, state: dict, G: dict, t: int) -> tuple[dict, dict]:
+        lr = self.prob.lr_at(t, len(self.order))
+        if self.prob.optimizer == "sgd":
+            return {n: W[n] - lr * G[n] for n in W}, state
+        b1, b2 = ADAMW["betas"]
+        k = state["k"] + 1
+        m = {n: b1 * state["m"][n] + (1 - b1) * G[n] for n in W}
+        v = {n: b2 * state["v"][n] + (1 - b2) * G[n] * G[n] for n in W}
+        W = {n: W[n] * (1 - lr * ADAMW["weight_decay"])
+             - (lr / (1 - b1 ** k)) * m[n] / (torch.sqrt(v[n] / (1 - b2 ** k)) + ADAMW["eps"]) for n in W}
+        return W, {"k": k, "m": m, "v": v}
+
+    def fresh_state(self, W: dict) -> dict:
+        return {"k": 0, "m": {n: torch.zeros_like(v) for n, v in W.items()},
+                "v": {n: torch.zeros_like(v) for n, v in W.items()}}
+
+    def run(self, W: dict, state: dict, t_from: int, t_to: int, removed: torch.Tensor, window: tuple[int, int],
+            evals: set[int], keep: set[int] = frozenset()) -> tuple[dict[int, torch.Tensor], dict[int, tuple]]:
         """Train models W (leading axis: one per entry of `removed`, -1 = nothing removed) over steps
-        [t_from, t_to); return query losses [M, Q] at steps in `evals` and parameters at `keep`."""
+        [t_from, t_to); return query losses [M, Q] at steps in `evals` and (parameters, optimizer
+        state) at `keep`."""
         f, kept = {}, {}
         for t in range(t_from, t_to + 1):
             if t in evals:
                 f[t] = self.query_loss(W)
             if t in keep:
-                kept[t] = {n: v.clone() for n, v in W.items()}
+                kept[t] = ({n: v.clone() for n, v in W.items()}, copy.deepcopy(state))
             if t == t_to:
                 break
             ids = self.order[t]
             c = torch.ones(len(removed), len(ids), dtype=DT)
             if window[0] <= t < window[1]:
                 c = c - (ids[None, :] == removed[:, None]).to(DT)
-            G = self.step_grad(W, self.X[ids], self.Y[ids], c)
-            W = {n: W[n] - self.lr * G[n] for n in W}
+            W, state = self.update(W, state, self.step_grad(W, self.X[ids], self.Y[ids], c), t)
         return f, kept
 
 
-def ground_truth(model: nn.Module, init: dict, ds, queries, order, lr: float, subset: np.ndarray,
+def ground_truth(model: nn.Module, init: dict, ds, queries, order, prob: Problem, subset: np.ndarray,
                  wins: dict[str, tuple[int, int]]) -> dict[tuple[str, str], torch.Tensor]:
     """{(notion, window name): [M, Q]} for notions 'R@t2', 'R@T', 'A'."""
     T = len(order)
-    rt = Retrainer(model, ds, queries, order, lr)
+    rt = Retrainer(model, ds, queries, order, prob)
     removed = torch.cat([torch.tensor([-1]), torch.as_tensor(subset)])  # member 0: actual training
     params = {n: v.to(DT) for n, v in init.items() if n in dict(model.named_parameters())}
     W0 = {n: v.unsqueeze(0).repeat(len(removed), *([1] * v.dim())).clone() for n, v in params.items()}
     bounds = {0, T} | {t for w in wins.values() for t in w}
     # removal from every step; member 0 (nothing removed) is the actual trajectory
-    f_all, kept = rt.run(W0, 0, T, removed, (0, T), bounds, keep=bounds)
+    f_all, kept = rt.run(W0, rt.fresh_state(W0), 0, T, removed, (0, T), bounds, keep=bounds)
     delta = {t: f_all[t][1:] - f_all[t][:1] for t in bounds}  # R([0, t), t)
     truth = {}
     for name, (t1, t2) in wins.items():
         truth[("A", name)] = delta[t2] - delta[t1]
-        # window removal: restart every member from the actual w_t1, drop the sample in [t1, t2) only
-        Wt1 = {n: v[:1].repeat(len(removed), *([1] * (v.dim() - 1))) for n, v in kept[t1].items()}
-        f, _ = rt.run(Wt1, t1, T, removed, (t1, t2), {t2, T})
+        # window removal: restart every member from the actual state at t1, drop the sample in [t1, t2) only
+        W1, st1 = kept[t1]
+        actual = lambda v: v[:1].repeat(len(removed), *([1] * (v.dim() - 1)))  # noqa: E731
+        Wt1 = {n: actual(v) for n, v in W1.items()}
+        if prob.optimizer != "sgd":
+            st1 = {"k": st1["k"], "m": {n: actual(v) for n, v in st1["m"].items()},
+                   "v": {n: actual(v) for n, v in st1["v"].items()}}
+        f, _ = rt.run(Wt1, st1, t1, T, removed, (t1, t2), {t2, T})
         truth[("R@t2", name)] = f[t2][1:] - f[t2][:1]
         truth[("R@T", name)] = f[T][1:] - f[T][:1]
     return truth
@@ -220,7 +272,7 @@ def captum_tracincp(model, ds, subset, queries, snaps: Run, steps: np.ndarray, c
 class DattriDVEmb:
     """dattri's DVEmbAttributor fed the recorded trajectory: each step's batch at the snapshot w_t."""
 
-    def __init__(self, model, ds, order, snaps: Run, lr: float, steps_per_epoch: int, image: bool):
+    def __init__(self, model, ds, order, snaps: Run, steps_per_epoch: int, image: bool):
         from dattri.algorithm.dvemb import DVEmbAttributor
         from dattri.task import AttributionTask
         self.m = copy.deepcopy(model)
@@ -235,7 +287,7 @@ class DattriDVEmb:
         X, Y = ds.tensors
         for t, ids in enumerate(order):
             m.load_state_dict(snaps.load_parameters(t))
-            self.att.cache_gradients(t // steps_per_epoch, (X[ids], Y[ids]), ids, lr)
+            self.att.cache_gradients(t // steps_per_epoch, (X[ids], Y[ids]), ids, float(snaps.lrs[t]))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             self.att.cache()
@@ -333,11 +385,11 @@ def ours(runs: dict[str, Run], wins: dict[str, tuple[int, int]], subset, model, 
     return rows
 
 
-def peers(run: Run, wins, subset, model, ds, queries, order, lr: float, steps_per_epoch: int) -> list[Row]:
+def peers(run: Run, wins, subset, model, ds, queries, order, steps_per_epoch: int) -> list[Row]:
     rows = []
     r = Row("Captum TracInCP", "full (captum)")
     try:
-        coef = {int(t): lr / BATCH for t in run.steps}
+        coef = {int(t): float(run.lrs[i]) / BATCH for i, t in enumerate(run.steps)}
         for n, (t1, t2) in wins.items():
             s = timed(r, lambda: captum_tracincp(model, ds, subset, queries, run, np.arange(t1, t2), coef))
             for notion in ("R@t2", "R@T", "A"):
@@ -348,7 +400,7 @@ def peers(run: Run, wins, subset, model, ds, queries, order, lr: float, steps_pe
     rows.append(r)
     r = Row("dattri DVEmbAttributor", "full (dattri)", note="R@T only")
     try:
-        att = timed(r, lambda: DattriDVEmb(model, ds, order, run, lr, steps_per_epoch, False))
+        att = timed(r, lambda: DattriDVEmb(model, ds, order, run, steps_per_epoch, False))
         for n, (t1, t2) in wins.items():
             ep = range(t1 // steps_per_epoch, t2 // steps_per_epoch)
             s = timed(r, lambda: att.scores(queries, subset, ep)).detach()
@@ -365,7 +417,7 @@ def peers(run: Run, wins, subset, model, ds, queries, order, lr: float, steps_pe
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="a smoke run: fewer steps, samples and queries")
-    ap.add_argument("--models", default="logreg,mlp,cnn")
+    ap.add_argument("--models", default=",".join(PROBLEMS))
     ap.add_argument("--samples", type=int, default=None, help="training samples scored against retraining")
     ap.add_argument("--queries", type=int, default=None)
     ap.add_argument("--epochs", type=int, default=None)
@@ -406,10 +458,10 @@ def main(argv: list[str] | None = None) -> int:
             projected = {tag: run.dim for tag, run in runs.items()}
             t_rec = time.perf_counter() - t0
             t0 = time.perf_counter()
-            truth = ground_truth(prob.build().to(DT), init, ds, queries, order, prob.lr, subset, wins)
+            truth = ground_truth(prob.build().to(DT), init, ds, queries, order, prob, subset, wins)
             t_truth = time.perf_counter() - t0
             rows = ours(runs, wins, subset, trained, ds, queries, tmp, spe)
-            rows += peers(runs["exact"], wins, subset, trained, ds, queries, order, prob.lr, spe)
+            rows += peers(runs["exact"], wins, subset, trained, ds, queries, order, spe)
             for r in rows:
                 if r.grads.startswith("k=") and projected[r.grads] == projected["exact"]:
                     r.note = (r.note + "; " if r.note else "") + f"k >= p: exact ({projected[r.grads]} dims)"
@@ -425,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def render(prob, key, rows, truth, wins, t_rec, t_truth, M, Q, T, projected) -> str:
     head = ["method", "gradients"] + [f"{n} {w}" for n, w in COLUMNS] + ["time (s)", "note"]
-    lines = [f"### {prob.name}, SGD lr {prob.lr}, {T} steps", "",
+    lines = [f"### {prob.name}, {prob.describe(T)}, {T} steps", "",
              f"Recorded dims: {', '.join(f'{k}: {v}' for k, v in projected.items())}. Recording (3 runs) "
              f"{t_rec:.1f} s; ground truth ({M} samples, {Q} queries, vmapped retraining) {t_truth:.1f} s.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
