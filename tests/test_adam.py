@@ -80,7 +80,7 @@ def record(path, opt_cls, opt_kw, **cfg):
 
 
 # ---------------------------------------------------------------------- the reference
-def functional_adam(init, ds, order, opt_kw, decoupled, c, window, stop):
+def functional_adam(init, ds, order, opt_kw, decoupled, c, window, stop, lr_of=None):
     """Train from init to step `stop` with torch.optim's Adam/AdamW rule written out; the samples of
     steps in `window` carry loss weights c (the batch loss is (1/|B|) sum_i c_i l_i)."""
     model = TEMPLATE
@@ -100,7 +100,7 @@ def functional_adam(init, ds, order, opt_kw, decoupled, c, window, stop):
             return (losses * weights).sum() / len(ids)
 
         g = grad(batch_loss)(w)
-        lr, k = lr_at(t), t + 1
+        lr, k = (lr_of or lr_at)(t), t + 1
         new_w = {}
         for n in w:
             gn = g[n] if decoupled or not wd else g[n] + wd * w[n]
@@ -114,13 +114,13 @@ def functional_adam(init, ds, order, opt_kw, decoupled, c, window, stop):
     return w
 
 
-def removal_derivative(init, ds, q, order, opt_kw, decoupled, window, te):
+def removal_derivative(init, ds, q, order, opt_kw, decoupled, window, te, lr_of=None):
     """[N, Q]: minus the derivative of the query losses at step te with respect to each sample's
     weight in the window's batch losses (first-order removal influence)."""
     model = TEMPLATE
 
     def query_losses(c):
-        w = functional_adam(init, ds, order, opt_kw, decoupled, c, window, te)
+        w = functional_adam(init, ds, order, opt_kw, decoupled, c, window, te, lr_of)
         return F.cross_entropy(functional_call(model, w, (q[0],)), q[1], reduction="none")
 
     ones = torch.ones(N, dtype=DT)
@@ -236,3 +236,45 @@ def test_adamw_removal_follows_retraining(tmp_path):
     for j in range(q[1].shape[0]):
         r = np.corrcoef(res.values[present, j].numpy(), truth[present, j].numpy())[0, 1]
         assert r > 0.95
+
+
+# ---------------------------------------------------------------------- through Lightning
+def test_an_adamw_lightning_run_recorded_by_the_callback_scores_through_the_public_api(tmp_path):
+    """No glue: InfluenceCallback records checkpoints, dit(curvature='exact') replays AdamW from the
+    one at step 0 and uses the module's training_step as the loss."""
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader
+
+    from influence_hooks import InfluenceCallback, open_run as open_
+
+    ds, q, order, _ = make_problem()
+    kw = {"betas": (0.9, 0.99), "weight_decay": 0.1}
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = make_problem()[3]
+
+        def forward(self, x):
+            return self.net(x)
+
+        def training_step(self, batch, batch_idx):
+            return loss_fn(self, batch)
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=0.03, **kw)
+
+    module = Module()
+    init = {k[len("net."):]: v.clone() for k, v in module.state_dict().items()}
+    ordered = TensorDataset(*(t[torch.cat(order[:N // B])] for t in ds.tensors))  # epoch 0's order, reused
+    cb = InfluenceCallback(str(tmp_path / "run"), projection="none", storage_dtype="float64", queries=q,
+                           query_every_n_steps=1, checkpoint_every_n_steps=100)
+    pl.Trainer(max_epochs=2, callbacks=[cb], logger=False, enable_progress_bar=False, enable_model_summary=False,
+               enable_checkpointing=False, accelerator="cpu", devices=1).fit(
+        module, DataLoader(ordered, batch_size=B, shuffle=False))
+    run = open_(tmp_path / "run")
+    res = dit(run, window=(2, 6), curvature="exact", model=module, dataset=ordered, queries=q, progress=False)
+    assert "AdamW" in res.meta["optimizer_form"] and "replayed from the checkpoint at step 0" in res.meta["trajectory"]
+    steps = [torch.arange(b, b + B) for _ in range(2) for b in range(0, N, B)]
+    truth = removal_derivative(init, ordered, q, steps, kw, True, (2, 6), 6, lr_of=lambda t: 0.03)
+    assert relative_error(res.values, truth) < 1e-8

@@ -17,8 +17,10 @@ def run_notes(run: Run) -> list[str]:
         notes.append(f"gradients randomly projected to {run.dim} dimensions ({', '.join(kinds)})")
     opt = run.optimizer
     if opt and not opt.get("is_plain_sgd", False):
+        adam = opt.get("name") in ("Adam", "AdamW")
         notes.append(f"optimizer {opt.get('name')} is not plain SGD: the SGD form with the recorded "
-                     "learning rate is used")
+                     "learning rate is used" + (" (under Adam it follows retraining poorly; "
+                                                "dit(curvature='exact') linearizes Adam itself)" if adam else ""))
     if run.manifest.get("gradient_clipping"):
         notes.append(f"gradient clipping ({run.manifest['gradient_clipping']}) is ignored")
     if run.manifest.get("partial_model", True):
