@@ -11,6 +11,7 @@ from lightning.pytorch.utilities import move_data_to_device
 
 from ..batches import as_batch, training_step_loss
 from ..errors import ConfigurationError, SampleIdError
+from .distributed import refuse_sharded
 from .ids import NO_IDS_HELP, IndexedDataset, TrackedBatchSampler, ids_from_indexed_batch, track_loader
 from .options import RecordingConfig
 from .recorder import GradientRecorder
@@ -108,11 +109,7 @@ class InfluenceCallback(pl.Callback):
                 "InfluenceCallback needs automatic optimization (one optimizer step per "
                 "training_step cycle). With manual optimization use GradientRecorder in the "
                 "training_step.")
-        if trainer.world_size > 1:
-            raise ConfigurationError(
-                f"InfluenceCallback does not record distributed training yet ({trainer.world_size} "
-                "processes): every rank would need the global batch's weights. The run-directory "
-                "format already keeps per-rank shards; until then train on one device.")
+        refuse_sharded(trainer.strategy)
         if len(trainer.optimizers) != 1:
             raise ConfigurationError(f"InfluenceCallback supports one optimizer, found {len(trainer.optimizers)}.")
         if self.queries_from is not None and self.query_batch is None:
@@ -124,7 +121,7 @@ class InfluenceCallback(pl.Callback):
             self.run_dir, pl_module, queries=queries,
             query_loss_fn=(self.query_loss_fn or training_step_loss) if queries is not None else None,
             query_ids=self.query_ids, config=self.config, metadata=self.metadata,
-            precision=str(trainer.precision), rank=trainer.global_rank)
+            precision=str(trainer.precision), rank=trainer.global_rank, world_size=trainer.world_size)
         extra = {
             "gradient_clipping": ({"value": trainer.gradient_clip_val,
                                    "algorithm": str(trainer.gradient_clip_algorithm or "norm")}

@@ -37,6 +37,7 @@ from ..errors import ConfigurationError, InfluenceHooksError, SampleIdError
 from ..storage.jsonio import to_jsonable
 from ..storage.writer import RunWriter, StepRecord
 from .checks import check_first_step, warn_batch_mixing, warn_tied_parameters
+from .distributed import open_on_every_rank, process_position, refuse_sharded
 from .host import event_after, host_copy, loss_scale, scaler_found_inf
 from .ids import as_ids, concat_ids
 from .optim import RecordedLearningRate, describe_optimizer
@@ -58,16 +59,21 @@ class GradientRecorder:
         query_ids: ids of the query samples (default: a Subset's indices, else 0..Q-1).
         config / **options: a RecordingConfig, or its fields as keyword arguments.
         metadata: JSON-serialisable extras stored in the manifest.
+        rank / world_size: this process's place in data-parallel training (default: from an
+            initialized torch.distributed, else 0 of 1). Every rank records its own micro-batches
+            into its own shards; gradients are taken to be averaged over ranks, as DDP does.
     """
 
     def __init__(self, run_dir: str, model: nn.Module, *, queries: Any = None,
                  query_loss_fn: QueryLossFn | None = None, query_ids: Sequence[int] | None = None,
                  config: RecordingConfig | None = None, metadata: dict[str, Any] | None = None,
-                 precision: str | None = None, rank: int = 0, **options: Any):
+                 precision: str | None = None, rank: int | None = None, world_size: int | None = None,
+                 **options: Any):
         self.config = RecordingConfig.from_options(config, options)
         self.run_dir = str(run_dir)
         self.model = model
-        self.rank = rank
+        refuse_sharded(model)
+        self.rank, self.world_size = process_position(rank, world_size)
         self.metadata = dict(metadata or {})
         self.precision = precision
         self.queries = (QuerySet(queries, query_loss_fn, query_ids, self.config.query_every_n_steps,
@@ -105,7 +111,7 @@ class GradientRecorder:
         `resume_step`, or create it with `extra` manifest entries. The directory is opened only
         after the first step has validated the layers, so the manifest lists what is recorded."""
         self._start_kwargs = dict(resume_run_id=resume_run_id, resume_step=resume_step, extra=extra)
-        if resume_run_id is None:
+        if resume_run_id is None and self.rank == 0:
             RunWriter.check_new_run_dir(self.run_dir, overwrite=self.config.overwrite, rank=self.rank)
         if resume_step is not None:
             self._step = int(resume_step)
@@ -122,8 +128,13 @@ class GradientRecorder:
                                            options=opts)
             self._step = int(resume_step or 0)
         else:
-            self.writer = RunWriter.create(self.run_dir, self._manifest(optimizer, extra or {}), rank=self.rank,
-                                           overwrite=self.config.overwrite, options=opts)
+            manifest = self._manifest(optimizer, extra or {})
+
+            def create(run_id: str | None = None) -> RunWriter:
+                return RunWriter.create(self.run_dir, {**manifest, "run_id": run_id} if run_id else manifest,
+                                        rank=self.rank, overwrite=self.config.overwrite, options=opts)
+
+            self.writer = create() if self.world_size == 1 else open_on_every_rank(self.rank, create, create)
         self.run_id = self.writer.manifest["run_id"]
 
     def _manifest(self, optimizer: torch.optim.Optimizer | None, extra: dict[str, Any]) -> dict[str, Any]:
@@ -145,7 +156,8 @@ class GradientRecorder:
             "partial_model": n_recorded < n_trainable,
             "recorded_parameters": n_recorded, "trainable_parameters": n_trainable,
             "queries": self.queries.manifest() if self.queries is not None else None,
-            "config": self.config.to_manifest(), "world_size": 1, "metadata": to_jsonable(self.metadata),
+            "config": self.config.to_manifest(), "world_size": self.world_size,
+            "metadata": to_jsonable(self.metadata),
             **extra,
         }
 
@@ -211,18 +223,21 @@ class GradientRecorder:
             self.start(optimizer, **self._start_kwargs)
         first_of_epoch = self._last_epoch != epoch
         self._last_epoch = epoch
+        # DDP averages the ranks' gradients: each rank's samples weigh 1/world_size of its own loss
+        per_rank = len(sizes) / (acc * len(ids)) if self.config.loss_reduction == "mean" else 1.0 / acc
         rec = StepRecord(
             step=step, epoch=int(epoch), lr=self._lr(optimizer),
             lr_groups=[float(g["lr"]) for g in optimizer.param_groups], batch_size=len(ids),
-            update_weight=(len(sizes) / (acc * len(ids)) if self.config.loss_reduction == "mean" else 1.0 / acc),
+            update_weight=per_rank / self.world_size,
             micro_batches=n_micro, sample_ids=host_copy(ids), grads=None,
             skipped=self._found_inf(grad_scaler, optimizer),
             loss=float(loss) if loss is not None else float("nan"))
         rec.grads, rec.finite = self._to_host(grads)
         rec.ready = event_after(grads)
-        if self.queries is not None and self.queries.due(step, first_of_epoch, epoch_end):
-            self.write_queries(step)
-        self.params.save_if_due(self.writer, step, self.layers, optimizer)
+        if self.rank == 0:  # the same on every rank: written once
+            if self.queries is not None and self.queries.due(step, first_of_epoch, epoch_end):
+                self.write_queries(step)
+            self.params.save_if_due(self.writer, step, self.layers, optimizer)
         self._optimizer = optimizer
         self.writer.write_step(rec)
         self._step = step + 1
@@ -233,7 +248,7 @@ class GradientRecorder:
             return
         self._finished = True
         final_step = self._step if final_step is None else int(final_step)
-        if self.writer is not None:
+        if self.writer is not None and self.rank == 0:
             if self.queries is not None:
                 self.write_queries(final_step)
             if self.params.snapshots:

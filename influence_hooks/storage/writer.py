@@ -174,14 +174,14 @@ class RunWriter:
         """Raise unless `manifest` (what would be recorded now) continues run `run_id` in `path`:
         same layers, projection, dimension, storage dtype and loss reduction. Changes nothing."""
         old = _manifest_of_run(Path(path), run_id)
-        keys = ("dim", "projection_fingerprint", "storage_dtype", "loss_reduction")
+        keys = ("dim", "projection_fingerprint", "storage_dtype", "loss_reduction", "world_size")
         changed = [k for k in keys if old.get(k) != manifest.get(k)]
         if changed:
             diff = ", ".join(f"{k}: recorded {old.get(k)!r}, now {manifest.get(k)!r}" for k in changed)
             raise ConfigurationError(
                 f"cannot resume run {run_id} in {path}: the recording settings changed ({diff}). "
-                "Resume with the same layers, projection, seed, storage_dtype and loss_reduction, or "
-                "record into a new directory.")
+                "Resume with the same layers, projection, seed, storage_dtype, loss_reduction and number of "
+                "processes (world_size), or record into a new directory.")
 
     @classmethod
     def resume(cls, path: str | os.PathLike, run_id: str, from_step: int, *, rank: int = 0,
