@@ -23,6 +23,9 @@ host.py (asynchronous host copies), storage/writer.py (the files).
 
 from __future__ import annotations
 
+import logging
+import sys
+import time
 import warnings
 from typing import Any, Sequence
 
@@ -43,6 +46,9 @@ from .optim import RecordedLearningRate, describe_optimizer
 from .options import RecordingConfig
 from .params import ParameterSaver
 from .queries import QueryLossFn, QuerySet
+from .summary import RecordingStats, plan_summary
+
+log = logging.getLogger("influence_hooks")
 
 
 class GradientRecorder:
@@ -58,12 +64,17 @@ class GradientRecorder:
         query_ids: ids of the query samples (default: a Subset's indices, else 0..Q-1).
         config / **options: a RecordingConfig, or its fields as keyword arguments.
         metadata: JSON-serialisable extras stored in the manifest.
+        verbose: print the recording plan (layers, dims per layer, bytes per step, run path) at
+            the first step; it is also logged to the "influence_hooks" logger either way.
+
+    After the first step, `plan` holds that summary as a dict; `stats` (RecordingStats) counts
+    rows, megabytes, the wait for the writer's queue and the time in the hooks.
     """
 
     def __init__(self, run_dir: str, model: nn.Module, *, queries: Any = None,
                  query_loss_fn: QueryLossFn | None = None, query_ids: Sequence[int] | None = None,
                  config: RecordingConfig | None = None, metadata: dict[str, Any] | None = None,
-                 precision: str | None = None, rank: int = 0, **options: Any):
+                 precision: str | None = None, rank: int = 0, verbose: bool = True, **options: Any):
         self.config = RecordingConfig.from_options(config, options)
         self.run_dir = str(run_dir)
         self.model = model
@@ -91,6 +102,10 @@ class GradientRecorder:
         self._first_step_checked = False
         self._finished = False
         self.run_id: str | None = None
+        self.verbose = verbose
+        self.plan: dict[str, Any] | None = None
+        self.stats = RecordingStats()
+        self._left_out: list[str] = []
 
     @property
     def dim(self) -> int:
@@ -208,6 +223,8 @@ class GradientRecorder:
         self._warn_uneven(step, sizes)
         if self.writer is None:
             self.start(optimizer, **self._start_kwargs)
+        if self.plan is None:
+            self._announce(len(ids))
         first_of_epoch = self._last_epoch != epoch
         self._last_epoch = epoch
         rec = StepRecord(
@@ -222,7 +239,9 @@ class GradientRecorder:
         if self.queries is not None and self.queries.due(step, first_of_epoch, epoch_end):
             self.write_queries(step)
         self.params.save_if_due(self.writer, step, self.layers, optimizer)
+        t0 = time.perf_counter()
         self.writer.write_step(rec)
+        self._count(t0, steps=1, rows=len(ids), nbytes=rec.grads.nelement() * rec.grads.element_size())
         self._step = step + 1
 
     def finish(self, *, final_step: int | None = None) -> None:
@@ -261,7 +280,10 @@ class GradientRecorder:
 
     def write_queries(self, step: int) -> None:
         g = self.query_gradients()
-        self.writer.write_queries(step, self._to_host(g)[0], ready=event_after(g))
+        host = self._to_host(g)[0]
+        t0 = time.perf_counter()
+        self.writer.write_queries(step, host, ready=event_after(g))
+        self._count(t0, query_rows=len(host), nbytes=host.nelement() * host.element_size())
 
     # ------------------------------------------------------------------ helpers
     def _recorded_parameters(self) -> list[nn.Parameter]:
@@ -272,9 +294,26 @@ class GradientRecorder:
         explicit = self.config.layers is not None or self.config.layer_types is not None
         broadcast = check_first_step(self.capture, n_rows, explicit)
         if broadcast:
+            self._left_out = sorted(broadcast)
             self.capture.drop_layers(broadcast)
             self.layers = self.capture.layers
             self._lr.reset(self._recorded_parameters())  # the group lookup must be redone for the kept layers
+
+    def _announce(self, batch_size: int) -> None:
+        """Say once, at the first step, what is recorded and what it costs."""
+        text, self.plan = plan_summary(
+            self.run_dir, type(self.model).__name__, self.layers, self._left_out,
+            self.writer.manifest["storage_dtype"], batch_size, self.queries.n if self.queries else 0,
+            self.config.projection, resumed_from=self._start_kwargs.get("resume_step"))
+        log.info(text)
+        if self.verbose:
+            print(text, file=sys.stderr, flush=True)
+
+    def _count(self, since: float, *, steps: int = 0, rows: int = 0, query_rows: int = 0, nbytes: int = 0) -> None:
+        s = self.stats
+        s.queue_wait_s += time.perf_counter() - since
+        s.steps, s.rows, s.query_rows, s.bytes = s.steps + steps, s.rows + rows, s.query_rows + query_rows, s.bytes + nbytes
+        s.hook_s = self.capture.seconds
 
     def _warn_uneven(self, step: int, sizes: list[int]) -> None:
         if self.config.loss_reduction == "mean" and len(set(sizes)) > 1 and not self._warned_uneven:
