@@ -1,0 +1,247 @@
+"""What a newcomer meets first (issue 11): names that match, a summary of what is recorded, the
+recording's figures in Lightning's logs, new queries after training, results as tables, a CLI
+that says what it does, and a report whose numbers carry their base and their uncertainty.
+
+Each behaviour is checked against something computed independently: the gradients recorded
+during training, byte counts from the run's own sizes, brute-force AUROC, known distributions.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import nn
+from torch.utils.data import DataLoader, Subset, TensorDataset
+
+from conftest import assert_rows_close
+from influence_hooks import GradientRecorder, InfluenceCallback, open_run, query_gradients
+from influence_hooks.errors import ConfigurationError
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*LeafSpec.*is deprecated")
+
+transformers = pytest.importorskip("transformers")  # in the [test] extra, so CI always has it
+
+
+def tiny_gpt2(n_layer: int = 2, tie: bool = True) -> nn.Module:
+    cfg = transformers.GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=n_layer, n_head=2,
+                                  bos_token_id=0, eos_token_id=0, tie_word_embeddings=tie)
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(cfg)
+
+
+class Wrapped(nn.Module):
+    """A model held as an attribute, as a LightningModule holds it: module names start 'model.'."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x)
+
+
+def lm_loss(model, batch):
+    return model(batch, labels=batch).loss
+
+
+def mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(5, 7), nn.LayerNorm(7), nn.Tanh(), nn.Linear(7, 3)).double()
+
+
+def ce(model, batch):
+    return F.cross_entropy(model(batch[0]), batch[1])
+
+
+def train(rec: GradientRecorder, model: nn.Module, X, Y, steps: int = 6, batch: int = 4, lr: float = 0.1):
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    g = torch.Generator().manual_seed(3)
+    for t in range(steps):
+        ids = torch.randperm(len(X), generator=g)[:batch]
+        rec.begin_micro_batch(ids)
+        ce(model, (X[ids], Y[ids])).backward()
+        rec.end_step(opt, epoch=t // 3)
+        opt.step()
+        opt.zero_grad()
+    rec.finish()
+
+
+def data(n: int = 24, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (n,), generator=g)
+
+
+# ---------------------------------------------------------------------- names
+def test_an_exclude_glob_that_matches_no_module_is_an_error_naming_the_real_path(tmp_path):
+    model = Wrapped(tiny_gpt2())
+    with pytest.raises(ConfigurationError) as e:
+        GradientRecorder(tmp_path / "run", model, exclude=["lm_head"], verbose=False)
+    msg = str(e.value)
+    assert "exclude pattern 'lm_head' matches no module" in msg and "Did you mean ['model.lm_head']" in msg
+
+
+def test_a_layers_glob_that_matches_nothing_suggests_the_full_path(tmp_path):
+    with pytest.raises(ConfigurationError, match=r"Did you mean \['model.lm_head'\]"):
+        GradientRecorder(tmp_path / "run", Wrapped(tiny_gpt2()), layers=["lm_head"], verbose=False)
+
+
+def test_an_exclude_glob_matching_only_unrecorded_modules_warns_and_names_them(tmp_path):
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
+    with pytest.warns(RuntimeWarning, match=r"'2' matches \['2'\], but none of them is recorded anyway"):
+        rec = GradientRecorder(tmp_path / "run", model, layers=["0"], exclude=["2"], verbose=False)
+    assert [l.name for l in rec.layers] == ["0"]
+
+
+def test_tied_weights_warning_names_the_module_paths_and_its_suggestion_works(tmp_path):
+    model = Wrapped(tiny_gpt2())
+    with pytest.warns(RuntimeWarning, match="tie") as caught:
+        GradientRecorder(tmp_path / "a", model, verbose=False)
+    msg = next(str(w.message) for w in caught if "tie" in str(w.message))
+    assert "model.transformer.wte.weight is model.lm_head.weight" in msg
+    assert "exclude=['model.lm_head']" in msg
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # following the advice silences it
+        rec = GradientRecorder(tmp_path / "b", model, exclude=["model.lm_head"], verbose=False)
+    names = [l.name for l in rec.layers]
+    assert "model.transformer.wte" in names and "model.lm_head" not in names
+
+
+# ---------------------------------------------------------------------- the start summary
+def test_start_summary_lists_layers_dims_bytes_and_run_path(tmp_path, capsys, caplog):
+    model = tiny_gpt2()
+    x = torch.randint(0, 64, (6, 16), generator=torch.Generator().manual_seed(0))
+    with pytest.warns(RuntimeWarning, match="tie"):  # wte/lm_head: the default selection keeps both
+        rec = GradientRecorder(tmp_path / "run", model, queries=x[:2], query_loss_fn=lm_loss)  # projection=1024
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    caplog.set_level(logging.INFO, logger="influence_hooks")
+    with pytest.warns(RuntimeWarning, match="not recording"):  # wpe: batch-shared input
+        rec.begin_micro_batch(torch.arange(4))
+        lm_loss(model, x[:4]).backward()
+        rec.end_step(opt)
+    rec.finish()
+    text = capsys.readouterr().err
+    with open_run(tmp_path / "run") as run:
+        layers = run.layers
+        K = run.dim
+    # 16 layers shared 1024 dims (64 each); wpe was left out at the first step: 15 remain
+    assert len(layers) == 15 and [l.dim for l in layers] == [64] * 15 and K == 960
+    assert f"recording 15 layers of GPT2LMHeadModel into {tmp_path / 'run'}" in text
+    for l in layers:
+        assert any(line.split()[:1] == [l.name] and line.split()[3] == "64" for line in text.splitlines()), l.name
+    assert "transformer.h.0.attn.c_attn  Conv1D            3,168        64  kronecker 8 x 8" in text
+    assert "left out: transformer.wpe" in text
+    assert f"per step: 4 samples x 960 dims x 2 bytes = {4 * 960 * 2 / 1024:.1f} KiB" in text
+    assert rec.plan["dims"] == [64] * 15 and rec.plan["bytes_per_step"] == 4 * 960 * 2
+    assert rec.plan["bytes_per_query_step"] == 2 * 960 * 2
+    assert text.strip() in caplog.text  # the same text goes to the "influence_hooks" logger
+
+
+def test_start_summary_is_only_logged_when_not_verbose(tmp_path, capsys, caplog):
+    X, Y = data()
+    caplog.set_level(logging.INFO, logger="influence_hooks")
+    model = mlp()
+    train(GradientRecorder(tmp_path / "run", model, verbose=False), model, X, Y, steps=1)
+    assert "influence_hooks" not in capsys.readouterr().err
+    assert "recording 3 layers of Sequential" in caplog.text
+
+
+# ---------------------------------------------------------------------- Lightning's logger
+def test_callback_logs_the_plan_and_the_recordings_figures_to_lightning(tmp_path):
+    import lightning.pytorch as pl
+    from lightning.pytorch.loggers import CSVLogger
+
+    from _tiny_lightning import TinyClassifier
+
+    X, Y = data(20)
+    cb = InfluenceCallback(str(tmp_path / "run"), queries=(X[:3], Y[:3]), verbose=False)
+    logger = CSVLogger(str(tmp_path / "logs"), name="", version="")
+    trainer = pl.Trainer(max_epochs=2, callbacks=[cb], logger=logger, log_every_n_steps=1, accelerator="cpu",
+                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    trainer.fit(TinyClassifier(), DataLoader(TensorDataset(X, Y), batch_size=4, shuffle=True))
+    hp = yaml.safe_load((tmp_path / "logs" / "hparams.yaml").read_text())
+    import csv
+    rows = list(csv.DictReader(open(tmp_path / "logs" / "metrics.csv")))
+    with open_run(tmp_path / "run") as run:
+        n_rows = sum(len(b.sample_ids) for b in run.iter_steps())
+        n_query_rows = len(run.query_steps) * len(run.query_ids)
+        itemsize = np.dtype(run.manifest["storage_dtype"]).itemsize
+        assert hp["influence_hooks/run_dir"] == str(tmp_path / "run")
+        assert hp["influence_hooks/layers"] == [l.name for l in run.layers]
+        assert hp["influence_hooks/dims"] == [l.dim for l in run.layers]
+        assert hp["influence_hooks/bytes_per_step"] == 4 * run.dim * itemsize
+        dim = run.dim
+    per_step = [r for r in rows if r.get("influence/rows")]
+    assert [float(r["influence/steps"]) for r in per_step[:-1]] == list(range(1, 11))  # every step logged
+    final = per_step[-1]  # after training: the end-of-training queries included
+    assert float(final["influence/rows"]) == n_rows == 40
+    assert float(final["influence/query_rows"]) == n_query_rows
+    assert float(final["influence/mb_written"]) == pytest.approx((n_rows + n_query_rows) * dim * itemsize / 2**20)
+    assert float(final["influence/hook_s"]) > 0 and float(final["influence/queue_wait_s"]) >= 0
+    assert float(per_step[-2]["influence/hook_s"]) <= float(final["influence/hook_s"])
+
+
+# ---------------------------------------------------------------------- new queries after training
+@pytest.mark.parametrize("projection", [16, "none"])
+def test_query_gradients_after_training_equal_the_ones_recorded_at_the_end(tmp_path, projection):
+    X, Y = data()
+    model = mlp()
+    xq, yq = X[:5] + 0.3, Y[:5]
+    rec = GradientRecorder(tmp_path / "run", model, projection=projection, storage_dtype="float64",
+                           queries=(xq, yq), query_loss_fn=ce, verbose=False)
+    train(rec, model, X, Y)
+    run = open_run(tmp_path / "run")
+    if projection != "none":
+        assert {l.projection["kind"] for l in run.layers} == {"kronecker", "gaussian"}
+    recorded = run.query_gradients(run.final_step, dtype=torch.float64)
+    new = query_gradients(model, run, (xq, yq), ce)
+    assert new.shape == (5, run.dim)
+    assert_rows_close(new, recorded, rel=1e-12)
+    # a Dataset works as well, and the run may be given by its path
+    ds = TensorDataset(xq, yq)
+    assert_rows_close(query_gradients(model, tmp_path / "run", ds, ce), recorded, rel=1e-12)
+    # one new query alone is row q of the batch: each row is that query's own loss gradient
+    assert_rows_close(query_gradients(model, run, (xq[2:3], yq[2:3]), ce), recorded[2:3], rel=1e-12)
+    # and it scores against data value embeddings like the recorded ones
+    from influence_hooks import dvemb
+    emb = dvemb(run, path=tmp_path / "emb.h5", progress=False, dtype=torch.float64)
+    a = emb.scores(new, progress=False, dtype=torch.float64).values
+    b = emb.scores(recorded, progress=False, dtype=torch.float64).values
+    torch.testing.assert_close(a, b)
+    emb.close()
+
+
+def test_query_gradients_with_a_lightning_module_use_its_training_step(tmp_path):
+    import lightning.pytorch as pl
+
+    from _tiny_lightning import TinyClassifier
+
+    X, Y = data(20)
+    queries = Subset(TensorDataset(X, Y), [3, 5, 8])
+    cb = InfluenceCallback(str(tmp_path / "run"), queries=queries, projection=8, storage_dtype="float64",
+                           verbose=False)
+    module = TinyClassifier()
+    pl.Trainer(max_epochs=1, callbacks=[cb], logger=False, accelerator="cpu", enable_progress_bar=False,
+               enable_model_summary=False, enable_checkpointing=False).fit(
+        module, DataLoader(TensorDataset(X, Y), batch_size=4))
+    with open_run(tmp_path / "run") as run:
+        assert_rows_close(query_gradients(module, run, queries),
+                          run.query_gradients(run.final_step, dtype=torch.float64), rel=1e-12)
+
+
+def test_query_gradients_refuse_a_model_that_is_not_the_recorded_one(tmp_path):
+    X, Y = data()
+    model = mlp()
+    train(GradientRecorder(tmp_path / "run", model, projection=16, verbose=False), model, X, Y, steps=2)
+    wider = nn.Sequential(nn.Linear(5, 8), nn.LayerNorm(8), nn.Tanh(), nn.Linear(8, 3)).double()
+    with pytest.raises(ConfigurationError, match=r"layer '0' is a Linear with trainable parameters.*not the model"):
+        query_gradients(wider, tmp_path / "run", (X[:2], Y[:2]), ce)
+    with pytest.raises(ConfigurationError, match="has no module of that name.*LightningModule"):
+        query_gradients(Wrapped(model), tmp_path / "run", (X[:2], Y[:2]), ce)
+    with pytest.raises(ConfigurationError, match="loss_fn"):
+        query_gradients(model, tmp_path / "run", (X[:2], Y[:2]))
