@@ -245,3 +245,52 @@ def test_query_gradients_refuse_a_model_that_is_not_the_recorded_one(tmp_path):
         query_gradients(Wrapped(model), tmp_path / "run", (X[:2], Y[:2]), ce)
     with pytest.raises(ConfigurationError, match="loss_fn"):
         query_gradients(model, tmp_path / "run", (X[:2], Y[:2]))
+
+
+# ---------------------------------------------------------------------- results as tables and samples
+def scores_fixture():
+    from influence_hooks import InfluenceScores
+
+    values = torch.tensor([[0.5, -1.0], [2.0, 0.0], [-3.0, 1.5], [0.0, 0.0]], dtype=torch.float64)
+    return InfluenceScores(values=values, train_ids=np.array([10, 11, 12, 13]),
+                           present=torch.tensor([True, True, True, False]), query_ids=np.array([7, 9]),
+                           method="tracin", window=(0, 5), approximations=["projection"])
+
+
+def test_scores_to_pandas_wide_and_long_hold_every_value():
+    pd = pytest.importorskip("pandas")  # in the [test] extra, so CI runs this
+    s = scores_fixture()
+    df = s.to_pandas()
+    assert list(df.columns) == ["present", "query_7", "query_9"] and df.index.name == "train_id"
+    assert df.loc[12, "query_7"] == -3.0 and df.loc[11, "query_9"] == 0.0 and not df.loc[13, "present"]
+    np.testing.assert_array_equal(df[["query_7", "query_9"]].to_numpy(), s.values.numpy())
+    assert df.attrs["method"] == "tracin" and df.attrs["window"] == (0, 5)
+    long = s.to_pandas(long=True)
+    assert len(long) == 8 and list(long.columns) == ["train_id", "query_id", "value", "present"]
+    for r in long.itertuples():
+        i, q = [10, 11, 12, 13].index(r.train_id), [7, 9].index(r.query_id)
+        assert r.value == s.values[i, q] and r.present == bool(s.present[i])
+    per_sample = s.mean_over_queries().to_pandas()
+    assert list(per_sample.columns) == ["present", "value"]
+    np.testing.assert_allclose(per_sample["value"].to_numpy(), s.values.mean(1).numpy())
+    assert isinstance(df, pd.DataFrame)
+
+
+def test_scores_to_pandas_without_pandas_says_how_to_install_it(monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "pandas", None)  # import pandas now raises ImportError
+    with pytest.raises(ImportError, match=r'pip install "influence-hooks\[pandas\]"'):
+        scores_fixture().to_pandas()
+
+
+def test_top_k_returns_the_samples_themselves_given_the_dataset():
+    s = scores_fixture()
+    ds = TensorDataset(torch.arange(20.0)[:, None] * 10, torch.arange(20))
+    ids, vals, samples = s.top_k(0, 2, dataset=ds)
+    assert ids.tolist() == [11, 10] and vals.tolist() == [2.0, 0.5]
+    assert [int(x[1]) for x in samples] == [11, 10] and float(samples[0][0]) == 110.0
+    ids, vals, samples = s.top_k(0, 5, opponents=True, dataset=ds)
+    assert ids.tolist() == [12] and int(samples[0][1]) == 12
+    assert len(s.top_k(0, 2)) == 2  # without a dataset: (ids, values) as before
+    with pytest.raises(ConfigurationError, match="sample ids up to 13, but the dataset has 5 items"):
+        s.top_k(0, 2, dataset=Subset(ds, range(5)))
