@@ -294,3 +294,31 @@ def test_top_k_returns_the_samples_themselves_given_the_dataset():
     assert len(s.top_k(0, 2)) == 2  # without a dataset: (ids, values) as before
     with pytest.raises(ConfigurationError, match="sample ids up to 13, but the dataset has 5 items"):
         s.top_k(0, 2, dataset=Subset(ds, range(5)))
+
+
+# ---------------------------------------------------------------------- sharing the projection budget
+def test_split_dims_shares_in_proportion_to_the_chosen_weight_and_caps_at_layer_size():
+    from influence_hooks.capture.select import split_dims
+
+    # sqrt weights 100 : 10 : 50 of a budget of 160, no cap binds
+    assert split_dims([10_000, 100, 2_500], 160, "sqrt") == [100, 10, 50]
+    # sqrt 4 : 100 of 500 would give the small layer 19 > 16: capped at its size, the rest goes on
+    assert split_dims([16, 10_000], 500, "sqrt") == [16, 484]
+    # linear 4 : 10000 of 100: the small layer's share rounds down, but every layer keeps one dim
+    assert split_dims([4, 10_000], 100, "linear") == [1, 99]
+    assert split_dims([40, 10_000], 1000, "equal") == [40, 960]
+    assert split_dims([10_000, 100, 2_500], 160, "equal") == [54, 53, 53]
+    assert sum(split_dims([7, 300, 5000, 12], 200, "sqrt")) == 200
+    with pytest.raises(ConfigurationError, match="allocation must be one of"):
+        split_dims([5], 3, "log")
+
+
+def test_projection_allocation_option_sets_the_recorded_dims(tmp_path):
+    model = nn.Sequential(nn.Linear(64, 128), nn.LayerNorm(128), nn.Tanh(), nn.Linear(128, 10))
+    rec = GradientRecorder(tmp_path / "run", model, projection=300, projection_allocation="sqrt",
+                           projection_kind="gaussian", verbose=False)
+    sizes = [64 * 128 + 128, 256, 1290]
+    want = np.sqrt(sizes) / np.sqrt(sizes).sum() * 300
+    assert np.abs(np.array([l.spec.out_dim for l in rec.layers]) - want).max() < 1
+    with pytest.raises(ConfigurationError, match="projection_allocation must be one of"):
+        GradientRecorder(tmp_path / "run2", model, projection_allocation="size")

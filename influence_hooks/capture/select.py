@@ -170,12 +170,13 @@ def split_dims(grad_dims: list[int], total: int, allocation: str = "equal") -> l
 
 def plan_layers(selection: list[tuple[str, nn.Module, LayerRule]],
                 projection: int | dict[str, Any] | None, kind: str = "auto",
-                seed: int = 0) -> list[CapturedLayer]:
+                seed: int = 0, allocation: str = "equal") -> list[CapturedLayer]:
     """Projection specs for the selected layers and their column offsets in a gradient row.
 
     projection: total dimensions shared among layers (int), per-layer dimensions by name glob
     (dict; every layer must match a key; 'none' keeps that layer exact), or None for exact
-    gradients (RecordingConfig.projection_budget() gives this form).
+    gradients (RecordingConfig.projection_budget() gives this form). allocation: how an int
+    budget is shared (split_dims).
     """
     grad_dims = [rule.grad_dim(m) for _, m, rule in selection]
     if projection is None:
@@ -190,7 +191,7 @@ def plan_layers(selection: list[tuple[str, nn.Module, LayerRule]],
                     "(e.g. '*' for every other layer).")
             ks.append(None if projection[key] == "none" else int(projection[key]))
     elif isinstance(projection, int) and projection > 0:
-        ks = list(split_dims(grad_dims, projection))
+        ks = list(split_dims(grad_dims, projection, allocation))
     else:
         raise ConfigurationError(f"projection must be a positive int, a dict of per-layer dims, or "
                                  f"'none'; got {projection!r}")

@@ -85,7 +85,7 @@ class GradientRecorder:
                                  self.config.loss_reduction) if queries is not None else None)
         selection = select_layers(model, self.config.layers, self.config.layer_types, self.config.exclude)
         self.layers = plan_layers(selection, self.config.projection_budget(), self.config.projection_kind,
-                                  self.config.seed)
+                                  self.config.seed, self.config.projection_allocation)
         warn_tied_parameters(self.layers)
         warn_batch_mixing(model)
         self.capture = GradientCapture(self.layers)
@@ -304,7 +304,8 @@ class GradientRecorder:
         text, self.plan = plan_summary(
             self.run_dir, type(self.model).__name__, self.layers, self._left_out,
             self.writer.manifest["storage_dtype"], batch_size, self.queries.n if self.queries else 0,
-            self.config.projection, resumed_from=self._start_kwargs.get("resume_step"))
+            self.config.projection_budget(), self.config.projection_allocation,
+            resumed_from=self._start_kwargs.get("resume_step"))
         log.info(text)
         if self.verbose:
             print(text, file=sys.stderr, flush=True)

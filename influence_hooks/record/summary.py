@@ -60,10 +60,11 @@ def _projection_text(spec: Any) -> str:
 
 
 def plan_summary(run_dir: str, model_name: str, layers: Sequence[Any], left_out: Sequence[str],
-                 storage_dtype: str, batch_size: int, n_queries: int, projection: Any,
+                 storage_dtype: str, batch_size: int, n_queries: int, projection: Any, allocation: str,
                  resumed_from: int | None = None) -> tuple[str, dict[str, Any]]:
     """(text, dict) describing a recording: `layers` are the CapturedLayers kept after the first
-    step's checks, `left_out` the layers dropped there, `projection` the option as given."""
+    step's checks, `left_out` the layers dropped there, `projection` the budget (int, dict or
+    None) and `allocation` how an int budget was shared."""
     itemsize = np.dtype(storage_dtype).itemsize
     dim = sum(l.spec.out_dim for l in layers)
     per_step = batch_size * dim * itemsize
@@ -84,10 +85,12 @@ def plan_summary(run_dir: str, model_name: str, layers: Sequence[Any], left_out:
                      f"{l.spec.out_dim:>9,}  {_projection_text(l.spec)}")
     for name in left_out:
         lines.append(f"  left out: {name} (applied to an input shared by the whole batch)")
-    if isinstance(projection, int) and not isinstance(projection, bool):
-        lines.append(f"  projection={projection} is shared equally among the layers (never more than a "
-                     "layer's own gradient; Kronecker factors round down); projection={glob: dims} "
-                     "chooses per layer.")
+    if isinstance(projection, int) and any(l.spec.kind != "none" for l in layers):
+        how = {"equal": "equally", "sqrt": "in proportion to the square root of each layer's gradient size",
+               "linear": "in proportion to each layer's gradient size"}[allocation]
+        lines.append(f"  projection={projection} is shared {how} among the layers (never more than a layer's "
+                     "own gradient; Kronecker factors round down). projection={glob: dims} chooses per "
+                     "layer; projection_allocation='sqrt' gives large layers more.")
     cost = f"  per step: {batch_size} samples x {dim:,} dims x {itemsize} bytes = {_kib(per_step)}"
     if n_queries:
         cost += f"; per query step: {n_queries} queries x {dim:,} dims = {_kib(per_query_step)}"
