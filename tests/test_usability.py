@@ -322,3 +322,82 @@ def test_projection_allocation_option_sets_the_recorded_dims(tmp_path):
     assert np.abs(np.array([l.spec.out_dim for l in rec.layers]) - want).max() < 1
     with pytest.raises(ConfigurationError, match="projection_allocation must be one of"):
         GradientRecorder(tmp_path / "run2", model, projection_allocation="size")
+
+
+# ---------------------------------------------------------------------- the command line
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory):
+    from helpers_runs import record_run
+
+    path = tmp_path_factory.mktemp("cli") / "run"
+    record_run(path, n_train=22, n_query=3, batch=6, epochs=4, query_every=1,
+               extra_manifest={"metadata": {"corrupted_ids": [1, 4, 7, 11]}})
+    return path
+
+
+def cli(args, capsys):
+    from influence_hooks.cli import main
+
+    code = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.parametrize("extra", [["--method", "tracin", "--mode", "accrued"],
+                                   ["--method", "dvemb", "--curvature", "none"]])
+def test_compare_refuses_dit_options_with_another_method(cli_run, tmp_path, capsys, extra):
+    code, _, err = cli(["compare", cli_run, "--epochs", "each", "--out", tmp_path / "r", "--quiet", *extra], capsys)
+    assert code == 2 and "apply to --method dit only" in err and extra[-2] + " " + extra[-1] in err
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("command", [["dit", "--window", "0:4"], ["compare", "--epochs", "each"]])
+@pytest.mark.parametrize("curvature", ["exact", "ggn"])
+def test_full_space_curvature_on_the_command_line_says_it_is_python_only(cli_run, capsys, command, curvature):
+    code, _, err = cli([command[0], cli_run, *command[1:], "--curvature", curvature, "--quiet"], capsys)
+    assert code == 2 and f"--curvature {curvature}" in err and "Python only" in err
+    assert f"curvature={curvature!r}, model=model, dataset=train_ds" in err
+
+
+def test_bare_csv_and_out_names_are_written_next_to_the_run(cli_run, tmp_path, capsys, monkeypatch):
+    from influence_hooks import InfluenceScores, dit
+
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    code, out, _ = cli(["dit", cli_run, "--window", "0:4", "--csv", "s.csv", "--out", "s.h5", "--quiet"], capsys)
+    assert code == 0 and f"wrote {cli_run / 's.csv'}" in out and f"wrote {cli_run / 's.h5'}" in out
+    assert not list(elsewhere.iterdir())
+    with open_run(cli_run) as run:
+        want = dit(run, window=(0, 4), curvature="fisher", progress=False)
+    np.testing.assert_array_equal(InfluenceScores.load(cli_run / "s.h5").values.numpy(), want.values.numpy())
+    lines = (cli_run / "s.csv").read_text().splitlines()
+    assert len(lines) == 1 + want.n_train
+    # a path with a directory part is taken as given
+    code, out, _ = cli(["dit", cli_run, "--window", "0:4", "--csv", "./here.csv", "--quiet"], capsys)
+    assert code == 0 and (elsewhere / "here.csv").is_file() and not (cli_run / "here.csv").exists()
+
+
+def test_compare_reads_corrupted_ids_from_metadata_and_refuses_to_overwrite_a_report(cli_run, tmp_path, capsys):
+    from influence_hooks.report import WindowComparison
+
+    out_dir = tmp_path / "rep"
+    code, out, _ = cli(["compare", cli_run, "--epochs", "each", "--out", out_dir, "--quiet"], capsys)
+    assert code == 0 and "detection of 4 corrupted samples" in out
+    cmp = WindowComparison.load(out_dir / "comparison.h5")
+    np.testing.assert_array_equal(cmp.corrupted, np.isin(cmp.train_ids, [1, 4, 7, 11]))
+    before = (out_dir / "report.md").read_text()
+    code, _, err = cli(["compare", cli_run, "--windows", "0:4,4:8", "--out", out_dir, "--quiet"], capsys)
+    assert code == 2 and "already holds a report" in err and "--overwrite" in err
+    assert (out_dir / "report.md").read_text() == before
+    code, _, _ = cli(["compare", cli_run, "--windows", "0:4,4:8", "--out", out_dir, "--overwrite", "--quiet"], capsys)
+    assert code == 0 and (out_dir / "report.md").read_text() != before
+
+
+def test_compare_help_documents_where_corrupted_auto_looks(capsys):
+    from influence_hooks.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["compare", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "metadata.data.corrupted_ids" in text and "metadata.corrupted_ids" in text
