@@ -401,3 +401,133 @@ def test_compare_help_documents_where_corrupted_auto_looks(capsys):
         build_parser().parse_args(["compare", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "metadata.data.corrupted_ids" in text and "metadata.corrupted_ids" in text
+
+
+# ---------------------------------------------------------------------- the report: uncertainty
+def brute_weighted_auroc(score, bad, w):
+    num = sum(w[i] * w[j] * ((score[i] > score[j]) + 0.5 * (score[i] == score[j]))
+              for i in range(len(score)) for j in range(len(score)) if bad[i] and not bad[j])
+    return num / (w[bad].sum() * w[~bad].sum())
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_weighted_auroc_matches_brute_force_counting(ties):
+    from influence_hooks.report.stats import weighted_auroc
+
+    rng = np.random.default_rng(4)
+    n = 60
+    bad = rng.random(n) < 0.3
+    score = rng.normal(size=n) + bad
+    if ties:
+        score = np.round(score * 2) / 2
+    w = rng.integers(0, 4, size=(3, n))
+    got = weighted_auroc(score, bad, np.vstack([np.ones(n, int), w]))
+    assert got[0] == pytest.approx(brute_weighted_auroc(score, bad, np.ones(n)))
+    for b in range(3):
+        assert got[b + 1] == pytest.approx(brute_weighted_auroc(score, bad, w[b]))
+
+
+def test_bootstrap_interval_of_an_auroc_difference_covers_the_known_value():
+    from scipy.stats import norm
+
+    from influence_hooks.report.stats import auroc_difference
+
+    # corrupted ~ N(1, 1), clean ~ N(0, 1): AUROC = Phi(1 / sqrt 2); a score of pure noise: 0.5
+    truth = norm.cdf(1 / np.sqrt(2)) - 0.5
+    covered, widths = [], {}
+    for n in (300, 1200):
+        for rep in range(30 if n == 300 else 8):
+            rng = np.random.default_rng(100 * n + rep)
+            bad = rng.random(n) < 0.3
+            d = auroc_difference(rng.normal(size=n) + bad, rng.normal(size=n), bad, n_boot=400, seed=rep)
+            assert d.low <= d.value <= d.high
+            widths.setdefault(n, []).append(d.high - d.low)
+            if n == 300:
+                covered.append(d.low <= truth <= d.high)
+    assert np.mean(covered) >= 0.85  # nominal 95%
+    # the interval shrinks like 1/sqrt(n): four times the samples, about half the width
+    assert 0.35 < np.mean(widths[1200]) / np.mean(widths[300]) < 0.65
+
+
+def test_bootstrap_verdicts_holds_does_not_hold_and_within_noise():
+    from influence_hooks.report.stats import auroc_difference
+
+    rng = np.random.default_rng(0)
+    bad = rng.random(400) < 0.2
+    good_score, noise = bad + 0.3 * rng.normal(size=400), rng.normal(size=400)
+    assert auroc_difference(good_score, noise, bad).verdict == "holds"
+    assert auroc_difference(noise, good_score, bad).verdict == "does not hold"
+    same = auroc_difference(good_score, good_score, bad)
+    assert (same.value, same.low, same.high, same.verdict) == (0.0, 0.0, 0.0, "within noise")
+    assert auroc_difference(noise, noise, np.zeros(400, bool)).verdict == "cannot be judged"
+
+
+@pytest.fixture(scope="module")
+def comparison(tmp_path_factory):
+    from helpers_runs import record_run
+    from influence_hooks.report import compare_windows
+
+    path = tmp_path_factory.mktemp("report") / "run"
+    record_run(path, n_train=40, n_query=3, batch=8, epochs=4, query_every=1)
+    with open_run(path) as run:
+        return compare_windows(run, epochs="each", method="dit", corrupted=np.arange(0, 40, 5), progress=False)
+
+
+def test_the_late_window_finding_says_within_noise_when_the_difference_is_smaller_than_its_uncertainty(comparison):
+    import copy
+
+    from influence_hooks.report.render import findings
+
+    cmp = copy.deepcopy(comparison)
+    m, W = "tracin", cmp.n_windows
+    rng = np.random.default_rng(0)
+    whole = cmp.corruption_scores[m][:, W]
+    # late window = whole run + a little noise: equal AUROC up to noise
+    cmp.corruption_scores[m][:, W - 1] = whole + 1e-3 * whole.std() * rng.normal(size=len(whole))
+    cmp.corruption_present[m][:, W - 1] = True
+    f = next(f for f in findings(cmp) if "(TracIn)" in f.claim)
+    assert f.verdict == "within noise" and f.holds is None
+    assert "95% bootstrap interval [" in f.evidence and "(1000 resamples)" in f.evidence
+    lo, hi = (float(v) for v in f.evidence.split("interval [")[1].split("]")[0].split(", "))
+    assert lo <= 0 <= hi
+    # a late window that ranks every corrupted sample first: holds
+    cmp.corruption_scores[m][:, W - 1] = cmp.corrupted.astype(float)
+    assert next(f for f in findings(cmp) if "(TracIn)" in f.claim).verdict == "holds"
+
+
+# ---------------------------------------------------------------------- the report: shares and plots
+def test_every_share_in_the_report_names_its_base(comparison, tmp_path):
+    from influence_hooks.report.patterns import NEGLIGIBLE, PATTERNS
+    from influence_hooks.report.render import findings
+
+    cmp = comparison
+    text = cmp.write_report(tmp_path / "r").read_text()
+    n = len(cmp.patterns)
+    active = int((cmp.patterns != NEGLIGIBLE).sum())
+    assert f"| pattern | samples | share of all {n} | corrupted among them |" in text
+    for p in PATTERNS:
+        sel = cmp.patterns == p
+        if sel.any():
+            c = int(cmp.corrupted[sel].sum())
+            assert f"| {p} | {int(sel.sum())} | {100 * sel.mean():.1f}% | {c} ({100 * c / sel.sum():.0f}% of {int(sel.sum())}) |" in text
+    first = findings(cmp)[0].evidence
+    assert f"Of the {n} samples, {active} have influence above the threshold" in first
+    assert "significant" not in text.lower()
+    assert "a threshold on the size of its influence relative to the typical sample, not a statistical test" in text
+
+
+def test_trajectory_panels_share_one_scale_and_detection_panels_each_have_a_legend(comparison):
+    from influence_hooks.report.plots import detection_figure, method_name, trajectories_figure
+
+    fig = trajectories_figure(comparison)
+    axes = fig.axes
+    assert len(axes) == 6 and {ax.get_yscale() for ax in axes} == {"symlog"}
+    assert len({ax.get_ylim() for ax in axes}) == 1
+    det = detection_figure(comparison)
+    names = {method_name(m) for m in comparison.detection_table()}
+    for ax in det.axes[:2]:
+        legend = ax.get_legend()
+        assert legend is not None and names <= {t.get_text() for t in legend.get_texts()}
+        # each method's markers sit at its own x offset: equal values cannot hide each other
+        xs = [tuple(l.get_xdata()) for l in ax.get_lines() if l.get_label() in names]
+        assert len(xs) == len(names) and len(set(xs)) == len(xs)
