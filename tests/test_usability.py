@@ -531,3 +531,35 @@ def test_trajectory_panels_share_one_scale_and_detection_panels_each_have_a_lege
         # each method's markers sit at its own x offset: equal values cannot hide each other
         xs = [tuple(l.get_xdata()) for l in ax.get_lines() if l.get_label() in names]
         assert len(xs) == len(names) and len(set(xs)) == len(xs)
+
+
+# ---------------------------------------------------------------------- the README's transformers section
+def readme_block(heading: str) -> str:
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = text.split(f"\n## {heading}\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```python\n(.+?)\n```", section, flags=re.S)[0]
+
+
+def test_readme_transformers_section_runs_as_written(tmp_path, monkeypatch, capsys):
+    code = readme_block("transformers models")
+    assert "GPT2LMHeadModel(config)" in code and "tracin(" in code and 'curvature="fisher"' in code
+    monkeypatch.chdir(tmp_path)
+    ns: dict = {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        exec(compile(code, "README.md (transformers models)", "exec"), ns)
+    ours = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert not [m for m in ours if "tie" in m or "not recording" in m], ours  # the excludes work
+    run = ns["run"]
+    assert run.complete and len(run.steps) == 16
+    names = [l.name for l in run.layers]
+    assert "lm_head" not in names and "transformer.wpe" not in names and "transformer.wte" in names
+    assert ns["s"].values.shape == (64, 4) and ns["d"].window == (8, 16)
+    assert ns["u"].shape == (2, run.dim)
+    # the new-query function reproduces the queries recorded at the end (float16 storage)
+    again = query_gradients(ns["model"], run, ns["queries"], ns["lm_loss"])
+    assert_rows_close(again, run.query_gradients(run.final_step, dtype=torch.float64), rel=2e-3)
+    assert "recording 14 layers of GPT2LMHeadModel into runs/gpt2" in capsys.readouterr().err
