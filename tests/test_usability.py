@@ -343,12 +343,29 @@ def cli(args, capsys):
     return code, out.out, out.err
 
 
-@pytest.mark.parametrize("extra", [["--method", "tracin", "--mode", "accrued"],
-                                   ["--method", "dvemb", "--curvature", "none"]])
-def test_compare_refuses_dit_options_with_another_method(cli_run, tmp_path, capsys, extra):
+@pytest.mark.parametrize("extra, says", [
+    (["--method", "tracin", "--mode", "accrued"], "mode='accrued' applies to method='dit' only"),
+    (["--method", "dvemb", "--curvature", "none", "--detection", "tracin"],
+     "curvature='none' applies to DIT, and nothing here computes DIT")])
+def test_compare_refuses_dit_options_that_nothing_would_use(cli_run, tmp_path, capsys, extra, says):
     code, _, err = cli(["compare", cli_run, "--epochs", "each", "--out", tmp_path / "r", "--quiet", *extra], capsys)
-    assert code == 2 and "apply to --method dit only" in err and extra[-2] + " " + extra[-1] in err
+    assert code == 2 and says in err
     assert not (tmp_path / "r").exists()
+
+
+def test_compare_windows_refuses_a_mode_for_another_method_in_python_too(cli_run):
+    from influence_hooks.report import compare_windows
+
+    with open_run(cli_run) as run, pytest.raises(ConfigurationError, match="dit_accrued"):
+        compare_windows(run, method="tracin", mode="accrued", progress=False)
+
+
+def test_tracin_on_the_command_line_has_no_mode(cli_run, capsys):
+    from influence_hooks.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["tracin", str(cli_run), "--mode", "accrued"])
+    assert e.value.code == 2 and "unrecognized arguments: --mode accrued" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("command", [["dit", "--window", "0:4"], ["compare", "--epochs", "each"]])

@@ -36,9 +36,11 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--method", choices=("dit", "tracin", "dvemb"), default="dit",
                    help="estimator of the per-window influence (default dit)")
     p.add_argument("--mode", choices=("removal", "accrued"), default=None,
-                   help="--method dit only: removal (query at each window end; default) or accrued")
+                   help="--method dit only (an error with another method): removal (query at each window "
+                        "end; default) or accrued")
     p.add_argument("--curvature", default=None,
-                   help="--method dit only: fisher (default) or none (exact / ggn: Python only)")
+                   help="DIT curvature, for --method dit and the DIT detection scores: fisher (default) or "
+                        "none (exact / ggn: Python only); an error where nothing DIT is computed")
     p.add_argument("--query", default="mean",
                    help="'mean' (the query set's mean loss, default), a query position, or positions a,b,c")
     p.add_argument("--corrupted", default="auto", metavar="auto|none|FILE",
@@ -95,22 +97,12 @@ def read_corrupted(spec: str) -> Any:
                                  "whitespace") from None
 
 
-def dit_options(args: argparse.Namespace) -> tuple[str, str]:
-    """(mode, curvature): DIT's options, refused with another method rather than ignored."""
-    given = [f"--{k} {v}" for k, v in (("mode", args.mode), ("curvature", args.curvature)) if v is not None]
-    if args.method != "dit" and given:
-        raise ConfigurationError(
-            f"{' and '.join(given)} apply to --method dit only; --method {args.method} has no mode or "
-            "curvature (tracin sums g.u over the window; dvemb is removal evaluated at the end of "
-            "training). Leave them out, or use --method dit.")
-    return args.mode or "removal", recorded_curvature(args.curvature or "fisher")
-
-
 def cmd_compare(args: argparse.Namespace) -> int:
     from ..report import PatternRules, compare_windows
     from ..storage.reader import open_run
 
-    mode, curvature = dit_options(args)
+    if args.curvature is not None:
+        recorded_curvature(args.curvature)
     out = Path(args.out) if args.out else Path(args.run) / "report"
     if (out / "report.md").exists() and not args.overwrite:
         raise ConfigurationError(f"{out} already holds a report (report.md); pass --overwrite to replace it, "
@@ -122,7 +114,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     elif args.epochs:
         kw["epochs"] = args.epochs
     cmp = compare_windows(
-        run, method=args.method, mode=mode, curvature=curvature, query=parse_query(args.query),
+        run, method=args.method, mode=args.mode, curvature=args.curvature, query=parse_query(args.query),
         corrupted=read_corrupted(args.corrupted),
         detection_methods=tuple(m.strip() for m in args.detection.split(",") if m.strip()),
         whole_run=not args.no_whole_run, top_k=args.top_k, precision_k=args.precision_k,
