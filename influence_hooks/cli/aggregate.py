@@ -191,7 +191,8 @@ def _run_dvemb(args: argparse.Namespace) -> int:
         with emb:
             T = run.final_step
             if T not in set(run.query_steps.tolist()):
-                print(f"no query gradients recorded at the end of training (step {T}); score queries later "
-                      "with DataValueEmbeddings.load(path).scores(u_q(T)).")
+                print(f"no query gradients recorded at the end of training (step {T}); score queries later in "
+                      "Python: DataValueEmbeddings.load(path, run=run).scores(query_gradients(model, run, "
+                      "queries, loss_fn)), with the trained model.")
                 return 0
             return _emit(args, emb.scores(run.query_gradients(T), **window_args(args), **_common(args)), run.path)
