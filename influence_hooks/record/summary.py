@@ -88,9 +88,10 @@ def plan_summary(run_dir: str, model_name: str, layers: Sequence[Any], left_out:
     if isinstance(projection, int) and any(l.spec.kind != "none" for l in layers):
         how = {"equal": "equally", "sqrt": "in proportion to the square root of each layer's gradient size",
                "linear": "in proportion to each layer's gradient size"}[allocation]
+        hint = "; projection_allocation='sqrt' gives large layers more" if allocation == "equal" else ""
         lines.append(f"  projection={projection} is shared {how} among the layers (never more than a layer's "
-                     "own gradient; Kronecker factors round down). projection={glob: dims} chooses per "
-                     "layer; projection_allocation='sqrt' gives large layers more.")
+                     f"own gradient; Kronecker factors round down). projection={{glob: dims}} chooses per "
+                     f"layer{hint}.")
     cost = f"  per step: {batch_size} samples x {dim:,} dims x {itemsize} bytes = {_kib(per_step)}"
     if n_queries:
         cost += f"; per query step: {n_queries} queries x {dim:,} dims = {_kib(per_query_step)}"
