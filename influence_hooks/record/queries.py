@@ -94,7 +94,8 @@ def query_gradients(model: nn.Module, run: Run | str, queries: Any, loss_fn: Que
     are left as they were.
     """
     if not isinstance(run, Run):
-        run = open_run(run)
+        with open_run(run) as opened:
+            return query_gradients(model, opened, queries, loss_fn)
     if loss_fn is None:
         if not callable(getattr(model, "training_step", None)):
             raise ConfigurationError("query_gradients needs loss_fn=(model, batch) -> loss for a model "
