@@ -2,7 +2,7 @@
 samples shaped the model, and when in training they mattered.
 
 Recording:   InfluenceCallback (Lightning), GradientRecorder (plain PyTorch), IndexedDataset
-Reading:     open_run -> Run
+Reading:     open_run -> Run; query_gradients (new queries in a run's projection)
 Influence:   tracin, dit, dvemb, self_influence -> InfluenceScores / DataValueEmbeddings
 Comparing:   compare_windows -> WindowComparison (report.md with plots)
 Sign convention: positive influence = removing the training sample raises the query loss (it
@@ -31,7 +31,7 @@ from .errors import (
 _EXPORTS = {
     "InfluenceCallback": ".record.callback", "GradientRecorder": ".record.recorder",
     "RecordingConfig": ".record.options", "IndexedDataset": ".record.ids",
-    "open_run": ".storage.reader", "Run": ".storage.reader",
+    "open_run": ".storage.reader", "Run": ".storage.reader", "query_gradients": ".record.queries",
     "tracin": ".aggregate.tracin", "self_influence": ".aggregate.tracin", "dit": ".aggregate.dit",
     "dvemb": ".aggregate.dvemb", "DataValueEmbeddings": ".aggregate.dvemb",
     "InfluenceScores": ".aggregate.results",

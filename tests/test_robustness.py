@@ -428,7 +428,7 @@ def test_exclude_naming_a_container_leaves_out_everything_inside_it(tmp_path):
     model = nn.Sequential(nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 7)), nn.Linear(7, 3))
     rec = GradientRecorder(tmp_path / "run", model, exclude=["0"])
     assert [l.name for l in rec.layers] == ["1"]
-    with pytest.warns(RuntimeWarning, match="matches no selected layer"):
+    with pytest.raises(ConfigurationError, match=r"exclude pattern 'nothing\*' matches no module"):
         GradientRecorder(tmp_path / "run2", model, exclude=["nothing*"])
 
 

@@ -103,13 +103,15 @@ class InfluenceScores:
                                      f"(ids {self._short(self.query_ids)}).")
         return self.values[:, int(q)]
 
-    def top_k(self, q: int | None = None, k: int = 10, *, opponents: bool = False
-              ) -> tuple[np.ndarray, np.ndarray]:
+    def top_k(self, q: int | None = None, k: int = 10, *, opponents: bool = False, dataset: Any = None
+              ) -> tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, list[Any]]:
         """The k strongest proponents (largest positive scores) of query position q, or with
         opponents=True the k strongest opponents (most negative). Only present samples count.
 
         Returns (train ids [<=k], values [<=k]), strongest first; fewer than k when fewer samples
-        have a score of that sign. For per-sample results pass q=None.
+        have a score of that sign. For per-sample results pass q=None. Given `dataset` (the
+        training dataset the run's sample ids index, as the train loader's sampler indexed it),
+        returns (ids, values, samples) with samples[j] = dataset[ids[j]].
         """
         col = self.column(q)
         keep = self.present & ((col < 0) if opponents else (col > 0))
@@ -117,7 +119,26 @@ class InfluenceScores:
         vals = col[idx]
         order = torch.argsort(vals, descending=not opponents, stable=True)[:max(int(k), 0)]
         idx = idx[order]
-        return self.train_ids[idx.numpy()], col[idx].numpy()
+        ids, values = self.train_ids[idx.numpy()], col[idx].numpy()
+        if dataset is None:
+            return ids, values
+        return ids, values, self._samples(dataset, ids)
+
+    def _samples(self, dataset: Any, ids: np.ndarray) -> list[Any]:
+        if not hasattr(dataset, "__getitem__"):
+            raise ConfigurationError(f"dataset= must be indexable by sample id (dataset[i]); got "
+                                     f"{type(dataset).__name__}.")
+        try:
+            n = len(dataset)
+        except TypeError:
+            n = None
+        top = int(self.train_ids.max()) if len(self.train_ids) else -1
+        if n is not None and top >= n:
+            raise ConfigurationError(
+                f"the scores cover sample ids up to {top}, but the dataset has {n} items: pass the "
+                "training dataset the run was recorded on (indexed by the ids the train loader's "
+                "sampler yielded).")
+        return [dataset[int(i)] for i in ids]
 
     def mean_over_queries(self) -> "InfluenceScores":
         """The mean score over all queries: a per-sample result [n_train]."""
@@ -125,6 +146,37 @@ class InfluenceScores:
             return self
         return replace(self, values=self.values.mean(dim=1), query_ids=None,
                        meta={**self.meta, "aggregated": f"mean over {self.n_query} queries"})
+
+    def to_pandas(self, *, long: bool = False) -> Any:
+        """The scores as a pandas DataFrame (needs `pip install "influence-hooks[pandas]"`).
+
+        Wide (default): one row per training sample, indexed by train_id, a bool column 'present',
+        then one float column per query ('query_<id>'), or a single 'value' column for per-sample
+        results. long=True: one row per (train_id, query_id) pair with columns train_id,
+        query_id, value, present (query_id absent for per-sample results). Either way the
+        DataFrame's attrs hold method, window, eval_step, curvature and approximations.
+        """
+        try:
+            import pandas as pd
+        except ImportError as e:
+            raise ImportError('InfluenceScores.to_pandas needs pandas: pip install "influence-hooks[pandas]" '
+                              "(or pip install pandas).") from e
+        vals = self.values.double().numpy().reshape(self.n_train, -1)
+        present = self.present.numpy()
+        if long:
+            nq = vals.shape[1]
+            cols = {"train_id": np.repeat(self.train_ids, nq)}
+            if self.per_query:
+                cols["query_id"] = np.tile(self.query_ids, self.n_train)
+            cols.update(value=vals.ravel(), present=np.repeat(present, nq))
+            df = pd.DataFrame(cols)
+        else:
+            names = [f"query_{q}" for q in self.query_ids] if self.per_query else ["value"]
+            df = pd.DataFrame(vals, columns=names, index=pd.Index(self.train_ids, name="train_id"))
+            df.insert(0, "present", present)
+        df.attrs.update(method=self.method, window=self.window, eval_step=self.eval_step,
+                        curvature=self.curvature, approximations=list(self.approximations))
+        return df
 
     # ------------------------------------------------------------------ files
     def to_csv(self, path: str | os.PathLike) -> None:

@@ -8,6 +8,7 @@ training samples, and nothing here synchronises with the host.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from functools import partial
 
@@ -50,6 +51,7 @@ class GradientCapture:
         self.seen_layers: set[int] = set()
         # layers whose hook saw a different batch size than the micro-batch: {layer: rows seen}
         self.batch_mismatch: dict[int, int] = {}
+        self.seconds = 0.0  # spent inside the hooks (on a GPU: launching their work)
 
     # hooks ----------------------------------------------------------------
     def attach(self) -> None:
@@ -70,9 +72,11 @@ class GradientCapture:
             return
         if not isinstance(output, torch.Tensor) or not output.requires_grad:
             return
+        t0 = time.perf_counter()
         saved = tuple(x.detach() if isinstance(x, torch.Tensor) else x for x in inputs)
         out = output.detach()
         output.register_hook(partial(self._on_grad, index, module, saved, out))
+        self.seconds += time.perf_counter() - t0
 
     def _on_grad(self, index: int, module: nn.Module, inputs: tuple, output: torch.Tensor,
                  grad: torch.Tensor) -> None:
@@ -82,10 +86,12 @@ class GradientCapture:
             self.batch_mismatch[index] = grad.shape[0]
             self.seen_layers.add(index)
             return
+        t0 = time.perf_counter()
         g = self.layers[index].projector.per_sample(module, inputs, output, grad)
         acc = self._current.get(index)
         self._current[index] = g if acc is None else acc + g
         self.seen_layers.add(index)
+        self.seconds += time.perf_counter() - t0
 
     # micro-batches ---------------------------------------------------------
     def begin_micro_batch(self, rows: int) -> None:

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import hashlib
 import json
+import math
 import warnings
 from typing import Any, Sequence
 
 from torch import nn
 
 from ..errors import ConfigurationError
-from .projection import LayerProjector, plan_projection
+from .projection import LayerProjector, ProjectionSpec, plan_projection
 from .hooks import CapturedLayer
 from .rules import FuncRule, LayerRule, UnsupportedModuleError, own_trainable, refusal_reason, rule_for
 
@@ -35,8 +37,11 @@ def select_layers(model: nn.Module, layers: Sequence[str] | str | None = None,
     parameters of its own is expanded into its supported descendants. layer_types: module classes
     (or class names) to record. Neither given: every module with an exact rule (modules that only
     the torch.func fallback handles are recorded when named). Expanding never enters a refused
-    module (MultiheadAttention, RNNs, BatchNorm). A glob or type that selects nothing, or a
-    selected module no rule can handle, is an error.
+    module (MultiheadAttention, RNNs, BatchNorm). exclude: name globs to leave out (a container
+    leaves out its contents). A glob or type that selects nothing, an exclude glob that matches no
+    module with trainable parameters, or a selected module no rule can handle, is an error (naming
+    the modules there are); an exclude glob that matches only modules not recorded anyway is a
+    warning.
     """
     if isinstance(layers, str):
         layers = [layers]
@@ -75,22 +80,29 @@ def select_layers(model: nn.Module, layers: Sequence[str] | str | None = None,
             else:
                 found += add_supported_descendants(n, m)
         if not found:
-            candidates = [n for n, m in named if n and own_trainable(m)]
             raise ConfigurationError(
-                f"layer pattern {pattern!r} matches no module with trainable parameters. Layers with "
-                f"parameters in this model: {candidates[:20]}{' ...' if len(candidates) > 20 else ''}")
+                f"layer pattern {pattern!r} matches no module with trainable parameters. "
+                + _name_help(pattern, named))
     for t in layer_types or []:
         hits = [(n, m) for n, m in named if _type_matches(m, [t]) and own_trainable(m)]
         if not hits:
             raise ConfigurationError(f"layer type {t!r} selects no module with trainable parameters.")
         for n, m in hits:
             chosen.setdefault(n, m)
+    if isinstance(exclude, str):
+        exclude = [exclude]
     for pattern in exclude or []:
         # a pattern naming a container excludes everything inside it, as layers= includes it
-        hits = [n for n in chosen if fnmatch.fnmatchcase(n, pattern) or fnmatch.fnmatchcase(n, pattern + ".*")]
+        hits = [n for n in chosen if _matches(n, pattern)]
         if not hits:
-            warnings.warn(f"exclude pattern {pattern!r} matches no selected layer (selected: "
-                          f"{list(chosen)[:20]}); it has no effect.", RuntimeWarning, stacklevel=3)
+            in_model = [n for n, m in named if n and _matches(n, pattern) and _has_trainable(m)]
+            if not in_model:  # as for layers=: a pattern that names nothing is a mistake
+                raise ConfigurationError(
+                    f"exclude pattern {pattern!r} matches no module with trainable parameters. "
+                    + _name_help(pattern, named))
+            warnings.warn(f"exclude pattern {pattern!r} matches {_short(in_model)}, but none of them is "
+                          f"recorded anyway (recorded: {_short(list(chosen))}); it has no effect.",
+                          RuntimeWarning, stacklevel=3)
         for n in hits:
             del chosen[n]
     if not chosen:
@@ -106,17 +118,51 @@ def select_layers(model: nn.Module, layers: Sequence[str] | str | None = None,
     return out
 
 
-def split_dims(grad_dims: list[int], total: int) -> list[int]:
-    """Share `total` projected dimensions among layers: equal shares, never more than a layer's own
-    gradient dimension, with what small layers leave over going to the larger ones."""
+def _matches(name: str, pattern: str) -> bool:
+    """A module matches a pattern that names it or a container above it."""
+    return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, pattern + ".*")
+
+
+def _has_trainable(module: nn.Module) -> bool:
+    return any(p.requires_grad for p in module.parameters())
+
+
+def _short(names: list[str], n: int = 12) -> str:
+    return f"{names[:n]}{f' (+{len(names) - n} more)' if len(names) > n else ''}"
+
+
+def _name_help(pattern: str, named: list[tuple[str, nn.Module]]) -> str:
+    """What to write instead: module names are full paths from the model given to the recorder
+    (with the Lightning callback, from the LightningModule: 'model.lm_head', not 'lm_head')."""
+    with_params = [n for n, m in named if n and _has_trainable(m)]
+    close = [n for n in with_params if fnmatch.fnmatchcase(n, "*." + pattern)]
+    close = close or difflib.get_close_matches(pattern, with_params, n=3, cutoff=0.6)
+    hint = f"Did you mean {close[:5]}? " if close else ""
+    return (f"{hint}Patterns match full module names (model.named_modules(), from the module passed to "
+            f"the recorder or trained by Lightning). Modules with parameters: {_short(with_params, 20)}")
+
+
+ALLOCATIONS = ("equal", "sqrt", "linear")
+
+
+def split_dims(grad_dims: list[int], total: int, allocation: str = "equal") -> list[int]:
+    """Share `total` projected dimensions among layers, in proportion to a weight per layer:
+    1 ('equal'), sqrt(grad_dim) ('sqrt') or grad_dim ('linear'). A layer never gets more than its
+    own gradient dimension, nor less than 1; what capped layers leave over goes to the others."""
+    if allocation not in ALLOCATIONS:
+        raise ConfigurationError(f"projection allocation must be one of {ALLOCATIONS}, got {allocation!r}")
     if total < len(grad_dims):
         raise ConfigurationError(f"projection={total} is less than one dimension per layer "
                                  f"({len(grad_dims)} layers); raise it or select fewer layers.")
+    weight = [1.0 if allocation == "equal" else math.sqrt(g) if allocation == "sqrt" else float(g)
+              for g in grad_dims]
     dims = [0] * len(grad_dims)
-    left, remaining = total, sorted(range(len(grad_dims)), key=grad_dims.__getitem__)
+    # the layers whose cap binds first (smallest grad_dim per unit of weight) are settled first
+    left, remaining = total, sorted(range(len(grad_dims)), key=lambda i: (grad_dims[i] / weight[i], i))
     while remaining:
-        share = left // len(remaining)
+        w_left = sum(weight[j] for j in remaining)
         i = remaining.pop(0)
+        share = int(left * weight[i] / w_left) if remaining else left
         dims[i] = min(grad_dims[i], max(share, 1))
         left -= dims[i]
     return dims
@@ -124,12 +170,13 @@ def split_dims(grad_dims: list[int], total: int) -> list[int]:
 
 def plan_layers(selection: list[tuple[str, nn.Module, LayerRule]],
                 projection: int | dict[str, Any] | None, kind: str = "auto",
-                seed: int = 0) -> list[CapturedLayer]:
+                seed: int = 0, allocation: str = "equal") -> list[CapturedLayer]:
     """Projection specs for the selected layers and their column offsets in a gradient row.
 
     projection: total dimensions shared among layers (int), per-layer dimensions by name glob
     (dict; every layer must match a key; 'none' keeps that layer exact), or None for exact
-    gradients (RecordingConfig.projection_budget() gives this form).
+    gradients (RecordingConfig.projection_budget() gives this form). allocation: how an int
+    budget is shared (split_dims).
     """
     grad_dims = [rule.grad_dim(m) for _, m, rule in selection]
     if projection is None:
@@ -144,7 +191,7 @@ def plan_layers(selection: list[tuple[str, nn.Module, LayerRule]],
                     "(e.g. '*' for every other layer).")
             ks.append(None if projection[key] == "none" else int(projection[key]))
     elif isinstance(projection, int) and projection > 0:
-        ks = list(split_dims(grad_dims, projection))
+        ks = list(split_dims(grad_dims, projection, allocation))
     else:
         raise ConfigurationError(f"projection must be a positive int, a dict of per-layer dims, or "
                                  f"'none'; got {projection!r}")
@@ -167,3 +214,31 @@ def projection_fingerprint(layers_meta: list[dict]) -> str:
     """A short hash of everything that determines the projection (layer specs, shapes, seed)."""
     key = [(l["name"], l["param_shapes"], l["projection"]) for l in layers_meta]
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def layers_from_manifest(model: nn.Module, layers_meta: list[dict]) -> list[CapturedLayer]:
+    """The recorded layers of a run rebuilt on `model` (its manifest's "layers"), with the run's
+    own projections and column offsets, so new gradients land in the run's space. Raises when the
+    model lacks a recorded module or one differs from what was recorded (type, rule, shapes)."""
+    modules = dict(model.named_modules())
+    out = []
+    for meta in layers_meta:
+        name = meta["name"]
+        module = modules.get(name)
+        if module is None:
+            raise ConfigurationError(
+                f"the run recorded layer {name!r}, but the model has no module of that name. Pass the model "
+                "that was trained (with the Lightning callback: the LightningModule itself, whose module "
+                f"names start at its attributes). {_name_help(name.rsplit('.', 1)[-1], list(modules.items()))}")
+        rule = rule_for(module)
+        shapes = [[k, list(v)] for k, v in rule.param_shapes(module).items()]
+        if (type(module).__name__, rule.name, shapes) != (meta["module_type"], meta["rule"], meta["param_shapes"]):
+            raise ConfigurationError(
+                f"layer {name!r} is a {type(module).__name__} with trainable parameters {shapes} (rule "
+                f"{rule.name!r}), but the run recorded a {meta['module_type']} with {meta['param_shapes']} "
+                f"(rule {meta['rule']!r}): this is not the model the run was recorded on (or parameters were "
+                "frozen or unfrozen since).")
+        spec = ProjectionSpec.from_dict(meta["projection"])
+        out.append(CapturedLayer(name, module, rule, spec, LayerProjector(name, module, rule, spec),
+                                 int(meta["offset"])))
+    return out

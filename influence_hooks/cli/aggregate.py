@@ -7,6 +7,7 @@ parsed namespace, prints a readable summary and returns an exit code.
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -22,7 +23,10 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
     p = _command(subparsers, "dit", "Dynamic influence: window-removal or accrued influence.", _run_dit)
     p.add_argument("--mode", choices=("removal", "accrued"), default="removal")
-    p.add_argument("--curvature", default="fisher", help="none | fisher (exact / ggn need the Python API)")
+    p.add_argument("--curvature", default="fisher",
+                   help="none | fisher (default). exact / ggn recompute curvature from the model and the "
+                        "training data, which a command line cannot take: Python only, dit(..., "
+                        "curvature='exact', model=, dataset=, loss_fn=) (README, 'Exact curvature')")
     p.add_argument("--eval-step", default=None,
                    help="removal mode: step t_e where the query is evaluated (default: window end), or 'final'")
 
@@ -46,8 +50,12 @@ def _command(subparsers: argparse._SubParsersAction, name: str, help: str,
                    help="half-open step window; repeat it or give a comma list for many windows in one pass")
     p.add_argument("--epochs", action="append", default=None, metavar="E1:E2", type=parse_epochs,
                    help="epochs E1..E2-1 (or one epoch E, or 'each'); repeat or comma list for many")
-    p.add_argument("--out", default=None, help="save scores to this HDF5 file (one per window: name-T1-T2.h5)")
-    p.add_argument("--csv", default=None, help="write scores as CSV (one per window: name-T1-T2.csv)")
+    p.add_argument("--out", default=None,
+                   help="save scores to this HDF5 file (one per window: name-T1-T2.h5). A bare file name is "
+                        "written into the run directory; a path (./scores.h5, out/scores.h5) where it says")
+    p.add_argument("--csv", default=None,
+                   help="write scores as CSV (one per window: name-T1-T2.csv); a bare file name goes into the "
+                        "run directory, a path (./scores.csv) where it says")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--device", default=None, help="e.g. cuda, cuda:1 (default cpu)")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
@@ -89,14 +97,40 @@ def _common(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def _emit(args: argparse.Namespace, results: Any) -> int:
+def output_path(run_dir: str | os.PathLike, target: str) -> Path:
+    """Where --out / --csv write: a bare file name ('scores.csv') goes into the run directory, next
+    to what it was computed from; anything with a directory part ('./scores.csv', 'out/s.csv', an
+    absolute path) is taken as given."""
+    if os.sep in target or (os.altsep and os.altsep in target):
+        return Path(target)
+    return Path(run_dir) / target
+
+
+def recorded_curvature(name: str) -> str:
+    """The curvature of a command: one computed from the recording alone. 'exact' / 'ggn' need the
+    model, the loss and the training data, which only the Python API can take."""
+    from ..aggregate.curvature import CURVATURES, FullSpaceCurvature
+
+    cls = CURVATURES.get(name)
+    if cls is not None and issubclass(cls, FullSpaceCurvature):
+        raise ConfigurationError(
+            f"--curvature {name} recomputes the curvature from the model, the loss and the training "
+            "samples along the window, which a command line cannot take: it is Python only, "
+            f"dit(run, ..., curvature={name!r}, model=model, dataset=train_ds, loss_fn=...) (README, "
+            "'Exact curvature'). From the recording alone the command line offers --curvature fisher or none.")
+    if cls is None:
+        raise ConfigurationError(f"unknown --curvature {name!r}; choose none or fisher.")
+    return name
+
+
+def _emit(args: argparse.Namespace, results: Any, run_dir: str | os.PathLike) -> int:
     many = isinstance(results, list)
     for r in results if many else [results]:
         print(r.summary(k=args.top, max_queries=args.show_queries))
         print()
         for target, write in ((args.out, r.save), (args.csv, r.to_csv)):
             if target:
-                path = Path(target)
+                path = output_path(run_dir, target)
                 if many:
                     path = path.with_name(f"{path.stem}-{r.window[0]}-{r.window[1]}{path.suffix}")
                 write(path)
@@ -116,12 +150,13 @@ def _run_tracin(args: argparse.Namespace) -> int:
 
     with _open(args) as run:
         return _emit(args, tracin(run, **window_args(args), before_first_query=args.before_first_query,
-                                  **_common(args)))
+                                  **_common(args)), run.path)
 
 
 def _run_dit(args: argparse.Namespace) -> int:
     from ..aggregate import dit
 
+    curvature = recorded_curvature(args.curvature)
     ev = args.eval_step
     if ev is not None and ev != "final":
         try:
@@ -129,15 +164,15 @@ def _run_dit(args: argparse.Namespace) -> int:
         except ValueError:
             raise ConfigurationError(f"--eval-step is a step number or 'final', got {ev!r}") from None
     with _open(args) as run:
-        return _emit(args, dit(run, **window_args(args), mode=args.mode, curvature=args.curvature,
-                               eval_step=ev, **_common(args)))
+        return _emit(args, dit(run, **window_args(args), mode=args.mode, curvature=curvature,
+                               eval_step=ev, **_common(args)), run.path)
 
 
 def _run_self_influence(args: argparse.Namespace) -> int:
     from ..aggregate import self_influence
 
     with _open(args) as run:
-        return _emit(args, self_influence(run, **window_args(args), **_common(args)))
+        return _emit(args, self_influence(run, **window_args(args), **_common(args)), run.path)
 
 
 def _run_dvemb(args: argparse.Namespace) -> int:
@@ -156,7 +191,8 @@ def _run_dvemb(args: argparse.Namespace) -> int:
         with emb:
             T = run.final_step
             if T not in set(run.query_steps.tolist()):
-                print(f"no query gradients recorded at the end of training (step {T}); score queries later "
-                      "with DataValueEmbeddings.load(path).scores(u_q(T)).")
+                print(f"no query gradients recorded at the end of training (step {T}); score queries later in "
+                      "Python: DataValueEmbeddings.load(path, run=run).scores(query_gradients(model, run, "
+                      "queries, loss_fn)), with the trained model.")
                 return 0
-            return _emit(args, emb.scores(run.query_gradients(T), **window_args(args), **_common(args)))
+            return _emit(args, emb.scores(run.query_gradients(T), **window_args(args), **_common(args)), run.path)

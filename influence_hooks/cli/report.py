@@ -2,6 +2,10 @@
 
     influence-hooks compare RUN --epochs each [--method dit] [--corrupted auto|FILE] [--out DIR]
     influence-hooks compare RUN --windows 0:100,100:200,200:300
+
+--corrupted auto reads the known-corrupted sample ids stored in the run's manifest, under
+metadata["data"]["corrupted_ids"] (what a DataModule's influence_metadata() returns, as the
+demo's do) or metadata["corrupted_ids"] (InfluenceCallback(metadata={"corrupted_ids": [...]})).
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigurationError
-from .aggregate import parse_epochs, parse_windows
+from .aggregate import parse_epochs, parse_windows, recorded_curvature
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -31,14 +35,19 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
                    help="'each' (default: one window per epoch) or a comma list of epochs E / ranges E1:E2")
     p.add_argument("--method", choices=("dit", "tracin", "dvemb"), default="dit",
                    help="estimator of the per-window influence (default dit)")
-    p.add_argument("--mode", choices=("removal", "accrued"), default="removal",
-                   help="DIT notion: removal (query at each window end) or accrued (default removal)")
-    p.add_argument("--curvature", default="fisher", help="DIT curvature: fisher (default) or none")
+    p.add_argument("--mode", choices=("removal", "accrued"), default=None,
+                   help="--method dit only (an error with another method): removal (query at each window "
+                        "end; default) or accrued")
+    p.add_argument("--curvature", default=None,
+                   help="DIT curvature, for --method dit and the DIT detection scores: fisher (default) or "
+                        "none (exact / ggn: Python only); an error where nothing DIT is computed")
     p.add_argument("--query", default="mean",
                    help="'mean' (the query set's mean loss, default), a query position, or positions a,b,c")
     p.add_argument("--corrupted", default="auto", metavar="auto|none|FILE",
-                   help="known-corrupted samples for detection quality: 'auto' (the ids stored in the run's "
-                        "metadata, as the demo stores them; default), 'none', or a file of sample ids "
+                   help="known-corrupted samples for detection quality: 'auto' (default: the ids in the run's "
+                        "manifest under metadata.data.corrupted_ids, as a DataModule's influence_metadata() "
+                        "stores them, or metadata.corrupted_ids, as InfluenceCallback(metadata={'corrupted_ids': "
+                        "[...]}) does; no detection if there are none), 'none', or a file of sample ids "
                         "(text: ids separated by commas/whitespace; .npy: ids or a bool mask over the run's "
                         "sorted sample ids)")
     p.add_argument("--detection", default="dit,tracin,self_influence",
@@ -48,11 +57,14 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=int, default=10, help="proponents/opponents listed per window")
     p.add_argument("--precision-k", type=int, default=None,
                    help="k of precision@k (default: the number of corrupted samples)")
-    p.add_argument("--tau", type=float, default=1.0, help="significance threshold of the time patterns, "
-                   "in units of the window's RMS influence (default 1)")
+    p.add_argument("--tau", type=float, default=1.0, help="threshold of the time patterns: a window counts "
+                   "for a sample when |influence| >= tau x the window's RMS influence (default 1; a "
+                   "threshold on size, not a statistical test)")
     p.add_argument("--concentration", type=float, default=0.7,
                    help="share of influence mass in one half that makes a sample early-/late-important")
     p.add_argument("--out", default=None, help="report directory (default RUN/report)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a report already in the report directory (refused otherwise)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_compare)
 
@@ -89,6 +101,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from ..report import PatternRules, compare_windows
     from ..storage.reader import open_run
 
+    if args.curvature is not None:
+        recorded_curvature(args.curvature)
+    out = Path(args.out) if args.out else Path(args.run) / "report"
+    if (out / "report.md").exists() and not args.overwrite:
+        raise ConfigurationError(f"{out} already holds a report (report.md); pass --overwrite to replace it, "
+                                 "or --out DIR to write elsewhere.")
     run = open_run(args.run)
     kw: dict[str, Any] = {}
     if args.windows:
@@ -101,7 +119,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
         detection_methods=tuple(m.strip() for m in args.detection.split(",") if m.strip()),
         whole_run=not args.no_whole_run, top_k=args.top_k, precision_k=args.precision_k,
         rules=PatternRules(tau=args.tau, concentration=args.concentration), progress=not args.quiet, **kw)
-    out = Path(args.out) if args.out else Path(args.run) / "report"
     report = cmp.write_report(out)
     print(cmp.summary())
     if cmp.corrupted is None and args.corrupted == "auto":

@@ -192,8 +192,7 @@ def headline(result: DemoResult) -> str:
             lines.append(f"  {l:<{width}}  " + "  ".join(f"{table[m][l]['auroc']:>14.3f}" for m in table))
     lines.append("DIT's observations on this run:")
     for f in result.findings:
-        mark = {True: "holds", False: "does not hold", None: "n/a"}[f.holds]
-        lines.append(f"  [{mark}] {f.claim}")
+        lines.append(f"  [{f.verdict}] {f.claim}")
     sec = result.seconds
     lines.append(f"Validation accuracy {result.val_accuracy:.3f}. Took {sec['total']:.0f} s "
                  f"(training + recording {sec['train']:.0f} s, influence {sec['influence']:.0f} s, "

@@ -31,6 +31,12 @@ class InfluenceCallback(pl.Callback):
     `influence_metadata()`, its dict is stored in the run's metadata under "data" (the demo
     stores the ids of its flipped labels there).
     Resuming from a Lightning checkpoint continues the same run directory.
+    At the first step the recording plan (layers, dims per layer, bytes per step, run path) is
+    printed (verbose=False: only logged to the "influence_hooks" logger) and logged as
+    hyperparameters "influence_hooks/..." to the trainer's loggers; at every optimizer step the
+    recording's own figures (RecordingStats: influence/rows, influence/mb_written,
+    influence/queue_wait_s, influence/hook_s, ...) go through `pl_module.log`, and their final
+    values to the loggers at the end of training.
     Every recording option (layers=, projection=, snapshot_windows=, ...) is a field of
     RecordingConfig, given as a keyword argument or all together as config=RecordingConfig(...).
     """
@@ -44,6 +50,8 @@ class InfluenceCallback(pl.Callback):
         query_loss_fn: Callable[[pl.LightningModule, Any], torch.Tensor] | None = None,
         sample_ids: Callable[[Any, int], Any] | None = None,
         metadata: dict[str, Any] | None = None,
+        verbose: bool = True,
+        log_stats: bool = True,
         config: RecordingConfig | None = None,
         **options: Any,
     ):
@@ -60,6 +68,9 @@ class InfluenceCallback(pl.Callback):
         self.query_loss_fn = query_loss_fn
         self.sample_ids = sample_ids
         self.metadata = metadata
+        self.verbose = verbose
+        self.log_stats = log_stats
+        self._plan_logged = False
         self.recorder: GradientRecorder | None = None
         self._trackers: dict[int, TrackedBatchSampler] = {}
         self._orig_process_dataloader = None
@@ -121,7 +132,8 @@ class InfluenceCallback(pl.Callback):
             self.run_dir, pl_module, queries=queries,
             query_loss_fn=(self.query_loss_fn or training_step_loss) if queries is not None else None,
             query_ids=self.query_ids, config=self.config, metadata=self.metadata,
-            precision=str(trainer.precision), rank=trainer.global_rank, world_size=trainer.world_size)
+            precision=str(trainer.precision), rank=trainer.global_rank, world_size=trainer.world_size,
+            verbose=self.verbose)
         extra = {
             "gradient_clipping": ({"value": trainer.gradient_clip_val,
                                    "algorithm": str(trainer.gradient_clip_algorithm or "norm")}
@@ -165,9 +177,19 @@ class InfluenceCallback(pl.Callback):
         self.recorder.end_step(optimizer, step=trainer.global_step, epoch=trainer.current_epoch,
                                epoch_end=last, grad_scaler=getattr(trainer.precision_plugin, "scaler", None),
                                micro_batches=trainer.accumulate_grad_batches)
+        if not self._plan_logged and self.recorder.plan is not None:
+            self._plan_logged = True
+            for logger in trainer.loggers:
+                logger.log_hyperparams({f"influence_hooks/{k}": v for k, v in self.recorder.plan.items()})
+        if self.log_stats:
+            pl_module.log_dict(self.recorder.stats.metrics(), on_step=True, on_epoch=False, batch_size=1)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.recorder.finish(final_step=trainer.global_step)
+        if self.log_stats:  # the end-of-training queries included; pl_module.log is closed here
+            for logger in trainer.loggers:
+                logger.log_metrics(self.recorder.stats.metrics(), step=trainer.global_step)
+                logger.save()
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if self.recorder is not None:

@@ -21,17 +21,22 @@ def warn_batch_mixing(model: nn.Module) -> None:
 
 
 def warn_tied_parameters(layers: list) -> None:
-    owners: dict[int, list[str]] = {}
+    """Warn once per parameter that several recorded layers share (GPT-2's wte and lm_head), with
+    the layers' full module paths, which is what exclude= matches."""
+    owners: dict[int, list[tuple[str, str]]] = {}
     for l in layers:
-        for p in l.module.parameters(recurse=False):
-            owners.setdefault(id(p), []).append(l.name)
-    tied = [names for names in owners.values() if len(names) > 1]
-    if tied:
-        warnings.warn(
-            f"layers {tied} share (tie) a parameter: each records its own part of that parameter's "
-            "per-sample gradient in a separate block, so inner products over the run miss the cross "
-            f"terms between the parts. Exclude all but one of them (e.g. exclude=[{tied[0][-1]!r}]) for "
-            "estimates over the others, or untie the weights.", RuntimeWarning, stacklevel=4)
+        for pname, p in l.module.named_parameters(recurse=False):
+            owners.setdefault(id(p), []).append((l.name, f"{l.name}.{pname}" if l.name else pname))
+    tied = [entries for entries in owners.values() if len(entries) > 1]
+    if not tied:
+        return
+    shared = "; ".join(" is ".join(p for _, p in entries) for entries in tied)
+    drop = sorted({name for entries in tied for name, _ in entries[1:]})
+    warnings.warn(
+        f"recorded layers share (tie) a parameter: {shared}. Each layer records its own part of that "
+        "parameter's per-sample gradient in a separate block, so inner products over the run miss the "
+        f"cross terms between the parts. Record one of them only: exclude={drop} (module paths as "
+        "model.named_modules() names them), or untie the weights.", RuntimeWarning, stacklevel=4)
 
 
 def check_first_step(capture: GradientCapture, n_rows: int, explicit_selection: bool) -> set[str]:

@@ -12,6 +12,7 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from ..capture.select import ALLOCATIONS
 from ..errors import ConfigurationError
 from ..storage.format import STORAGE_DTYPES
 from ..storage.jsonio import to_jsonable
@@ -37,6 +38,10 @@ class RecordingConfig:
     projection: int | str | dict[str, int] | None = _help(
         "Total projected dimensions shared by the layers (a positive int); a dict of per-layer dims "
         "by name glob; or 'none' (or None) for exact gradients.", 1024)
+    projection_allocation: str = _help(
+        "How an int projection is shared among layers: 'equal' shares, or in proportion to 'sqrt' "
+        "(square root of a layer's gradient size) or 'linear' (its size); each capped at the layer's "
+        "size (benchmarks/results/allocation.md compares them).", "equal")
     projection_kind: str = _help(
         "'auto' (Kronecker for Linear/Conv/Embedding/Conv1D, Gaussian otherwise), 'kronecker', "
         "'gaussian' or 'rademacher'.", "auto")
@@ -64,7 +69,8 @@ class RecordingConfig:
 
     def __post_init__(self) -> None:
         choices = {"projection_kind": ("auto", "kronecker", "gaussian", "rademacher", "none"),
-                   "loss_reduction": ("mean", "sum"), "snapshot_scope": ("layers", "model")}
+                   "loss_reduction": ("mean", "sum"), "snapshot_scope": ("layers", "model"),
+                   "projection_allocation": ALLOCATIONS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigurationError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")

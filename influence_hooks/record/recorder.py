@@ -23,6 +23,9 @@ host.py (asynchronous host copies), storage/writer.py (the files).
 
 from __future__ import annotations
 
+import logging
+import sys
+import time
 import warnings
 from typing import Any, Sequence
 
@@ -44,6 +47,9 @@ from .optim import RecordedLearningRate, describe_optimizer
 from .options import RecordingConfig
 from .params import ParameterSaver
 from .queries import QueryLossFn, QuerySet
+from .summary import RecordingStats, plan_summary
+
+log = logging.getLogger("influence_hooks")
 
 
 class GradientRecorder:
@@ -62,13 +68,18 @@ class GradientRecorder:
         rank / world_size: this process's place in data-parallel training (default: from an
             initialized torch.distributed, else 0 of 1). Every rank records its own micro-batches
             into its own shards; gradients are taken to be averaged over ranks, as DDP does.
+        verbose: print the recording plan (layers, dims per layer, bytes per step, run path) at
+            the first step; it is also logged to the "influence_hooks" logger either way.
+
+    After the first step, `plan` holds that summary as a dict; `stats` (RecordingStats) counts
+    rows, megabytes, the wait for the writer's queue and the time in the hooks.
     """
 
     def __init__(self, run_dir: str, model: nn.Module, *, queries: Any = None,
                  query_loss_fn: QueryLossFn | None = None, query_ids: Sequence[int] | None = None,
                  config: RecordingConfig | None = None, metadata: dict[str, Any] | None = None,
                  precision: str | None = None, rank: int | None = None, world_size: int | None = None,
-                 **options: Any):
+                 verbose: bool = True, **options: Any):
         self.config = RecordingConfig.from_options(config, options)
         self.run_dir = str(run_dir)
         self.model = model
@@ -80,7 +91,7 @@ class GradientRecorder:
                                  self.config.loss_reduction) if queries is not None else None)
         selection = select_layers(model, self.config.layers, self.config.layer_types, self.config.exclude)
         self.layers = plan_layers(selection, self.config.projection_budget(), self.config.projection_kind,
-                                  self.config.seed)
+                                  self.config.seed, self.config.projection_allocation)
         warn_tied_parameters(self.layers)
         warn_batch_mixing(model)
         self.capture = GradientCapture(self.layers)
@@ -98,6 +109,10 @@ class GradientRecorder:
         self._finished = False
         self._optimizer: torch.optim.Optimizer | None = None  # the last one seen, for the final snapshot
         self.run_id: str | None = None
+        self.verbose = verbose
+        self.plan: dict[str, Any] | None = None
+        self.stats = RecordingStats()
+        self._left_out: list[str] = []
 
     @property
     def dim(self) -> int:
@@ -221,6 +236,8 @@ class GradientRecorder:
         self._warn_uneven(step, sizes)
         if self.writer is None:
             self.start(optimizer, **self._start_kwargs)
+        if self.plan is None:
+            self._announce(len(ids))
         first_of_epoch = self._last_epoch != epoch
         self._last_epoch = epoch
         # DDP averages the ranks' gradients: each rank's samples weigh 1/world_size of its own loss
@@ -239,7 +256,9 @@ class GradientRecorder:
                 self.write_queries(step)
             self.params.save_if_due(self.writer, step, self.layers, optimizer)
         self._optimizer = optimizer
+        t0 = time.perf_counter()
         self.writer.write_step(rec)
+        self._count(t0, steps=1, rows=len(ids), nbytes=rec.grads.nelement() * rec.grads.element_size())
         self._step = step + 1
 
     def finish(self, *, final_step: int | None = None) -> None:
@@ -278,7 +297,10 @@ class GradientRecorder:
 
     def write_queries(self, step: int) -> None:
         g = self.query_gradients()
-        self.writer.write_queries(step, self._to_host(g)[0], ready=event_after(g))
+        host = self._to_host(g)[0]
+        t0 = time.perf_counter()
+        self.writer.write_queries(step, host, ready=event_after(g))
+        self._count(t0, query_rows=len(host), nbytes=host.nelement() * host.element_size())
 
     # ------------------------------------------------------------------ helpers
     def _recorded_parameters(self) -> list[nn.Parameter]:
@@ -289,9 +311,27 @@ class GradientRecorder:
         explicit = self.config.layers is not None or self.config.layer_types is not None
         broadcast = check_first_step(self.capture, n_rows, explicit)
         if broadcast:
+            self._left_out = sorted(broadcast)
             self.capture.drop_layers(broadcast)
             self.layers = self.capture.layers
             self._lr.reset(self._recorded_parameters())  # the group lookup must be redone for the kept layers
+
+    def _announce(self, batch_size: int) -> None:
+        """Say once, at the first step, what is recorded and what it costs."""
+        text, self.plan = plan_summary(
+            self.run_dir, type(self.model).__name__, self.layers, self._left_out,
+            self.writer.manifest["storage_dtype"], batch_size, self.queries.n if self.queries else 0,
+            self.config.projection_budget(), self.config.projection_allocation,
+            resumed_from=self._start_kwargs.get("resume_step"))
+        log.info(text)
+        if self.verbose and self.rank == 0:  # one summary for a data-parallel run, not one per rank
+            print(text, file=sys.stderr, flush=True)
+
+    def _count(self, since: float, *, steps: int = 0, rows: int = 0, query_rows: int = 0, nbytes: int = 0) -> None:
+        s = self.stats
+        s.queue_wait_s += time.perf_counter() - since
+        s.steps, s.rows, s.query_rows, s.bytes = s.steps + steps, s.rows + rows, s.query_rows + query_rows, s.bytes + nbytes
+        s.hook_s = self.capture.seconds
 
     def _warn_uneven(self, step: int, sizes: list[int]) -> None:
         if self.config.loss_reduction == "mean" and len(set(sizes)) > 1 and not self._warned_uneven:

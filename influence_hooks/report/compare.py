@@ -242,7 +242,7 @@ def _end_at_query_step(run: Run, window: W.Window) -> W.Window:
 
 
 def compare_windows(run: Run, windows: Sequence[tuple[int, int]] | None = None, *, epochs: Any = None,
-                    method: str = "dit", mode: str = "removal", curvature: str = "fisher",
+                    method: str = "dit", mode: str | None = None, curvature: str | None = None,
                     query: Any = "mean", corrupted: Any = None,
                     detection_methods: Sequence[str] = ("dit", "tracin", "self_influence"),
                     whole_run: bool = True, top_k: int = 10, precision_k: int | None = None,
@@ -252,10 +252,12 @@ def compare_windows(run: Run, windows: Sequence[tuple[int, int]] | None = None, 
 
     windows: chronological (t1, t2) step windows; or epochs= as the aggregators take it (a list of
         epochs / (e1, e2) ranges, or 'each'); neither: one window per epoch.
-    method: 'dit' (mode 'removal': R(i, q; window, t2), the query evaluated at each window's end,
-        or 'accrued': the part of the whole-run removal effect that builds up in the window;
-        curvature 'fisher', 'none', ...), 'tracin', or 'dvemb' (removal evaluated at the end of
-        training).
+    method: 'dit' (mode 'removal', the default: R(i, q; window, t2), the query evaluated at each
+        window's end, or 'accrued': the part of the whole-run removal effect that builds up in the
+        window; curvature 'fisher' (default), 'none', ...), 'tracin', or 'dvemb' (removal evaluated
+        at the end of training). mode applies to method 'dit' only, curvature to whatever DIT
+        computes (the method, or DIT detection scores); given where they would be ignored, they
+        are an error.
     query: 'mean' (the query set's mean loss), a query position, or a list of positions (their mean).
     corrupted: known-corrupted samples as a bool mask over run.sample_ids, an array of their ids,
         'auto' (the ids in the run's metadata, as the demo stores them) or None (no detection).
@@ -269,6 +271,9 @@ def compare_windows(run: Run, windows: Sequence[tuple[int, int]] | None = None, 
     bad = [m for m in detection_methods if m not in DETECTION_METHODS]
     if bad:
         raise ConfigurationError(f"unknown detection method(s) {bad}; choose from {DETECTION_METHODS}")
+    train_ids = run.sample_ids
+    mask = _corrupted_mask(run, train_ids, corrupted)
+    mode, curvature = _dit_options(method, mode, curvature, detection_methods if mask is not None else ())
     wins = _chronological_windows(run, windows, epochs)
     full = (run.first_step, run.last_step + 1)
     all_wins = [_end_at_query_step(run, w) for w in wins + ([full] if whole_run else [])]
@@ -288,8 +293,6 @@ def compare_windows(run: Run, windows: Sequence[tuple[int, int]] | None = None, 
         bp = np.concatenate([present, whole_present[:, None]], 1)
         whole_corr = spearman_matrix(both, bp)[:nw, nw]
     labels = [W.label(run.table, w) for w in wins]
-    train_ids = run.sample_ids
-    mask = _corrupted_mask(run, train_ids, corrupted)
     detection, cscores, cpresent = [], {}, {}
     if mask is not None:
         methods = list(dict.fromkeys(_method_name(m, mode) for m in [method, *detection_methods]))
@@ -310,6 +313,21 @@ def compare_windows(run: Run, windows: Sequence[tuple[int, int]] | None = None, 
         corrupted=mask, detection=detection, corruption_scores=cscores, corruption_present=cpresent,
         per_query=per_query, query_ids=primary[0].query_ids, approximations=_notes(primary, scorer.cache),
         run_path=str(run.path), run_id=run.run_id, results=scorer.cache)
+
+
+def _dit_options(method: str, mode: str | None, curvature: str | None, detection: Sequence[str]
+                 ) -> tuple[str, str]:
+    """(mode, curvature) with their defaults; refused where nothing would use them."""
+    if mode is not None and method != "dit":
+        raise ConfigurationError(
+            f"mode={mode!r} applies to method='dit' only; method={method!r} has no mode (tracin sums "
+            "g.u over the window; dvemb is removal evaluated at the end of training). For DIT's "
+            "detection scores in a given mode, name them in detection_methods: 'dit_removal', 'dit_accrued'.")
+    if curvature is not None and method != "dit" and not any(m.startswith("dit") for m in detection):
+        raise ConfigurationError(
+            f"curvature={curvature!r} applies to DIT, and nothing here computes DIT (method={method!r}, "
+            f"detection {list(detection) or 'none'}). Leave it out, or use method='dit'.")
+    return mode or "removal", curvature or "fisher"
 
 
 def _chronological_windows(run: Run, windows: Any, epochs: Any) -> list[W.Window]:

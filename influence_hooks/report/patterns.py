@@ -23,7 +23,8 @@ PATTERNS = (HELPFUL, HARMFUL, EARLY, LATE, FLIPPING, NEGLIGIBLE)
 class PatternRules:
     """Thresholds of `classify_patterns`, relative to the score scale.
 
-    tau: a window is significant for a sample when |score| >= tau * scale.
+    tau: a window counts for a sample when |score| >= tau * scale ("above the threshold": a
+        threshold on size relative to the typical sample, not a statistical test).
     concentration: share of a sample's influence mass (sum of |z| over windows) that must lie in the
         early (or late) half of the windows for it to be early- (late-) important.
     scale: 'window' divides each window's scores by that window's RMS over present samples, so a
@@ -67,32 +68,32 @@ def classify_patterns(scores: np.ndarray, present: np.ndarray | None = None,
 
     scores: [n, W] influence per window (positive = helpful), windows in time order; present:
     [n, W] whether the sample occurs in the window (absent entries count as 0).
-    With z = scores / scale (see PatternRules.scale) and a window *significant* when
+    With z = scores / scale (see PatternRules.scale) and a window *above the threshold* when
     |z| >= tau, the rules, applied in this order:
 
-    1. negligible: no significant window.
-    2. sign-flipping: a significant positive window and a significant negative one.
+    1. negligible: no window above the threshold.
+    2. sign-flipping: a positive window and a negative one above the threshold.
     3. early-important: at least `concentration` of the sample's mass sum_w |z_w| lies in the early
        half of the windows (w < floor(W/2)).
     4. late-important: at least `concentration` of the mass lies in the late half
        (w >= ceil(W/2); with an odd W the middle window belongs to neither half).
-    5. consistently helpful / consistently harmful: the rest, by the sign of its significant
-       windows (all the same after rule 2): influence of one sign spread over early and late.
+    5. consistently helpful / consistently harmful: the rest, by the sign of its windows above the
+       threshold (all the same after rule 2): influence of one sign spread over early and late.
 
     Early- and late-important samples may be helpful or harmful; the sign is in their scores.
     """
     z, _ = normalized_scores(scores, present, rules.scale)
     n, W = z.shape
-    sig = np.abs(z) >= rules.tau
-    pos = (sig & (z > 0)).any(1)
-    neg = (sig & (z < 0)).any(1)
+    above = np.abs(z) >= rules.tau
+    pos = (above & (z > 0)).any(1)
+    neg = (above & (z < 0)).any(1)
     mass = np.abs(z)
     total = np.maximum(mass.sum(1), np.finfo(float).tiny)
     early = mass[:, :W // 2].sum(1) / total
     late = mass[:, (W + 1) // 2:].sum(1) / total
-    out = np.where(np.where(sig, z, 0.0).sum(1) >= 0, HELPFUL, HARMFUL).astype(object)
+    out = np.where(np.where(above, z, 0.0).sum(1) >= 0, HELPFUL, HARMFUL).astype(object)
     out[late >= rules.concentration] = LATE
     out[early >= rules.concentration] = EARLY
     out[pos & neg] = FLIPPING
-    out[~sig.any(1)] = NEGLIGIBLE
+    out[~above.any(1)] = NEGLIGIBLE
     return out.astype(str)

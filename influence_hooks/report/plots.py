@@ -3,6 +3,10 @@
     plot_correlation(cmp, "correlation.png")     # Spearman heatmap between windows (+ whole run)
     plot_trajectories(cmp, "trajectories.png")   # influence over time of example samples per pattern
     plot_detection(cmp, "detection.png")         # AUROC / precision@k per window, ROC curves
+
+Readability rules: every panel that shows methods has its legend; markers of different methods at
+the same window are set side by side, so equal values stay visible; panels that compare samples
+share one y scale.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from typing import Sequence
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter
 
 from .files import WHOLE_RUN
 from .patterns import PATTERNS
@@ -84,19 +89,32 @@ def plot_correlation(cmp: WindowComparison, path: str | os.PathLike) -> Path:
 
 
 def plot_trajectories(cmp: WindowComparison, path: str | os.PathLike, per_pattern: int = 4) -> Path:
+    """trajectories_figure(cmp) saved as a PNG."""
+    return _save(trajectories_figure(cmp, per_pattern), path)
+
+
+def trajectories_figure(cmp: WindowComparison, per_pattern: int = 4) -> Figure:
     """One panel per time pattern: the influence of its strongest example samples in each window,
-    in units of the window's RMS (the scale the patterns are read in), with the ±tau band."""
+    in units of the window's RMS (the scale the patterns are read in), with the ±tau band. All
+    panels share one y axis, linear within ±tau and logarithmic beyond (symlog), so a sample at
+    ±1 and one at ±20 are both readable and panels compare directly."""
     ticks, xlabel = _axis_labels(cmp.labels)
     x = np.arange(cmp.n_windows)
     counts = cmp.counts()
-    fig = Figure(figsize=(13, 7.4), layout="constrained")
-    axes = fig.subplots(2, 3, sharex=True)
+    fig = Figure(figsize=(13, 7.6), layout="constrained")
+    axes = fig.subplots(2, 3, sharex=True, sharey=True)
     tau = cmp.rules.tau
     unit = "window RMS" if cmp.rules.scale == "window" else "RMS"
+    shown = np.concatenate([cmp.z[[cmp.row(int(t)) for t in cmp.examples(p, per_pattern)]].ravel()
+                            for p in PATTERNS] + [np.array([tau])])
+    top = 1.15 * max(float(np.abs(shown).max()), tau)
     for n_ax, (ax, pat) in enumerate(zip(axes.flat, PATTERNS)):
         ids = cmp.examples(pat, per_pattern)
+        ax.set_yscale("symlog", linthresh=tau, linscale=1.0)
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.set_ylim(-top, top)
         ax.axhspan(-tau, tau, color="#dddddd", alpha=0.6, lw=0,
-                   label=f"|z| < {tau:g}: not significant" if n_ax == 0 else "_nolegend_")
+                   label=f"|z| < {tau:g}: below the threshold" if n_ax == 0 else "_nolegend_")
         ax.axhline(0, color="black", lw=0.8)
         for k, tid in enumerate(ids):
             i = cmp.row(int(tid))
@@ -105,7 +123,7 @@ def plot_trajectories(cmp: WindowComparison, path: str | os.PathLike, per_patter
                     color=_shade(PATTERN_COLORS[pat], k, len(ids)),
                     label=f"sample {int(tid)}" + (" (flipped label)" if bad else ""))
         total = len(cmp.patterns)
-        ax.set_title(f"{pat}: {counts[pat]} samples ({100 * counts[pat] / max(total, 1):.0f}%)",
+        ax.set_title(f"{pat}: {counts[pat]} samples ({100 * counts[pat] / max(total, 1):.0f}% of all {total})",
                      color=PATTERN_COLORS[pat], fontsize=10, fontweight="bold")
         ax.grid(alpha=0.3)
         if len(ids):
@@ -117,13 +135,19 @@ def plot_trajectories(cmp: WindowComparison, path: str | os.PathLike, per_patter
         ax.set_xticks(x, ticks, rotation=0 if xlabel.startswith("epoch") else 45)
         ax.set_xlabel(xlabel)
     for ax in axes[:, 0]:
-        ax.set_ylabel(f"influence / {unit}\n(+ helped, − hurt)")
-    fig.suptitle(f"How the influence of example samples changes over training — {_short(cmp.description)}",
-                 fontsize=11)
-    return _save(fig, path)
+        ax.set_ylabel(f"influence / {unit} (z)\n(+ helped, − hurt)")
+    fig.suptitle(f"How the influence of example samples changes over training — {_short(cmp.description)}\n"
+                 f"(one y scale for every panel: linear within ±{tau:g}, logarithmic beyond)", fontsize=11)
+    return fig
 
 
 def plot_detection(cmp: WindowComparison, path: str | os.PathLike) -> Path | None:
+    """detection_figure(cmp) saved as a PNG; None when there is no corrupted mask."""
+    fig = detection_figure(cmp)
+    return None if fig is None else _save(fig, path)
+
+
+def detection_figure(cmp: WindowComparison) -> Figure | None:
     """AUROC and precision@k of corrupted-sample detection per window and method (whole run as a
     dashed line), and ROC curves of the primary method. None when there is no corrupted mask."""
     if not cmp.detection:
@@ -135,16 +159,19 @@ def plot_detection(cmp: WindowComparison, path: str | os.PathLike) -> Path | Non
     fig = Figure(figsize=(15, 4.8), layout="constrained")
     ax_auc, ax_prec, ax_roc = fig.subplots(1, 3, gridspec_kw={"width_ratios": [1.25, 1.25, 1]})
     base_rate = float(cmp.corrupted.mean())
+    n_methods = len(table)
     for ax, key, chance, title in (
             (ax_auc, "auroc", 0.5, "AUROC per window"),
             (ax_prec, "precision_at_k", base_rate, f"precision at k = {k} per window")):
-        whole_x = x[-1] + 1.5
+        whole_x = x[-1] + 1.5 + 0.1 * n_methods
         for j, (m, rows) in enumerate(table.items()):
             color, marker = METHOD_STYLE.get(m, ("black", "o"))
             vals = [rows[l][key] for l in cmp.labels]
-            ax.plot(x, vals, marker=marker, color=color, lw=1.8, label=method_name(m))
-            if WHOLE_RUN in rows:  # side by side, so equal values stay visible
-                ax.plot([whole_x + 0.22 * (j - (len(table) - 1) / 2)], [rows[WHOLE_RUN][key]], marker=marker, color=color, ms=9,
+            dodge = j - (n_methods - 1) / 2  # side by side, so equal values stay visible
+            ax.plot(x + 0.14 * dodge, vals, marker=marker, color=color, lw=1.6, ms=5.5,
+                    markeredgecolor="white", markeredgewidth=0.6, label=method_name(m))
+            if WHOLE_RUN in rows:
+                ax.plot([whole_x + 0.3 * dodge], [rows[WHOLE_RUN][key]], marker=marker, color=color, ms=8,
                         markeredgecolor="black", ls="none")
         ax.axhline(chance, color="gray", ls=":", lw=1.2)
         ax.text(x[0], chance, "chance ", va="bottom", ha="left", color="gray", fontsize=8)
@@ -153,15 +180,15 @@ def plot_detection(cmp: WindowComparison, path: str | os.PathLike) -> Path | Non
         ax.set_xticks(list(x) + ([whole_x] if has_whole else []),
                       list(ticks) + (["whole\nrun"] if has_whole else []),
                       rotation=0 if xlabel.startswith("epoch") else 45)
-        ax.set_xlim(x[0] - 0.5, (whole_x if has_whole else x[-1]) + 0.6)
+        ax.set_xlim(x[0] - 0.5, (whole_x + 0.3 * (n_methods - 1) / 2 if has_whole else x[-1]) + 0.5)
         ax.set_xlabel(xlabel)
         ax.set_ylim(0, 1.02)
         ax.set_title(title + ("\n(right of the line: the same score over the whole run)" if has_whole else ""),
                      fontsize=10)
         ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="best", framealpha=0.85)
     ax_auc.set_ylabel("AUROC (1 = perfect, 0.5 = chance)")
     ax_prec.set_ylabel(f"share of flagged top {k} that are corrupted")
-    ax_auc.legend(fontsize=8, loc="lower left", framealpha=0.85)
 
     m = cmp.method
     W = cmp.n_windows
@@ -188,7 +215,7 @@ def plot_detection(cmp: WindowComparison, path: str | os.PathLike) -> Path | Non
     n_bad = int(cmp.corrupted.sum())
     fig.suptitle(f"Detecting the {n_bad} corrupted samples of {len(cmp.corrupted)}: "
                  "rank by −influence on the clean queries (DIT, TracIn) or by self-influence", fontsize=11)
-    return _save(fig, path)
+    return fig
 
 
 def _short(text: str, n: int = 90) -> str:

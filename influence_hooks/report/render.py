@@ -5,7 +5,11 @@
 The report states the three observations of the Dynamic Influence Tracker paper (samples follow
 different time patterns; early and late influence correlate weakly; the late/convergence window
 detects corrupted samples better than the whole run) and says, from the numbers, whether each
-holds on this run. `findings(cmp)` returns those verdicts for programs and tests.
+holds on this run; a difference of detection quality is judged against a bootstrap interval over
+samples, so one within noise says so. `findings(cmp)` returns those verdicts for programs and tests.
+
+Every share in the report names its base ("45% of the 140 consistently harmful samples"), and a
+sample's pattern rests on a threshold on the size of its influence, not on a statistical test.
 """
 
 from __future__ import annotations
@@ -22,21 +26,33 @@ import numpy as np
 from .files import WHOLE_RUN
 from .patterns import EARLY, LATE, NEGLIGIBLE, PATTERNS, classify_patterns
 from .plots import method_name, plot_correlation, plot_detection, plot_trajectories
+from .stats import auroc_difference
 
 if TYPE_CHECKING:
     from .compare import WindowComparison
 
 WEAK_CORRELATION = 0.3
 MIN_PATTERN_SHARE = 0.05
+BOOTSTRAP_RESAMPLES = 1000
+VERDICTS = ("holds", "does not hold", "within noise", "cannot be judged")
 
 
 @dataclass
 class Finding:
-    """One DIT observation on this run: `holds` is True, False, or None (cannot be judged)."""
+    """One DIT observation on this run. verdict: 'holds', 'does not hold', 'within noise' (the
+    difference it rests on is smaller than its bootstrap uncertainty) or 'cannot be judged';
+    holds is True / False for the first two and None otherwise."""
 
     claim: str
     holds: bool | None
     evidence: str
+    verdict: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.verdict:
+            self.verdict = {True: "holds", False: "does not hold", None: "cannot be judged"}[self.holds]
+        if self.verdict not in VERDICTS:
+            raise ValueError(f"verdict must be one of {VERDICTS}, got {self.verdict!r}")
 
 
 def findings(cmp: WindowComparison) -> list[Finding]:
@@ -46,20 +62,24 @@ def findings(cmp: WindowComparison) -> list[Finding]:
        MIN_PATTERN_SHARE of the non-negligible samples.
     2. Early vs late: |Spearman(first window, last window)| < WEAK_CORRELATION.
     3. Convergence-window detection (per detection method, with a corrupted mask): the last
-       window's AUROC is at least the whole run's. DIT states it for its own scores; the other
-       methods are judged the same way for comparison.
+       window's AUROC exceeds the whole run's. The difference is judged with a paired bootstrap
+       over samples (BOOTSTRAP_RESAMPLES resamples, 95% percentile interval): 'holds' if the
+       interval lies above 0, 'does not hold' if below, 'within noise' if it contains 0. DIT
+       states it for its own scores; the other methods are judged the same way for comparison.
     """
     out = []
     counts = cmp.counts()
+    n = len(cmp.patterns)
     active = sum(c for p, c in counts.items() if p != NEGLIGIBLE)
     share = {p: counts[p] / active if active else 0.0 for p in PATTERNS}
     holds = active > 0 and share[EARLY] >= MIN_PATTERN_SHARE and share[LATE] >= MIN_PATTERN_SHARE
     out.append(Finding(
         "Samples differ in when they matter (some early-important, others late-important).",
         holds if active else None,
-        f"Of {active} samples with significant influence: " + ", ".join(
+        f"Of the {n} samples, {active} have influence above the threshold (|z| >= {cmp.rules.tau:g}) in "
+        f"at least one window; of these {active}: " + ", ".join(
             f"{p} {counts[p]} ({100 * share[p]:.0f}%)" for p in PATTERNS if p != NEGLIGIBLE)
-        + f"; {counts[NEGLIGIBLE]} negligible."))
+        + f". The other {counts[NEGLIGIBLE]} are negligible."))
     r = cmp.early_late_correlation()
     adj = cmp.adjacent_correlation()
     out.append(Finding(
@@ -72,14 +92,30 @@ def findings(cmp: WindowComparison) -> list[Finding]:
         for m, rows in table.items():
             last, whole = rows[cmp.labels[-1]]["auroc"], rows.get(WHOLE_RUN, {}).get("auroc", np.nan)
             best = max(cmp.labels, key=lambda l: -np.inf if not np.isfinite(rows[l]["auroc"]) else rows[l]["auroc"])
-            verdict = None if not (np.isfinite(last) and np.isfinite(whole)) else bool(last >= whole)
+            verdict, diff_text = _late_vs_whole(cmp, m)
             out.append(Finding(
                 f"The late (convergence) window detects corrupted samples better than the whole run "
-                f"({method_name(m)}).", verdict,
-                f"AUROC {cmp.labels[-1]} {_f(last, 3, False)} vs whole run {_f(whole, 3, False)}; best window "
-                f"{best} ({_f(rows[best]['auroc'], 3, False)}), first window {cmp.labels[0]} "
-                f"({_f(rows[cmp.labels[0]]['auroc'], 3, False)})."))
+                f"({method_name(m)}).", {"holds": True, "does not hold": False}.get(verdict),
+                f"AUROC {cmp.labels[-1]} {_f(last, 3, False)} vs whole run {_f(whole, 3, False)}{diff_text}; "
+                f"best window {best} ({_f(rows[best]['auroc'], 3, False)}), first window {cmp.labels[0]} "
+                f"({_f(rows[cmp.labels[0]]['auroc'], 3, False)}).", verdict))
     return out
+
+
+def _late_vs_whole(cmp: WindowComparison, m: str) -> tuple[str, str]:
+    """(verdict, text) for AUROC(last window) - AUROC(whole run) of method m, bootstrapped over
+    the samples present in both."""
+    scores, present = cmp.corruption_scores.get(m), cmp.corruption_present.get(m)
+    W = cmp.n_windows
+    if scores is None or scores.shape[1] <= W:
+        return "cannot be judged", ""
+    both = present[:, W - 1] & present[:, W]
+    d = auroc_difference(scores[both, W - 1], scores[both, W], cmp.corrupted[both], n_boot=BOOTSTRAP_RESAMPLES)
+    if d.verdict == "cannot be judged":
+        return d.verdict, ""
+    return d.verdict, (f": difference {d.value:+.3f}, {100 * d.level:.0f}% bootstrap interval "
+                       f"[{d.low:+.3f}, {d.high:+.3f}] over the {int(both.sum())} samples "
+                       f"({d.n_boot} resamples)")
 
 
 def write_report(cmp: WindowComparison, directory: str | os.PathLike, *, title: str | None = None,
@@ -113,8 +149,7 @@ def write_report(cmp: WindowComparison, directory: str | os.PathLike, *, title: 
           "The Dynamic Influence Tracker paper (Xu & Wu 2025) reports three observations; here is "
           "whether each holds on this run, by the rules in `influence_hooks.report.render.findings`.", ""]
     for f in findings(cmp):
-        mark = {True: "**holds**", False: "**does not hold**", None: "**cannot be judged**"}[f.holds]
-        L.append(f"- {f.claim} — {mark}. {f.evidence}")
+        L.append(f"- {f.claim} — **{f.verdict}**. {f.evidence}")
     L.append("")
 
     L += ["## Do early and late windows agree?", "",
@@ -137,13 +172,15 @@ def write_report(cmp: WindowComparison, directory: str | os.PathLike, *, title: 
     L += ["## Time patterns", "",
           f"Each sample's influence per window is divided by "
           + ("the RMS of that window's influence over all samples" if r.scale == "window"
-             else "the RMS over all windows") + f" (z). A window is *significant* for a sample when "
-          f"|z| >= {r.tau:g}. Rules, in order: **negligible**: no significant window; **sign-flipping**: "
-          "significant windows of both signs; **early-important** / **late-important**: at least "
+             else "the RMS over all windows") + f" (z). A window *counts* for a sample when |z| >= {r.tau:g}: "
+          "a threshold on the size of its influence relative to the typical sample, not a statistical "
+          "test. Rules, in order: **negligible**: no window above the threshold; **sign-flipping**: "
+          "windows above it of both signs; **early-important** / **late-important**: at least "
           f"{100 * r.concentration:.0f}% of the sample's mass sum|z| lies in the first / last half of "
-          "the windows; **consistently helpful / harmful**: the rest, by the sign of its significant "
-          "windows (`classify_patterns` has the precise rules).", "",
-          "| pattern | samples | share | " + ("of them corrupted | " if cmp.corrupted is not None else "")
+          "the windows; **consistently helpful / harmful**: the rest, by the sign of its windows above "
+          "the threshold (`classify_patterns` has the precise rules).", "",
+          f"| pattern | samples | share of all {len(cmp.patterns)} | "
+          + ("corrupted among them | " if cmp.corrupted is not None else "")
           + "strongest examples (train ids) |",
           "|---|---:|---:|" + ("---:|" if cmp.corrupted is not None else "") + "---|"]
     for p in PATTERNS:
@@ -151,16 +188,21 @@ def write_report(cmp: WindowComparison, directory: str | os.PathLike, *, title: 
         bad = ""
         if cmp.corrupted is not None:
             sel = cmp.patterns == p
-            bad = f"{int(cmp.corrupted[sel].sum())} ({100 * cmp.corrupted[sel].mean():.0f}%) | " if sel.any() else "– | "
+            bad = (f"{int(cmp.corrupted[sel].sum())} ({100 * cmp.corrupted[sel].mean():.0f}% of {int(sel.sum())}) | "
+                   if sel.any() else "– | ")
         L.append(f"| {p} | {counts[p]} | {100 * counts[p] / len(cmp.patterns):.1f}% | {bad}{ex} |")
     if cmp.corrupted is not None and cmp.corrupted.any():
         base = cmp.corrupted.mean()
-        over = [(p, cmp.corrupted[cmp.patterns == p].mean()) for p in PATTERNS if (cmp.patterns == p).any()]
-        over = [(p, r) for p, r in over if r > 2 * base]
+        over = [(p, int(cmp.corrupted[cmp.patterns == p].sum()), int((cmp.patterns == p).sum()))
+                for p in PATTERNS if (cmp.patterns == p).any()]
+        over = [(p, k, c) for p, k, c in over if k / c > 2 * base]
         if over:
-            L += ["", f"Known-corrupted samples make {100 * base:.0f}% of the data but "
-                  + ", ".join(f"{100 * r:.0f}% of the {p} samples" for p, r in over) + "."]
-    L += ["", "![Influence trajectories of example samples per pattern](trajectories.png)", ""]
+            L += ["", f"Known-corrupted samples make {100 * base:.0f}% of the data ({int(cmp.corrupted.sum())} of "
+                  f"{len(cmp.corrupted)}) but " + ", ".join(f"{100 * k / c:.0f}% of the {c} {p} samples ({k})"
+                                                            for p, k, c in over) + "."]
+    L += ["", "![Influence trajectories of example samples per pattern](trajectories.png)", "",
+          f"The panels share one y scale, linear within ±{r.tau:g} (the threshold band) and logarithmic "
+          "beyond, so the examples of different patterns compare directly.", ""]
     if cmp.corrupted is not None:
         L += [_pattern_robustness(cmp), ""]
 

@@ -3,6 +3,8 @@ known-corrupted samples (torchmetrics)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from torchmetrics.functional import spearman_corrcoef
@@ -64,3 +66,67 @@ def roc_curve(corruption_score: np.ndarray, corrupted: np.ndarray) -> tuple[np.n
     preds = _as_unit_interval(torch.as_tensor(np.asarray(corruption_score, np.float64)))
     fpr, tpr, _ = binary_roc(preds, torch.from_numpy(np.asarray(corrupted, bool).astype(np.int64)))
     return fpr.numpy(), tpr.numpy()
+
+
+def weighted_auroc(score: np.ndarray, corrupted: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """AUROC of ranking by score [n] against corrupted [n] bool, with each sample counted
+    weights[b, i] times (a bootstrap resample as counts): [B]. The Mann-Whitney form, ties count
+    one half; NaN for a row without both classes. weights of ones give the plain AUROC."""
+    s = np.asarray(score, np.float64)
+    y = np.asarray(corrupted, bool)
+    w = np.atleast_2d(np.asarray(weights))
+    order = np.argsort(s, kind="stable")
+    s, y, w = s[order], y[order], w[:, order]
+    n_pos, n_neg = w[:, y].sum(1, dtype=np.float64), w[:, ~y].sum(1, dtype=np.float64)
+    starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])  # groups of tied scores
+    if len(starts) == len(s):  # no ties: each positive beats the negatives before it
+        neg_upto = np.cumsum(np.where(y, 0, w), axis=1, dtype=np.float64)
+        u = (w[:, y] * neg_upto[:, y]).sum(1)
+    else:
+        pos = np.add.reduceat(np.where(y, w, 0), starts, axis=1).astype(np.float64)
+        neg = np.add.reduceat(np.where(y, 0, w), starts, axis=1).astype(np.float64)
+        u = (pos * (np.cumsum(neg, axis=1) - 0.5 * neg)).sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return u / (n_pos * n_neg)
+
+
+@dataclass(frozen=True)
+class Difference:
+    """A difference of two AUROCs on the same samples, with its bootstrap interval."""
+
+    value: float
+    low: float
+    high: float
+    level: float
+    n_boot: int
+
+    @property
+    def verdict(self) -> str:
+        """'holds' (the interval lies above 0), 'does not hold' (below 0), 'within noise' (it
+        contains 0) or 'cannot be judged' (no interval)."""
+        if not (np.isfinite(self.low) and np.isfinite(self.high)):
+            return "cannot be judged"
+        return "holds" if self.low > 0 else "does not hold" if self.high < 0 else "within noise"
+
+
+def auroc_difference(score_a: np.ndarray, score_b: np.ndarray, corrupted: np.ndarray, *,
+                     n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> Difference:
+    """AUROC(score_a) - AUROC(score_b) on the same samples, with a paired percentile bootstrap
+    interval over samples: each of n_boot resamples draws the samples with replacement and
+    scores both rankings on it. score_a, score_b: [n] (higher = more suspect); corrupted [n] bool."""
+    a, b = np.asarray(score_a, np.float64), np.asarray(score_b, np.float64)
+    y = np.asarray(corrupted, bool)
+    n = len(y)
+    ones = np.ones((1, n))
+    value = float(weighted_auroc(a, y, ones)[0] - weighted_auroc(b, y, ones)[0])
+    if not np.isfinite(value) or n < 2:
+        return Difference(value, float("nan"), float("nan"), level, n_boot)
+    draws = np.random.default_rng(seed).integers(0, n, (n_boot, n))
+    counts = np.bincount((np.arange(n_boot)[:, None] * n + draws).ravel(), minlength=n_boot * n)
+    counts = counts.reshape(n_boot, n).astype(np.int32)  # how often each sample is drawn
+    d = weighted_auroc(a, y, counts) - weighted_auroc(b, y, counts)
+    d = d[np.isfinite(d)]
+    if not len(d):
+        return Difference(value, float("nan"), float("nan"), level, n_boot)
+    lo, hi = np.quantile(d, [(1 - level) / 2, (1 + level) / 2])
+    return Difference(value, float(lo), float(hi), level, n_boot)
