@@ -83,8 +83,12 @@ def train_and_record(run_dir: str | Path, *, progress: bool = True, **settings: 
     dm = DigitsDataModule(n_train=s["n_train"], n_val=s["n_val"], n_queries=s["n_queries"],
                           label_noise=s["label_noise"], batch_size=s["batch_size"], seed=s["seed"])
     model = DigitsMLP(hidden=s["hidden"], lr=s["lr"])
+    dm.setup("fit")
+    steps_per_epoch = -(-len(dm.y_train) // s["batch_size"])
+    # a checkpoint at every epoch start, so `validate` can retrain any epoch from its start
     cb = InfluenceCallback(str(run_dir), queries_from="query_dataset", projection=s["projection"],
                            query_every_n_steps=s["query_every_n_steps"], seed=s["seed"],
+                           checkpoint_every_n_steps=steps_per_epoch,
                            overwrite=True, metadata={"demo": {k: v for k, v in s.items()}})
     from lightning.pytorch.callbacks import TQDMProgressBar
 
