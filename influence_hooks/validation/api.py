@@ -89,9 +89,10 @@ def validate(run: Run | str | os.PathLike, *, model: Any = None, dataset: Any = 
     exact = [m for m in opts.methods if m in ("dit_exact", "dit_ggn")]
     if exact:
         hvp = rt.time_hvp(t0, len(qsel))
-        steps = sum((s.eval_step - s.start) + (s.eval_step - s.window[0]) for s in plan.scopes)
+        # a replay step from the checkpoint to t_e, then a Hessian-vector product per step of [t1, t_e)
         for m in exact:
-            estimate[m] = steps * (hvp + step_time(1))
+            estimate[m] = sum((s.eval_step - s.start) * step_time(1) + (s.eval_step - s.window[0]) * hvp
+                              for s in plan.scopes)
     say(f"validate {run.path}: {plan.describe()}.")
     for n in plan.notes:
         say(f"  {n}")
@@ -105,6 +106,9 @@ def validate(run: Run | str | os.PathLike, *, model: Any = None, dataset: Any = 
               disable=not opts.progress, leave=False, dynamic_ncols=True) as bar:
         rt.bar = bar
         results = [rt.run_group(s.group) for s in plan.scopes]
+        for s, r in zip(plan.scopes, results):
+            for c in r.checks:
+                c.scope = s.name
         rt.bar = None
     seconds = {"retraining": time.perf_counter() - t1}
 
@@ -138,7 +142,8 @@ def _scope_result(s: Any, r: GroupResult, scores: dict[str, MethodScores | str])
     out = ScopeResult(name=s.name, kind=s.kind, window=s.window,
                       eval_step=s.eval_step, start=r.start, sample_ids=np.asarray(s.samples),
                       truth=r.members[:M] - r.base[None], subsets=list(s.subsets), kept_fraction=s.kept_fraction,
-                      subset_change=(r.members[M:] - r.base[None]) if s.subsets else None)
+                      subset_change=(r.members[M:] - r.base[None]) if s.subsets else None,
+                      n_present=len(s.present))
     for m, x in scores.items():
         if isinstance(x, str):
             out.reasons[m] = x

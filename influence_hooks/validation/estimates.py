@@ -48,9 +48,7 @@ def score_methods(run: Run, methods: tuple[str, ...], scopes: list[Scope], setup
                   *, device: Any, progress: bool) -> dict[str, list[MethodScores | str]]:
     """{method: per scope, its MethodScores or the reason it has none}."""
     out: dict[str, list[MethodScores | str]] = {}
-    emb_dir: tempfile.TemporaryDirectory | None = None
-    emb = None
-    try:
+    with _Embeddings(run, device, progress) as emb:
         for m in methods:
             out[m] = []
             for s in scopes:
@@ -58,20 +56,10 @@ def score_methods(run: Run, methods: tuple[str, ...], scopes: list[Scope], setup
                     out[m].append(f"dvemb estimates removal evaluated at the end of training (step {run.final_step}); "
                                   f"this scope is evaluated at step {s.eval_step} (eval_at='final' compares it)")
                     continue
-                if m == "dvemb" and emb is None:
-                    emb_dir = tempfile.TemporaryDirectory(prefix="influence_hooks_validate_")
-                    try:
-                        t0 = time.perf_counter()
-                        emb = dvemb(run, path=Path(emb_dir.name) / "dvemb.h5", progress=progress, device=device)
-                        emb_seconds = time.perf_counter() - t0
-                    except InfluenceHooksError as e:
-                        out[m] += [str(e)] * (len(scopes) - len(out[m]))
-                        break
                 try:
-                    fn = _score_fn(m, run, setup, qsel, s, device, progress, emb)
                     t0 = time.perf_counter()
-                    res = fn()
-                    dt = time.perf_counter() - t0 + (emb_seconds if m == "dvemb" and not out[m] else 0.0)
+                    res = _score_fn(m, run, setup, qsel, s, device, progress, emb)()
+                    dt = time.perf_counter() - t0
                 except InfluenceHooksError as e:
                     out[m].append(f"{type(e).__name__}: {e}")
                     continue
@@ -81,16 +69,37 @@ def score_methods(run: Run, methods: tuple[str, ...], scopes: list[Scope], setup
                 if m not in ("dit_exact", "dit_ggn"):
                     vals = vals[:, qsel]  # recorded-space scores cover every recorded query
                 out[m].append(MethodScores(np.asarray(res.train_ids), vals, dt, list(res.approximations)))
-    finally:
-        if emb is not None:
-            emb.close()
-        if emb_dir is not None:
-            emb_dir.cleanup()
     return out
 
 
+class _Embeddings:
+    """dvemb's embeddings of the run, computed on first use into a temporary file (the first
+    scope scored with them pays for it)."""
+
+    def __init__(self, run: Run, device: Any, progress: bool):
+        self.run, self.device, self.progress = run, device, progress
+        self._dir: tempfile.TemporaryDirectory | None = None
+        self._emb: Any = None
+
+    def get(self) -> Any:
+        if self._emb is None:
+            self._dir = tempfile.TemporaryDirectory(prefix="influence_hooks_validate_")
+            self._emb = dvemb(self.run, path=Path(self._dir.name) / "dvemb.h5", progress=self.progress,
+                              device=self.device)
+        return self._emb
+
+    def __enter__(self) -> "_Embeddings":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._emb is not None:
+            self._emb.close()
+        if self._dir is not None:
+            self._dir.cleanup()
+
+
 def _score_fn(m: str, run: Run, setup: TrainingSetup, qsel: np.ndarray, s: Scope, device: Any, progress: bool,
-              emb: Any) -> Callable[[], InfluenceScores]:
+              emb: _Embeddings) -> Callable[[], InfluenceScores]:
     w, te = s.window, s.eval_step
     common: dict[str, Any] = dict(progress=progress, device=device)
     if m == "tracin":
@@ -104,6 +113,5 @@ def _score_fn(m: str, run: Run, setup: TrainingSetup, qsel: np.ndarray, s: Scope
                            query_loss_fn=setup.query_loss_fn, params="model", collate_fn=setup.collate_fn,
                            query_ids=run.query_ids[qsel] if len(run.query_ids) else None, **common)
     if m == "dvemb":
-        u = run.query_gradients(run.final_step)
-        return lambda: emb.scores(u, window=w, **common)
+        return lambda: emb.get().scores(run.query_gradients(run.final_step), window=w, **common)
     raise ValueError(m)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -48,21 +47,17 @@ def write_report(v: Validation, directory: str | Path, *, title: str | None = No
              f"of at most **{rep:.1e}**." if math.isfinite(rep) else
              "No recorded checkpoint lies inside the retrained steps; the retraining was checked against the "
              "recorded gradients only.")
-    L += [""] + [f"- {c.describe()}" for c in v.checks] + [""]
+    L += [""] + [f"- {c.scope}: {c.describe()}" for c in v.checks] + [""]
     L += ["## Agreement with retraining", "", v.markdown_table(), ""]
-    reasons = sorted({(m, r) for s in v.scopes for m, r in s.reasons.items()})
+    reasons = v.missing()
     if reasons:
-        L += ["Not estimated (—):", ""] + [f"- {method_label(m)}: {r.splitlines()[0]}" for m, r in reasons] + [""]
-    L += ["Windows: " + "; ".join(
-        f"{s.name} = steps [{s.window[0]}, {s.window[1]}) evaluated at step {s.eval_step}, retrained from the "
-        f"checkpoint at step {s.start}, {len(s.sample_ids)} samples left out one at a time"
-        + (f", {len(s.subsets)} LDS subsets keeping {s.kept_fraction:.0%}" if s.subsets else "")
-        for s in v.windows) + "."]
-    rs = v.run_scope
-    if rs is not None:
-        L += ["", f"Whole-run LDS: {len(rs.subsets)} subsets keeping {rs.kept_fraction:.0%} of the "
-                  f"{len(np.unique(np.concatenate(rs.subsets)))}+ training samples, the whole run [{rs.window[0]}, "
-                  f"{rs.window[1]}) retrained from step {rs.start}, evaluated at step {rs.eval_step}."]
+        L += ["Not estimated (—):", ""] + [f"- {method_label(m)} ({', '.join(names)}): {r.splitlines()[0]}"
+                                             for m, r, names in reasons] + [""]
+    L += ["| scope | steps | evaluated at | retrained from | samples in it | left out one at a time | LDS subsets |",
+          "|---|---|---|---|---|---|---|"]
+    L += [f"| {s.name} | [{s.window[0]}, {s.window[1]}) | {s.eval_step} | checkpoint {s.start} | {s.n_present} | "
+          f"{len(s.sample_ids) or '—'} | "
+          + (f"{len(s.subsets)}, keeping {s.kept_fraction:.0%}" if s.subsets else "—") + " |" for s in v.scopes]
     L += [""]
     if scatter:
         L += ["![estimate against retraining](scatter.png)", ""]

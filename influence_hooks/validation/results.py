@@ -44,6 +44,7 @@ class ScopeResult:
     reasons: dict[str, str] = field(default_factory=dict)
     subsets: list[np.ndarray] = field(default_factory=list)
     kept_fraction: float = 0.5
+    n_present: int = 0
     subset_change: np.ndarray | None = None
     subset_predictions: dict[str, np.ndarray] = field(default_factory=dict)
 
@@ -96,6 +97,14 @@ class Validation:
     def reproduced(self) -> bool:
         return all(c.ok for c in self.checks)
 
+    def missing(self) -> list[tuple[str, str, list[str]]]:
+        """(method, the first reason, the scopes) for every method without an estimate somewhere."""
+        out: dict[str, tuple[str, list[str]]] = {}
+        for s in self.scopes:
+            for m, r in s.reasons.items():
+                out.setdefault(m, (r, []))[1].append(s.name)
+        return [(m, r, names) for m, (r, names) in out.items()]
+
     # ------------------------------------------------------------------ tables
     def agreement_table(self) -> list[dict[str, Any]]:
         """One row per method: per window (Pearson, Spearman) and per scope LDS."""
@@ -135,7 +144,8 @@ class Validation:
         """The printed result: reproduction, the agreement table, the cost."""
         rep = self.reproduction_error
         lines = [f"Retraining with nothing left out reproduces the recorded run: largest relative parameter error "
-                 f"{rep:.1e} over {sum(c.what.startswith('parameters') for c in self.checks)} recorded checkpoint(s)"
+                 f"{rep:.1e} at {len({c.step for c in self.checks if c.what.startswith('parameters')})} recorded "
+                 "checkpoint(s)"
                  if math.isfinite(rep) else
                  "Retraining with nothing left out: no checkpoint inside the retrained steps to compare with; "
                  "checked against the recorded gradients only",
@@ -143,9 +153,8 @@ class Validation:
                  "Pearson / Spearman of each method against leave-one-out retraining (per window, averaged over "
                  f"{len(self.query_ids)} queries), and LDS over random subsets:", "",
                  self.markdown_table(), ""]
-        missing = {(m, r) for s in self.scopes for m, r in s.reasons.items()}
-        for m, r in sorted(missing):
-            lines.append(f"  {method_label(m)}: — {r.splitlines()[0][:200]}")
+        for m, r, names in self.missing():
+            lines.append(f"  — {method_label(m)} ({', '.join(names)}): {r.splitlines()[0][:300]}")
         lines.append(f"Retraining: {self.model_steps:,} model-steps in {self.seconds.get('retraining', 0):.1f} s "
                      f"(estimated {self.estimated_seconds.get('retraining', float('nan')):.1f} s); total "
                      f"{self.seconds.get('total', 0):.1f} s.")
@@ -157,10 +166,10 @@ class Validation:
             "run": self.run_path, "run_id": self.run_id, "methods": list(self.methods),
             "query_ids": [int(q) for q in self.query_ids], "optimizer": self.optimizer, "dtype": self.dtype,
             "reproduction": {"max_parameter_error": _j(self.reproduction_error), "reproduced": self.reproduced,
-                             "checks": [{"step": c.step, "what": c.what, "relative_error": _j(c.relative_error),
+                             "checks": [{"scope": c.scope, "step": c.step, "what": c.what, "relative_error": _j(c.relative_error),
                                          "tolerance": c.tolerance, "ok": c.ok} for c in self.checks]},
             "scopes": [{"name": s.name, "kind": s.kind, "window": list(s.window), "eval_step": s.eval_step,
-                        "start": s.start, "samples": len(s.sample_ids), "subsets": len(s.subsets),
+                        "start": s.start, "samples": len(s.sample_ids), "samples_in_scope": s.n_present, "subsets": len(s.subsets),
                         "kept_fraction": s.kept_fraction,
                         "agreement": {m: {"pearson": _j(p), "spearman": _j(r)} for m, (p, r) in s.agreement().items()},
                         "lds": {m: _j(v) for m, v in s.lds().items()}, "not_estimated": dict(s.reasons)}

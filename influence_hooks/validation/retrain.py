@@ -71,6 +71,7 @@ class Check:
     what: str
     relative_error: float
     tolerance: float
+    scope: str = ""
 
     @property
     def ok(self) -> bool:

@@ -14,6 +14,7 @@ The model's parameter values play no part: retraining starts from the run's chec
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -114,8 +115,11 @@ def setup_from_config(config: str | Path, run_dir: str | Path | None = None) -> 
     path = Path(config)
     if not path.is_file():
         raise ConfigurationError(f"config {path} does not exist")
-    cli = LightningCLI(run=False, args=["--config", str(path)], save_config_callback=None,
-                       parser_kwargs={"exit_on_error": False})
+    saved, sys.argv = sys.argv, [sys.argv[0], "--config", str(path)]  # LightningCLI reads sys.argv
+    try:
+        cli = LightningCLI(run=False, save_config_callback=None)
+    finally:
+        sys.argv = saved
     callbacks = [c for c in cli.trainer.callbacks if isinstance(c, InfluenceCallback)]
     if run_dir is None:
         if not callbacks:
