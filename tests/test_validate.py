@@ -291,6 +291,23 @@ def test_the_budget_bounds_the_retraining_and_the_plan_says_what_it_cut(tmp_path
     assert any("budget" in n and "reduced" in n for n in v.notes)
     with pytest.raises(ConfigurationError, match="budget"):
         validate(run, budget_steps=20, **kw)
+    try:  # a budget in seconds is met by the estimate from timing steps on this machine
+        v = validate(run, budget_seconds=0.05, **kw)
+        assert v.estimated_seconds["retraining"] <= 0.05
+    except ConfigurationError as e:
+        assert "budget" in str(e)
+
+
+def test_eval_at_final_retrains_on_to_the_end_and_compares_dvemb(plain_validated):
+    _, run, init, ds, q, order, opt_kw = plain_validated
+    v = validate(run, model=make_model(), dataset=ds, queries=q, loss_fn=loss_fn, windows=[(7, 13)], samples=4,
+                 lds="none", eval_at="final", methods=("dit_fisher", "dvemb"), out=None, **QUIET)
+    s = v.windows[0]
+    assert s.eval_step == 20 and set(s.estimates) == {"dit_fisher", "dvemb"}
+    base = brute_force(init, ds, q, order, opt_kw, [], s.window, 20)
+    for i, sid in enumerate(s.sample_ids):
+        want = brute_force(init, ds, q, order, opt_kw, [sid], s.window, 20) - base
+        np.testing.assert_allclose(s.truth[i], want, rtol=1e-7, atol=1e-11)
 
 
 def test_report_is_written_next_to_the_run_without_pickle(plain_validated):

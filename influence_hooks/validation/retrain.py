@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.func import grad, vmap
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_flatten, tree_map
 
 from ..batches import cast_batch
 from ..errors import InfluenceHooksError, MissingDataError, short_list
@@ -42,6 +42,9 @@ from ..aggregate.fullspace.checks import CHECK_TOLERANCE, layer_param_names, pro
 from ..aggregate.fullspace.model_fn import LossFunctions, Params
 from ..aggregate.fullspace.optimizers import OptimizerForm
 from .sources import TrainingSetup
+
+
+BATCH_CACHE_BYTES = 256 << 20
 
 
 class ReproductionError(InfluenceHooksError):
@@ -141,7 +144,8 @@ class Retrainer:
         self.n_ids = int(run.sample_ids.max()) + 1 if len(run.sample_ids) else 0
         self._grad = vmap(grad(self._weighted_loss, has_aux=True), in_dims=(0, None, None, 0, None))
         self._qloss = vmap(self._query_losses, in_dims=(0, None))
-        self._batches: dict[int, Any] = {}
+        self._batches: dict[int, tuple[np.ndarray, Any]] = {}
+        self._cached_bytes = 0
         self._recorded = set(run.steps.tolist())
         self.model_steps = 0
 
@@ -153,12 +157,19 @@ class Retrainer:
     def _query_losses(self, p: Params, fixed: Params) -> Tensor:
         return self.lf.sample_losses(p, fixed, self.qbatch, query=True)
 
-    def batch(self, t: int) -> Any:
-        if t not in self._batches:
-            ids = self.run.step_sample_ids(t)
-            items = [self.setup.dataset[int(i)] for i in ids]
-            self._batches[t] = (ids, cast_batch(self.setup.collate_fn(items), self.dtype, self.device))
-        return self._batches[t]
+    def batch(self, t: int) -> tuple[np.ndarray, Any]:
+        """(sample ids, the collated batch) of step t. Batches are kept (up to BATCH_CACHE_BYTES) while
+        a group is retrained, as its chunks of models go over the same steps again."""
+        if t in self._batches:
+            return self._batches[t]
+        ids = self.run.step_sample_ids(t)
+        out = (ids, cast_batch(self.setup.collate_fn([self.setup.dataset[int(i)] for i in ids]), self.dtype,
+                               self.device))
+        size = sum(x.numel() * x.element_size() for x in tree_flatten(out[1])[0] if isinstance(x, Tensor))
+        if self._cached_bytes + size <= BATCH_CACHE_BYTES:
+            self._batches[t] = out
+            self._cached_bytes += size
+        return out
 
     # ------------------------------------------------------------------ starting points
     def start_of(self, t1: int) -> tuple[int, str]:
@@ -293,6 +304,7 @@ class Retrainer:
                     if qc is not None:
                         checks.append(qc)
         self._batches.clear()
+        self._cached_bytes = 0
         L = torch.cat(losses).numpy()
         return GroupResult(group=g, start=start, base=L[0], members=L[1:], checks=checks,
                            model_steps=self.model_steps - steps0, seconds=time.perf_counter() - t0)
