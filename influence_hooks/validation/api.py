@@ -29,7 +29,7 @@ from ..storage.reader import Run, open_run
 from .estimates import MethodScores, score_methods
 from .lds import subset_predictions
 from .options import ValidateOptions
-from .plan import Plan, choose_queries, fit_budget, fmt_seconds, linear_step_time, make_plan
+from .plan import Plan, choose_queries, fit_budget, fmt_seconds, interpolated, make_plan
 from .report import write_report
 from .results import ScopeResult, Validation
 from .retrain import GroupResult, Retrainer
@@ -76,10 +76,10 @@ def validate(run: Run | str | os.PathLike, *, model: Any = None, dataset: Any = 
 
     # ------------------------------------------------------------------ plan, timing, budget
     plan = make_plan(run, opts, lambda t: rt.start_of(t)[0], qsel)
-    members = max(len(s.samples) + len(s.subsets) + 1 for s in plan.scopes)
-    k = max(2, min(rt.model_chunk, members))
     t0 = plan.scopes[0].window[0]
-    step_time = linear_step_time(rt.time_steps(t0, 1), rt.time_steps(t0, k), k)
+    sizes = sorted({1} | {min(rt.model_chunk, len(s.samples) + len(s.subsets) + 1) for s in plan.scopes})
+    rt.time_steps(t0, sizes[-1], repeats=1)  # warm-up: the first steps of a process are slower
+    step_time = interpolated(sizes, [rt.time_steps(t0, k) for k in sizes])
     seconds_of = lambda p: p.seconds(step_time, rt.model_chunk)  # noqa: E731
     if opts.budget_steps is not None:
         plan = fit_budget(plan, Plan.model_steps, opts.budget_steps, "model-steps")

@@ -4,9 +4,9 @@ queries, and what that costs, cut down to the budget before anything runs.
 Costs are counted in model-steps (one optimizer step of one model). A window [t1, t2) evaluated at
 t_e, retrained from the checkpoint at s <= t1 with M samples and m subsets, costs
     (t1 - s) + (t_e - t1) * (1 + M + m)
-(the replay up to t1 is done once, by the base model alone). Seconds come from timing a step of 1
-and of k models on the run itself: time(k) = a + b k per step, summed over the chunks of models
-retrained at once.
+(the replay up to t1 is done once, by the base model alone). Seconds come from timing steps of 1
+model and of as many models as each scope retrains at once, on the run itself (batches read and
+collated as in the retraining), interpolated in between, summed over the chunks of models.
 
 Samples and subsets are drawn once, at the largest size, from a seeded generator, and a smaller
 budget takes their first entries, so a smaller validation is a subset of a bigger one.
@@ -209,11 +209,11 @@ def _reduction_note(before: Plan, after: Plan, c0: float, c1: float, budget: flo
             + ", ".join(what))
 
 
-def linear_step_time(t1: float, tk: float, k: int) -> Callable[[int], float]:
-    """time(n) = a + b n through the measured (1, t1) and (k, tk)."""
-    b = max(0.0, (tk - t1) / (k - 1)) if k > 1 else 0.0
-    a = max(t1 - b, 0.0)
-    return lambda n: a + b * n
+def interpolated(sizes: list[int], seconds: list[float]) -> Callable[[int], float]:
+    """time(k): seconds per step of k models, interpolated between the timed sizes (clamped
+    outside them)."""
+    xs, ys = np.asarray(sizes, np.float64), np.asarray(seconds, np.float64)
+    return lambda k: float(np.interp(k, xs, ys))
 
 
 def fmt_seconds(s: float) -> str:

@@ -224,23 +224,27 @@ class Retrainer:
             self.bar.update(keep.shape[0])
         return P, state, losses
 
-    def time_steps(self, t: int, k: int, repeats: int = 2) -> float:
-        """Seconds of one step of k models at step t (after a warm-up step), for the time estimate."""
+    def time_steps(self, t: int, k: int, repeats: int = 3) -> float:
+        """Seconds per step of k models retrained from the start point of step t, reading and
+        collating the batches as a retraining does (after a warm-up step), for the time estimate."""
         start, kind = self.start_of(t)
+        steps = [s for s in range(start, start + repeats + 1) if s in self._recorded]
         P, state, fixed = self.load_start(start, kind)
         P = {n: v.expand(k, *v.shape[1:]).clone() for n, v in P.items()}
-        keep = torch.ones(k, len(self.batch(start)[0]), dtype=self.dtype, device=self.device)
-        steps, bar = self.model_steps, self.bar
+        counted, bar = self.model_steps, self.bar
         self.bar = None
-        with eval_mode(self.setup.model):
-            self._grad(P, fixed, self.batch(start)[1], keep, 1.0)
-            t0 = time.perf_counter()
-            for _ in range(repeats):
-                G, _ = self._grad(P, fixed, self.batch(start)[1], keep, 1.0)
-                with torch.no_grad():
-                    self.form.step(P, state, G, 0.0)
-            dt = (time.perf_counter() - t0) / repeats
-        self.model_steps, self.bar = steps, bar
+        try:
+            with eval_mode(self.setup.model):
+                for j, s in enumerate(steps):
+                    if j == 1:
+                        t0 = time.perf_counter()
+                    keep = torch.ones(k, len(self.run.step_sample_ids(s)), dtype=self.dtype, device=self.device)
+                    P, state, _ = self.step(s, P, state, fixed, keep)
+                dt = (time.perf_counter() - t0) / max(len(steps) - 1, 1)
+        finally:
+            self.model_steps, self.bar = counted, bar
+            self._batches.clear()
+            self._cached_bytes = 0
         return dt
 
     def time_hvp(self, t: int, directions: int) -> float:
