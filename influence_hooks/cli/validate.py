@@ -50,14 +50,20 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
                    help="largest relative parameter error at a checkpoint (default 1000 x machine epsilon)")
     p.add_argument("--out", default="validate", help="report directory, relative to RUN (default RUN/validate)")
     p.add_argument("--device", default=None, help="e.g. cuda (default: cpu)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default torch's; small models retrain fastest with 1)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_validate)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    import torch
+
     from ..validation import validate
     from ..validation.sources import setup_from_config
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     wins = window_args(args)
     opts = {"windows": [wins["window"]] if "window" in wins else wins["windows"]} if (
         "window" in wins or "windows" in wins) else ({"epochs": wins["epochs"]} if "epochs" in wins else {})
