@@ -271,6 +271,14 @@ def test_a_dataset_in_another_order_makes_the_reproduction_check_fail(tmp_path):
                  windows=[(5, 10)], samples=4, lds="none", methods=("tracin",), out=None, **QUIET)
 
 
+def test_queries_other_than_the_recorded_ones_are_caught_before_retraining(tmp_path):
+    run, model, _, ds, q, _ = record(tmp_path / "run")
+    flipped = (q[0].flip(0), q[1].flip(0))  # the same samples in another order
+    with pytest.raises(ReproductionError, match="queries or query_loss_fn"):
+        validate(run, model=model, dataset=ds, queries=flipped, loss_fn=loss_fn, windows=[(5, 10)], samples=4,
+                 lds="none", methods=("tracin",), out=None, **QUIET)
+
+
 def test_check_warn_goes_on_and_marks_the_result(tmp_path):
     run, model, _, ds, q, _ = record(tmp_path / "run", dropout=0.5)
     with pytest.warns(RuntimeWarning, match="does not reproduce"):

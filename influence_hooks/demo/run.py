@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -205,8 +206,10 @@ def faithful_section(v: "Validation") -> str:
         f"retrained from their checkpoints (recorded at every epoch start), leaving out each of {n} random "
         f"training samples in turn, and {m} random halves of the epoch's samples for the linear datamodeling "
         f"score (LDS); {len(v.query_ids)} of the validation losses were compared at the end of the epoch. "
-        f"Retraining with nothing left out reproduced the recorded parameters to {v.reproduction_error:.0e} "
-        "(relative).\n\n"
+        + (f"Retraining with nothing left out reproduced the recorded parameters to {v.reproduction_error:.0e} "
+           "(relative).\n\n" if math.isfinite(v.reproduction_error) else
+           "Retraining with nothing left out reproduced the recorded gradients (no checkpoint inside the "
+           "retrained steps to compare parameters with).\n\n")
         + v.markdown_table() + "\n\n"
         "Pearson / Spearman against the retrained change of each validation loss, averaged over the queries; "
         "LDS: Spearman between the predicted and the actual loss of the retrained subsets. **dit fisher** is "

@@ -63,7 +63,11 @@ def validate(run: Run | str | os.PathLike, *, model: Any = None, dataset: Any = 
     opts = ValidateOptions.from_kwargs(options)
     t_start = time.perf_counter()
     say = print if opts.verbose else (lambda *a, **k: None)
-    run = run if isinstance(run, Run) else open_run(run)
+    if not isinstance(run, Run):
+        with open_run(run) as opened:
+            return validate(opened, model=model, dataset=dataset, datamodule=datamodule, queries=queries,
+                            queries_from=queries_from, loss_fn=loss_fn, query_loss_fn=query_loss_fn,
+                            collate_fn=collate_fn, out=out, **options)
     form = _replayable(run)
     setup = TrainingSetup.resolve(run, model=model, dataset=dataset, datamodule=datamodule, queries=queries,
                                   queries_from=queries_from, loss_fn=loss_fn, query_loss_fn=query_loss_fn,
@@ -177,7 +181,7 @@ def _replayable(run: Run) -> Any:
         raise ConfigurationError(
             f"validate retrains with the recorded optimizer's update rule, and there is none for this run's "
             f"optimizer ({name})" + (f": {why}" if why else "") + ". The supported optimizers are those with an "
-            "OptimizerForm in influence_hooks/aggregate/fullspace/optimizers.py (torch.optim.SGD, with "
+            "OptimizerForm in influence_hooks/aggregate/fullspace/optimizers.py (e.g. torch.optim.SGD with "
             "momentum, dampening, Nesterov and weight decay).")
     return form
 

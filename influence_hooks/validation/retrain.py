@@ -235,8 +235,9 @@ class Retrainer:
         self.bar = None
         try:
             with eval_mode(self.setup.model):
+                t0 = time.perf_counter()
                 for j, s in enumerate(steps):
-                    if j == 1:
+                    if j == 1:  # the first step warms up
                         t0 = time.perf_counter()
                     keep = torch.ones(k, len(self.run.step_sample_ids(s)), dtype=self.dtype, device=self.device)
                     P, state, _ = self.step(s, P, state, fixed, keep)
@@ -277,6 +278,9 @@ class Retrainer:
         with eval_mode(self.setup.model):
             P, state, fixed = self.load_start(start, kind)
             checks.append(self._check_gradients(start, P, fixed))
+            qc = self._check_query_gradients(start, P, fixed)  # the queries are the recorded ones
+            if qc is not None:
+                checks.append(qc)
             for t in range(start, t1):  # replay, nothing left out
                 B = len(self.batch(t)[0])
                 P, state, _ = self.step(t, P, state, fixed, torch.ones(1, B, dtype=self.dtype, device=self.device))
@@ -390,6 +394,9 @@ def reproduction_failure(c: Check, form: OptimizerForm, dtype: torch.dtype, mode
         found.append(f"this model has dropout, which retraining cannot replay (its random masks): {', '.join(dropout[:4])}")
     if norms:
         found.append(f"this model has batch norm, which mixes the samples of a batch in train mode: {', '.join(norms[:4])}")
+    if "query" in c.what:
+        found.insert(0, "the queries or query_loss_fn may not be the recorded ones (pass the queries given to "
+                        "the recording, in the same order, and the same query loss)")
     return (
         f"retraining with nothing left out does not reproduce the recorded run: {c.describe()}. validate "
         f"replays every recorded step from the recorded sample ids (dataset[i]), learning rates and update "
