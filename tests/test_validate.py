@@ -72,8 +72,9 @@ def record(path, opt_cls=torch.optim.SGD, opt_kw=None, *, dropout=0.0, checkpoin
     model.train()
     for t, ids in enumerate(order):
         rec.begin_micro_batch(ids)
-        loss_fn(model, (X[ids], Y[ids])).backward()
-        rec.end_step(opt, epoch=t // (N // B))
+        loss = loss_fn(model, (X[ids], Y[ids]))
+        loss.backward()
+        rec.end_step(opt, epoch=t // (N // B), loss=loss.detach())
         opt.step()
         opt.zero_grad()
     rec.finish()
@@ -145,6 +146,8 @@ def test_retraining_with_nothing_left_out_reproduces_every_recorded_checkpoint(v
     assert passed == {int(s) for s in run.checkpoint_steps if s > 0}
     assert v.reproduction_error < 1e-12  # float64: float tolerance
     assert any("per-sample gradients" in c.what for c in v.checks)
+    losses = [c for c in v.checks if "batch losses" in c.what]  # the losses the training loop recorded
+    assert losses and max(c.relative_error for c in losses) < 1e-12
 
 
 def test_leave_one_out_truth_equals_brute_force_retraining(validated):

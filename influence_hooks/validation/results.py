@@ -148,7 +148,7 @@ class Validation:
                  "checkpoint(s)"
                  if math.isfinite(rep) else
                  "Retraining with nothing left out: no checkpoint inside the retrained steps to compare with; "
-                 "checked against the recorded gradients only",
+                 "checked against the recorded gradients (and losses, if recorded) only",
                  "",
                  "Pearson / Spearman of each method against leave-one-out retraining (per window, averaged over "
                  f"{len(self.query_ids)} queries), and LDS over random subsets:", "",

@@ -14,8 +14,9 @@ member along the leading model axis). The gradients of all members come from one
 of grad(L_t), itself a vmap over the samples of the batch (`LossFunctions.sample_losses`).
 
 Reproduction is checked, not assumed: the base member's per-sample gradients at the start are
-compared with the recorded rows, its parameters with every checkpoint or snapshot it passes, and
-its query gradients with the recorded ones at the evaluation step. A mismatch raises
+compared with the recorded rows, its query gradients with the recorded ones at the start and the
+evaluation step, its parameters with every checkpoint or snapshot it passes, and its batch losses
+with the recorded ones (when the training loop passed them to end_step). A mismatch raises
 `ReproductionError` naming the likely causes (check='warn' records it and goes on).
 """
 
@@ -281,9 +282,11 @@ class Retrainer:
             qc = self._check_query_gradients(start, P, fixed)  # the queries are the recorded ones
             if qc is not None:
                 checks.append(qc)
+            base_losses: dict[int, float] = {}
             for t in range(start, t1):  # replay, nothing left out
                 B = len(self.batch(t)[0])
-                P, state, _ = self.step(t, P, state, fixed, torch.ones(1, B, dtype=self.dtype, device=self.device))
+                P, state, loss = self.step(t, P, state, fixed, torch.ones(1, B, dtype=self.dtype, device=self.device))
+                base_losses[t] = float(loss[0])
                 if t + 1 in refs:
                     checks.append(self._check_params(t + 1, refs[t + 1], P))
             at_t1 = (P, state)
@@ -302,15 +305,20 @@ class Retrainer:
                     ids = torch.as_tensor(self.batch(t)[0], device=self.device)
                     keep = ((~dropped[:, ids]).to(self.dtype) if t < t2
                             else torch.ones(k, len(ids), dtype=self.dtype, device=self.device))
-                    P, state, _ = self.step(t, P, state, fixed, keep)
-                    if c0 == 0 and t + 1 in refs:
-                        checks.append(self._check_params(t + 1, refs[t + 1], P))
+                    P, state, loss = self.step(t, P, state, fixed, keep)
+                    if c0 == 0:
+                        base_losses[t] = float(loss[0])
+                        if t + 1 in refs:
+                            checks.append(self._check_params(t + 1, refs[t + 1], P))
                 with torch.no_grad():
                     losses.append(self._qloss(P, fixed).to(torch.float64).cpu())
                 if c0 == 0 and te not in refs:
                     qc = self._check_query_gradients(te, P, fixed)
                     if qc is not None:
                         checks.append(qc)
+            lc = self._check_losses(base_losses)
+            if lc is not None:
+                checks.append(lc)
         self._batches.clear()
         self._cached_bytes = 0
         L = torch.cat(losses).numpy()
@@ -339,6 +347,21 @@ class Retrainer:
             den += float(s.pow(2).sum())
         err = math.sqrt(num / den) if den > 0 else math.sqrt(num)
         return self._judge(Check(step, f"parameters (recorded {kind})", err, self.tolerance))
+
+    def _check_losses(self, base: dict[int, float]) -> Check | None:
+        """The base's batch loss at each step against the loss recorded there (end_step(loss=...)),
+        where one was recorded for a step of one micro-batch."""
+        errs, last = [], 0
+        for t, ours in base.items():
+            i = self.run.step_position(t)
+            rec = float(self.run.losses[i])
+            if math.isfinite(rec) and int(self.run.micro_batches[i]) == 1:
+                errs.append(abs(ours - rec) / max(abs(rec), 1e-30))
+                last = t
+        if not errs:
+            return None
+        return self._judge(Check(last, f"recorded batch losses of {len(errs)} steps (the largest error)",
+                                 max(errs), self.tolerance))
 
     def _check_gradients(self, step: int, P: Params, fixed: Params, n_max: int = 8) -> Check:
         """The base's per-sample gradients at `step` against the recorded rows, projected like the run."""
