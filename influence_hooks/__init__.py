@@ -5,6 +5,7 @@ Recording:   InfluenceCallback (Lightning), GradientRecorder (plain PyTorch), In
 Reading:     open_run -> Run; query_gradients (new queries in a run's projection)
 Influence:   tracin, dit, dvemb, self_influence -> InfluenceScores / DataValueEmbeddings
 Comparing:   compare_windows -> WindowComparison (report.md with plots)
+Validating:  validate -> Validation (each method against actual retraining; report.md with plots)
 Sign convention: positive influence = removing the training sample raises the query loss (it
 helped, a proponent); negative = it hurt (an opponent).
 
@@ -36,6 +37,7 @@ _EXPORTS = {
     "dvemb": ".aggregate.dvemb", "DataValueEmbeddings": ".aggregate.dvemb",
     "InfluenceScores": ".aggregate.results",
     "compare_windows": ".report.compare", "WindowComparison": ".report.compare",
+    "validate": ".validation", "Validation": ".validation",
 }
 
 __all__ = [

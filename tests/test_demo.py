@@ -41,6 +41,7 @@ def test_shrunken_demo_runs_quickly_and_writes_every_file(small_demo):
         assert (rep / name).stat().st_size > 0, name
     text = result.report.read_text()
     assert "## Findings" in text and "flipped label" in text
+    assert "## How faithful here" in text and result.validation.reproduced  # checked against retraining
     with open_run(result.run_dir) as run:
         assert run.complete and len(epoch_windows(run.table)) == 2
         assert len(run.sample_ids) == 300

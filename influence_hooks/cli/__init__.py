@@ -1,7 +1,8 @@
 """`influence-hooks`: the command line.
 
 One module per area adds its subcommands (`add_commands(subparsers)`): run.py (info, verify),
-aggregate.py (tracin, dit, dvemb, self-influence), report.py (compare), demo.py (demo, fit).
+aggregate.py (tracin, dit, dvemb, self-influence), report.py (compare), validate.py (validate),
+demo.py (demo, fit).
 They import only argparse and influence_hooks.windows at module level and load torch, Lightning
 and matplotlib inside the commands, so `influence-hooks --help` answers at once.
 """
@@ -16,13 +17,13 @@ from ..errors import InfluenceHooksError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import aggregate, demo, report, run
+    from . import aggregate, demo, report, run, validate
 
     parser = argparse.ArgumentParser(
         prog="influence-hooks",
         description="Which training samples shaped this model, and when did they matter?")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for area in (run, aggregate, report, demo):
+    for area in (run, aggregate, report, validate, demo):
         area.add_commands(sub)
     return parser
 
