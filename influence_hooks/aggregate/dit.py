@@ -27,6 +27,7 @@ from .. import windows as W
 from ..errors import ConfigurationError
 from ..storage.reader import Run, StepBatch
 from .curvature import CurvatureOperator, FullSpaceCurvature, make_curvature
+from .distributed import Split, first_process
 from .notes import run_notes, window_notes
 from .queries import check_query_grads, query_ids_of, require_queries, require_query_step
 from .results import InfluenceScores
@@ -39,7 +40,8 @@ def dit(run: Run, window: Any = None, *, epochs: Any = None, windows: Any = None
         curvature: str | CurvatureOperator | FullSpaceCurvature = "fisher", eval_step: int | str | None = None,
         query_grads: Any = None, query_ids: Any = None, projection_fingerprint: str | None = None,
         train_ids: Any = None, chunk_rows: int = DEFAULT_CHUNK_ROWS, dtype: torch.dtype | None = None,
-        device: Any = None, progress: bool = True, **kwargs: Any) -> InfluenceScores | list[InfluenceScores]:
+        device: Any = None, progress: bool = True, group: Any = None,
+        **kwargs: Any) -> InfluenceScores | list[InfluenceScores]:
     """Dynamic-influence scores [n_train, n_query] over a window of steps.
 
     mode='removal': R(i, q; [t1, t2), t_e), the first-order change of f_q at step t_e when sample i
@@ -53,6 +55,8 @@ def dit(run: Run, window: Any = None, *, epochs: Any = None, windows: Any = None
         `aggregate.fullspace.exact_dit`), or a curvature instance.
     dtype: of the computation and the scores; default float32 for 'none'/'fisher', the model's
         own dtype for 'exact'/'ggn'.
+    group: a torch.distributed process group to split the work over: by rows without curvature, by
+        queries with it (aggregate/distributed.py).
     Positive score: removing i raises the query loss (i helped). Windows as in `tracin`.
     """
     if mode not in MODES:
@@ -64,7 +68,7 @@ def dit(run: Run, window: Any = None, *, epochs: Any = None, windows: Any = None
         raise ConfigurationError("accrued influence needs u_q at t1 and t2, taken from the run (or, with exact "
                                  "curvature, computed from queries=); query_grads= applies to mode='removal' only.")
     common = dict(query_grads=query_grads, query_ids=query_ids, train_ids=train_ids, dtype=dtype, device=device,
-                  progress=progress)
+                  progress=progress, split=Split.of(group))
     if isinstance(op, FullSpaceCurvature):
         from .fullspace import exact_dit
 
@@ -83,7 +87,8 @@ def dit(run: Run, window: Any = None, *, epochs: Any = None, windows: Any = None
 
 def _recorded_space(run: Run, plan: TaskPlan, op: CurvatureOperator, *, query_grads: Any, query_ids: Any,
                     projection_fingerprint: str | None, train_ids: Any, chunk_rows: int,
-                    dtype: torch.dtype | None, device: Any, progress: bool) -> list[InfluenceScores]:
+                    dtype: torch.dtype | None, device: Any, progress: bool, split: Split | None
+                    ) -> list[InfluenceScores]:
     dtype = dtype or torch.float32
     dev = resolve_device(device)
     if query_grads is not None:
@@ -98,9 +103,19 @@ def _recorded_space(run: Run, plan: TaskPlan, op: CurvatureOperator, *, query_gr
     # the run's query ids name the run's own query gradients only
     qids = query_ids_of(run, Q, query_ids if query_ids is not None or query_grads is None else np.arange(Q))
     rows_of = SampleRows(run, train_ids, dev)
-    acc = plan.accumulator(rows_of.n, Q, dtype=dtype, device=dev)
-    backward = _propagating_pass if op.propagates else _fixed_query_pass
-    backward(run, plan, u0, op, rows_of, acc, chunk_rows, dtype, dev, progress)
+    show = progress and first_process(split)
+    if not op.propagates:  # sums over rows: split the rows
+        acc = plan.accumulator(rows_of.n, Q, dtype=dtype, device=dev)
+        _fixed_query_pass(run, plan, u0, op, rows_of, acc, chunk_rows, dtype, dev, show, split)
+        if split is not None:
+            acc.sync(split.group)
+    else:  # a recursion through every step: split the queries
+        cols = slice(0, Q) if split is None else split.columns(Q)
+        acc = plan.accumulator(rows_of.n, cols.stop - cols.start, dtype=dtype, device=dev)
+        _propagating_pass(run, plan, {e: u[cols] for e, u in u0.items()}, op, rows_of, acc, chunk_rows, dtype, dev,
+                          show)
+        if split is not None:
+            acc.gather_columns(split, Q)
 
     base = run_notes(run) + ([op.note] if op.note else [])
     results = []
@@ -120,13 +135,15 @@ def _recorded_space(run: Run, plan: TaskPlan, op: CurvatureOperator, *, query_gr
 
 def _fixed_query_pass(run: Run, plan: TaskPlan, u0: dict[int, torch.Tensor], op: CurvatureOperator,
                       rows_of: SampleRows, acc: ScoreAccumulator, chunk_rows: int, dtype: torch.dtype,
-                      dev: torch.device, progress: bool) -> None:
+                      dev: torch.device, progress: bool, split: Split | None) -> None:
     """H_t = 0: u stays u_q(t_e), so each task is a sum over its own rows. Per block and evaluation
     step, one GEMM over the rows of the tasks evaluated there."""
     by_eval: dict[int, list[int]] = {}
     for j, t in enumerate(plan.tasks):
         by_eval.setdefault(t.eval_step, []).append(j)
     spans = W.merge([(t.start, t.end) for t in plan.tasks])
+    if split is not None:
+        spans = split.spans(run.table, spans)
     bar = progress_bar(sum(run.table.rows_between(*s) for s in spans), f"dit ({op.name})", progress)
     with bar:
         for span in spans:

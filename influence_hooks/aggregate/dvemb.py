@@ -13,6 +13,7 @@ M is K x K, or one block per recorded layer (block-diagonal) to bound memory.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -26,6 +27,7 @@ from .. import windows as W
 from ..errors import ConfigurationError, RunDirectoryError, WindowError
 from ..storage.reader import Run, open_run
 from .curvature import FisherCurvature
+from .distributed import Split, first_process
 from .notes import run_notes, window_notes
 from .queries import check_query_grads, query_ids_of
 from .results import InfluenceScores
@@ -54,7 +56,8 @@ def layer_blocks(run: Run) -> list[tuple[int, int]]:
 def dvemb(run: Run, *, path: str | os.PathLike | None = None, window: Any = None, epochs: Any = None,
           block_diagonal: bool | None = None, memory_budget_mb: float = 1024.0,
           storage_dtype: str | None = None, chunk_rows: int = DEFAULT_CHUNK_ROWS,
-          dtype: torch.dtype = torch.float32, device: Any = None, progress: bool = True) -> "DataValueEmbeddings":
+          dtype: torch.dtype = torch.float32, device: Any = None, progress: bool = True,
+          group: Any = None) -> "DataValueEmbeddings":
     """Compute data value embeddings of every row and write them to `path` (default <run>/dvemb.h5).
 
     window / epochs: store only the embeddings of these steps (the backward pass still starts at the
@@ -65,8 +68,11 @@ def dvemb(run: Run, *, path: str | os.PathLike | None = None, window: Any = None
     (float64 when the run stores float64). float16 halves the file, but the embeddings carry the
     factor lr/|B| (often ~1e-3 or less), so most entries fall into float16's subnormal range
     (below 6e-5) and scores lose up to ~1e-2 relative precision; choose it only when that is fine.
+    group: a torch.distributed process group: each rank keeps its share of the rows of M and
+        computes those columns of every embedding; rank 0 writes the file, every rank returns it.
     Returns a DataValueEmbeddings; `.scores(u_q(T))` gives removal influence at the end of training.
     """
+    split = Split.of(group)
     wins, many = W.normalize(run.table, window, epochs, None)
     if many:
         raise WindowError("dvemb stores one range of steps; score many windows later with "
@@ -101,26 +107,31 @@ def dvemb(run: Run, *, path: str | os.PathLike | None = None, window: Any = None
     store = run.steps_in((s1, s2))[::-1]  # descending, the order the pass produces rows
     counts = run.batch_sizes_recorded[np.searchsorted(run.steps, store)]
     n_rows = int(counts.sum())
-    Ms = [torch.zeros(b - a, b - a, dtype=dtype, device=dev) for a, b in blocks]
+    own = slice(0, K) if split is None else split.columns(K)  # the rows of M (columns of E) kept here
+    parts = [(ca, cb, max(ca, own.start), min(cb, own.stop)) for ca, cb in blocks]
+    parts = [(ca, cb, xa, xb, torch.zeros(xb - xa, cb - ca, dtype=dtype, device=dev))
+             for ca, cb, xa, xb in parts if xb > xa]
+    writes = first_process(split)
 
     notes = run_notes(run) + [FisherCurvature.note, "the query is evaluated at the end of training (u_q(T))"]
     if block_diagonal and len(blocks) > 1:
         notes.append(f"M kept block-diagonal: {len(blocks)} per-layer blocks, cross-layer curvature ignored")
     notes += window_notes(run, lo, hi)
 
-    bar = progress_bar(run.table.rows_between(lo, hi), "dvemb", progress)
+    bar = progress_bar(run.table.rows_between(lo, hi), "dvemb", progress and writes)
     try:
-        with h5py.File(tmp, "w") as f, bar:
-            f.attrs.update(format=EMB_FORMAT, format_version=EMB_FORMAT_VERSION, run_id=run.run_id,
-                           run_path=str(run.path.resolve()), dim=K, final_step=T, window=json.dumps([s1, s2]),
-                           projection_fingerprint=run.projection_fingerprint, block_diagonal=bool(block_diagonal),
-                           blocks=json.dumps(blocks), approximations=json.dumps(notes), complete=False)
-            chunk = max(1, min(max(n_rows, 1), (1 << 20) // max(K * sdtype.itemsize, 1)))
-            emb_ds = f.create_dataset("rows/emb", shape=(n_rows, K), dtype=sdtype, chunks=(chunk, K))
-            sid_ds = f.create_dataset("rows/sample_id", shape=(n_rows,), dtype=np.int64)
-            f.create_dataset("steps/step", data=store.astype(np.int64))
-            f.create_dataset("steps/row_count", data=counts.astype(np.int64))
-            f.create_dataset("steps/row_start", data=(np.cumsum(counts) - counts).astype(np.int64))
+        with (h5py.File(tmp, "w") if writes else contextlib.nullcontext(None)) as f, bar:
+            if writes:
+                f.attrs.update(format=EMB_FORMAT, format_version=EMB_FORMAT_VERSION, run_id=run.run_id,
+                               run_path=str(run.path.resolve()), dim=K, final_step=T, window=json.dumps([s1, s2]),
+                               projection_fingerprint=run.projection_fingerprint, block_diagonal=bool(block_diagonal),
+                               blocks=json.dumps(blocks), approximations=json.dumps(notes), complete=False)
+                chunk = max(1, min(max(n_rows, 1), (1 << 20) // max(K * sdtype.itemsize, 1)))
+                emb_ds = f.create_dataset("rows/emb", shape=(n_rows, K), dtype=sdtype, chunks=(chunk, K))
+                sid_ds = f.create_dataset("rows/sample_id", shape=(n_rows,), dtype=np.int64)
+                f.create_dataset("steps/step", data=store.astype(np.int64))
+                f.create_dataset("steps/row_count", data=counts.astype(np.int64))
+                f.create_dataset("steps/row_start", data=(np.cumsum(counts) - counts).astype(np.int64))
             at = 0
             E_buf = None
             for blk in iter_row_blocks(run, (lo, hi), reverse=True, chunk_rows=chunk_rows, dtype=dtype, device=dev):
@@ -130,24 +141,33 @@ def dvemb(run: Run, *, path: str | os.PathLike | None = None, window: Any = None
                 E = E_buf[:len(st)]
                 for a, b in step_segments(st):
                     c = float(blk.coef[a])
-                    for (ca, cb), M in zip(blocks, Ms):
+                    for ca, cb, xa, xb, M in parts:  # M: rows [xa, xb) of the block's M
                         G = blk.grads[a:b, ca:cb]
-                        Eb = torch.addmm(G, G, M.T, alpha=-1.0).mul_(c)  # c (I - M) g, as rows
+                        Eb = torch.addmm(G[:, xa - ca:xb - ca], G, M.T, alpha=-1.0).mul_(c)  # c (I - M) g, as rows
                         M.addmm_(Eb.T, G)
-                        E[a:b, ca:cb] = Eb
+                        E[a:b, xa:xb] = Eb
                 sl = W.rows_slice(st, (s1, s2))
                 if sl is not None:
-                    r = sl.stop - sl.start
-                    # torch converts to float16 many times faster than numpy does
-                    emb_ds[at:at + r] = E[sl].to(dtype=getattr(torch, sdtype.name)).cpu().numpy()
-                    sid_ds[at:at + r] = blk.sample_ids[sl].cpu().numpy()
-                    at += r
+                    rows = E[sl, own] if split is None else split.gather_columns(E[sl, own], K)
+                    if writes:
+                        r = sl.stop - sl.start
+                        # torch converts to float16 many times faster than numpy does
+                        emb_ds[at:at + r] = rows.to(dtype=getattr(torch, sdtype.name)).cpu().numpy()
+                        sid_ds[at:at + r] = blk.sample_ids[sl].cpu().numpy()
+                        at += r
                 bar.update(len(st))
-            f.attrs["complete"] = True
-        os.replace(tmp, path)
+            if writes:
+                f.attrs["complete"] = True
+        if writes:
+            os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        if writes:
+            tmp.unlink(missing_ok=True)
         raise
+    if split is not None:
+        import torch.distributed as dist
+
+        dist.barrier(group=split.group)  # the file is complete before any rank opens it
     return DataValueEmbeddings(path, run=run)
 
 
@@ -227,11 +247,12 @@ class DataValueEmbeddings:
     def scores(self, query_grads: Any, window: Any = None, *, epochs: Any = None, windows: Any = None,
                query_ids: Any = None, projection_fingerprint: str | None = None, train_ids: Any = None,
                chunk_rows: int = DEFAULT_CHUNK_ROWS, dtype: torch.dtype = torch.float32,
-               device: Any = None, progress: bool = True) -> InfluenceScores | list[InfluenceScores]:
+               device: Any = None, progress: bool = True, group: Any = None) -> InfluenceScores | list[InfluenceScores]:
         """Removal influence at T of the window's occurrences of each sample: [n_train, Q].
 
         query_grads: [Q, K] u_q(T) in the run's projection (e.g. run.query_gradients(run.final_step)).
         window=None: all stored steps. Many windows (windows=/epochs= lists) are one pass.
+        group: a torch.distributed process group to split the rows over.
         """
         U = check_query_grads(self.run, query_grads, projection_fingerprint)
         dev = resolve_device(device)
@@ -241,13 +262,19 @@ class DataValueEmbeddings:
         rows_of = SampleRows(self.run, train_ids, dev)
         acc = ScoreAccumulator(len(wins), rows_of.n, U.shape[0], dtype=dtype, device=dev)
         spans = [self._row_span(*w) for w in W.merge(wins)]
-        bar = progress_bar(sum(b - a for a, b in spans), "dvemb scores", progress)
+        split = Split.of(group)
+        if split is not None:  # an even share of each span's rows
+            spans = [(a + (b - a) * split.rank // split.size, a + (b - a) * (split.rank + 1) // split.size)
+                     for a, b in spans]
+        bar = progress_bar(sum(b - a for a, b in spans), "dvemb scores", progress and first_process(split))
         with bar:
             for r0, r1 in spans:
                 for st, sid, E in self._iter_rows(r0, r1, chunk_rows, dtype, dev):
                     rows, keep = rows_of.rows(sid)
                     acc.update_windows(wins, st, rows, keep, E @ U.T)
                     bar.update(len(st))
+        if split is not None:
+            acc.sync(split.group)
         curvature = "fisher (block-diagonal)" if self.block_diagonal and len(self.blocks) > 1 else "fisher"
         results = []
         for w, (t1, t2) in enumerate(wins):

@@ -38,6 +38,11 @@ def window_notes(run: Run, t1: int, t2: int) -> list[str]:
     missing = (t2 - t1) - int(mask.sum())
     if missing > 0 and t1 >= run.first_step:
         notes.append(f"{missing} step(s) of [{t1}, {t2}) are not recorded and contribute nothing")
+    partial = run.partial_steps()
+    partial = partial[(partial >= t1) & (partial < t2)]
+    if len(partial):
+        notes.append(f"{len(partial)} step(s) hold rows of fewer than the run's {run.world_size} ranks (a rank "
+                     f"stopped first): {short_list(partial)}")
     if not run.complete:
         notes.append("the run is incomplete (training was interrupted or is still running); "
                      f"only steps up to {run.last_step} are used")

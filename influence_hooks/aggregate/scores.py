@@ -53,6 +53,11 @@ class ScoreAccumulator:
             dist.all_reduce(counts, group=group)
             p.copy_(counts > 0)
 
+    def gather_columns(self, split: Any, n: int) -> None:
+        """Each rank held its share of the n score columns (Split.columns): make every rank hold all
+        of them, in order. Presence is the same on every rank (each saw every row)."""
+        self.values = [split.gather_columns(v, n) for v in self.values]
+
     def compute(self, target: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(values, present) of one target, on the CPU."""
         return self.values[target].cpu(), self.present[target].cpu()

@@ -18,6 +18,7 @@ import torch
 from .. import windows as W
 from ..errors import ConfigurationError, MissingDataError, short_list
 from ..storage.reader import Run
+from .distributed import Split, first_process
 from .notes import run_notes, window_notes
 from .queries import query_ids_of, require_queries
 from .results import InfluenceScores
@@ -28,7 +29,7 @@ from .scores import ScoreAccumulator
 def tracin(run: Run, window: Any = None, *, epochs: Any = None, windows: Any = None,
            train_ids: Any = None, before_first_query: str = "error",
            chunk_rows: int = DEFAULT_CHUNK_ROWS, dtype: torch.dtype = torch.float32,
-           device: Any = None, progress: bool = True) -> InfluenceScores | list[InfluenceScores]:
+           device: Any = None, progress: bool = True, group: Any = None) -> InfluenceScores | list[InfluenceScores]:
     """TracIn scores [n_train, n_query] of the run's recorded queries over a window of steps.
 
     Each step t uses u_q(t) recorded at w_t; where queries were recorded only every n steps, the
@@ -38,6 +39,7 @@ def tracin(run: Run, window: Any = None, *, epochs: Any = None, windows: Any = N
 
     window=(t1, t2) | epochs=(e1, e2) | windows=[...] | epochs=[...]: see `influence_hooks.windows.normalize`;
     a list of windows is computed in one pass and returns a list of results.
+    group: a torch.distributed process group to split the rows over (aggregate/distributed.py).
     Positive score: removing i would raise the query loss (i helped).
     """
     if before_first_query not in ("error", "use_first"):
@@ -71,9 +73,11 @@ def tracin(run: Run, window: Any = None, *, epochs: Any = None, windows: Any = N
             cache[step] = run.query_gradients(step, dtype=dtype, device=dev)
         return cache[step]
 
-    bar = progress_bar(sum(run.table.rows_between(*s) for s in spans), "tracin", progress)
+    split = Split.of(group)
+    mine = spans if split is None else split.spans(run.table, spans)
+    bar = progress_bar(sum(run.table.rows_between(*s) for s in mine), "tracin", progress and first_process(split))
     with bar:
-        for span in spans:
+        for span in mine:
             for blk in iter_row_blocks(run, span, chunk_rows=chunk_rows, dtype=dtype, device=dev):
                 st = blk.steps
                 rows, keep = rows_of.rows(blk.sample_ids)
@@ -83,6 +87,8 @@ def tracin(run: Run, window: Any = None, *, epochs: Any = None, windows: Any = N
                     contrib = (blk.grads[a:b] @ query(int(qs[a])).T).mul_(coef[a:b, None])
                     acc.update_windows(wins, st[a:b], rows[a:b], None if keep is None else keep[a:b], contrib)
                 bar.update(len(st))
+    if split is not None:
+        acc.sync(split.group)
 
     base = run_notes(run)
     results = []
@@ -113,7 +119,7 @@ def tracin(run: Run, window: Any = None, *, epochs: Any = None, windows: Any = N
 def self_influence(run: Run, window: Any = None, *, epochs: Any = None, windows: Any = None,
                    train_ids: Any = None, chunk_rows: int = DEFAULT_CHUNK_ROWS,
                    dtype: torch.dtype = torch.float32, device: Any = None,
-                   progress: bool = True) -> InfluenceScores | list[InfluenceScores]:
+                   progress: bool = True, group: Any = None) -> InfluenceScores | list[InfluenceScores]:
     """TracIn self-influence SI(i; W) = sum_t (eta_t w_t) |g_t(i)|^2 per sample: [n_train].
 
     Large values flag samples the model fits with large gradients, e.g. mislabelled ones.
@@ -124,14 +130,19 @@ def self_influence(run: Run, window: Any = None, *, epochs: Any = None, windows:
     rows_of = SampleRows(run, train_ids, dev)
     spans = W.merge(wins)
     acc = ScoreAccumulator(len(wins), rows_of.n, None, dtype=dtype, device=dev)
-    bar = progress_bar(sum(run.table.rows_between(*s) for s in spans), "self-influence", progress)
+    split = Split.of(group)
+    mine = spans if split is None else split.spans(run.table, spans)
+    bar = progress_bar(sum(run.table.rows_between(*s) for s in mine), "self-influence",
+                       progress and first_process(split))
     with bar:
-        for span in spans:
+        for span in mine:
             for blk in iter_row_blocks(run, span, chunk_rows=chunk_rows, dtype=dtype, device=dev):
                 rows, keep = rows_of.rows(blk.sample_ids)
                 sq = torch.linalg.vecdot(blk.grads, blk.grads).mul_(blk.coef_like(blk.grads))
                 acc.update_windows(wins, blk.steps, rows, keep, sq)
                 bar.update(len(sq))
+    if split is not None:
+        acc.sync(split.group)
     base = run_notes(run)
     results = []
     for w, (t1, t2) in enumerate(wins):

@@ -4,7 +4,8 @@ One module per area adds its subcommands (`add_commands(subparsers)`): run.py (i
 aggregate.py (tracin, dit, dvemb, self-influence), report.py (compare), validate.py (validate),
 demo.py (demo, fit).
 They import only argparse and influence_hooks.windows at module level and load torch, Lightning
-and matplotlib inside the commands, so `influence-hooks --help` answers at once.
+and matplotlib inside the commands, so `influence-hooks --help` answers at once. Under torchrun
+the aggregation commands split their work over the processes (launch.py).
 """
 
 from __future__ import annotations
@@ -36,6 +37,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if getattr(args, "distributed", False):
+            from .launch import join_launched_group
+
+            join_launched_group(args)
         return int(args.func(args) or 0)
     except InfluenceHooksError as e:
         print(f"influence-hooks {args.command}: error: {e}", file=sys.stderr)

@@ -63,7 +63,7 @@ def _command(subparsers: argparse._SubParsersAction, name: str, help: str,
                    help="rows per block read, which bounds memory (default 4096)")
     p.add_argument("--top", type=int, default=5, help="proponents/opponents shown per query")
     p.add_argument("--show-queries", type=int, default=3, help="queries shown in the summary")
-    p.set_defaults(func=func)
+    p.set_defaults(func=func, distributed=True)
     return p
 
 
@@ -91,7 +91,8 @@ def window_args(args: argparse.Namespace) -> dict[str, Any]:
 def _common(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    out = dict(dtype=getattr(torch, args.dtype), device=args.device, progress=not args.quiet)
+    out = dict(dtype=getattr(torch, args.dtype), device=args.device, progress=not args.quiet,
+               group=getattr(args, "group", None))
     if args.chunk_rows is not None:
         out["chunk_rows"] = args.chunk_rows
     return out
@@ -124,6 +125,8 @@ def recorded_curvature(name: str) -> str:
 
 
 def _emit(args: argparse.Namespace, results: Any, run_dir: str | os.PathLike) -> int:
+    if getattr(args, "rank", 0) != 0:  # under torchrun every rank has the results; one prints them
+        return 0
     many = isinstance(results, list)
     for r in results if many else [results]:
         print(r.summary(k=args.top, max_queries=args.show_queries))
@@ -187,10 +190,13 @@ def _run_dvemb(args: argparse.Namespace) -> int:
         else:
             emb = dvemb(run, path=path, block_diagonal=bd, memory_budget_mb=args.memory_budget_mb,
                         **_common(args))
-        print(emb)
+        if getattr(args, "rank", 0) == 0:
+            print(emb)
         with emb:
             T = run.final_step
             if T not in set(run.query_steps.tolist()):
+                if getattr(args, "rank", 0) != 0:
+                    return 0
                 print(f"no query gradients recorded at the end of training (step {T}); score queries later in "
                       "Python: DataValueEmbeddings.load(path, run=run).scores(query_gradients(model, run, "
                       "queries, loss_fn)), with the trained model.")

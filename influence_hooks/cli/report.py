@@ -66,7 +66,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="replace a report already in the report directory (refused otherwise)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=cmd_compare)
+    p.set_defaults(func=cmd_compare, distributed=True)
 
 
 # ---------------------------------------------------------------------- compare
@@ -118,7 +118,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
         corrupted=read_corrupted(args.corrupted),
         detection_methods=tuple(m.strip() for m in args.detection.split(",") if m.strip()),
         whole_run=not args.no_whole_run, top_k=args.top_k, precision_k=args.precision_k,
-        rules=PatternRules(tau=args.tau, concentration=args.concentration), progress=not args.quiet, **kw)
+        rules=PatternRules(tau=args.tau, concentration=args.concentration), progress=not args.quiet,
+        group=getattr(args, "group", None), **kw)
+    if getattr(args, "rank", 0) != 0:  # under torchrun every rank has the comparison; one writes it
+        return 0
     report = cmp.write_report(out)
     print(cmp.summary())
     if cmp.corrupted is None and args.corrupted == "auto":

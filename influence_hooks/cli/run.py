@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..errors import short_list
+
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="summary of a recorded run")
@@ -69,6 +71,15 @@ def cmd_verify(args: argparse.Namespace) -> int:
         print(f"PROBLEM  {p}")
     if not run.complete:  # interrupted is not damaged: what was written is checked above
         print("NOTE  the run is incomplete (training did not finish or was interrupted)")
+        for p in run.rank_progress():
+            if not p["complete"]:
+                where = (f"stopped after step {p['last_step']}" if p["last_step"] is not None
+                         else "stopped before finishing a shard")
+                print(f"NOTE  rank {p['rank']} {where} ({p['shards']} finished shard(s))")
+        partial = run.partial_steps()
+        if len(partial):
+            print(f"NOTE  step(s) {short_list(partial)} hold rows of fewer than the run's {run.world_size} ranks "
+                  "(part of their global batch); aggregators use what there is and say so")
     if problems:
         print(f"{len(problems)} problem(s) in {args.run}")
         return 1

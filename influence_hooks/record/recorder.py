@@ -82,21 +82,22 @@ class GradientRecorder:
                  verbose: bool = True, **options: Any):
         self.config = RecordingConfig.from_options(config, options)
         self.run_dir = str(run_dir)
-        self.model = model
         refuse_sharded(model)
+        # DDP runs the module it wraps: record that one (its names, and query losses without collectives)
+        self.model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
         self.rank, self.world_size = process_position(rank, world_size)
         self.metadata = dict(metadata or {})
         self.precision = precision
         self.queries = (QuerySet(queries, query_loss_fn, query_ids, self.config.query_every_n_steps,
                                  self.config.loss_reduction) if queries is not None else None)
-        selection = select_layers(model, self.config.layers, self.config.layer_types, self.config.exclude)
+        selection = select_layers(self.model, self.config.layers, self.config.layer_types, self.config.exclude)
         self.layers = plan_layers(selection, self.config.projection_budget(), self.config.projection_kind,
                                   self.config.seed, self.config.projection_allocation)
         warn_tied_parameters(self.layers)
-        warn_batch_mixing(model)
+        warn_batch_mixing(self.model)
         self.capture = GradientCapture(self.layers)
         self.capture.attach()  # armed only between begin_micro_batch and end_step
-        self.params = ParameterSaver(self.config, model)
+        self.params = ParameterSaver(self.config, self.model)
         self._lr = RecordedLearningRate(self._recorded_parameters())
         self.writer: RunWriter | None = None
         self._start_kwargs: dict[str, Any] = {}

@@ -247,7 +247,7 @@ def compare_windows(run: Run, windows: Sequence[tuple[int, int]] | None = None, 
                     detection_methods: Sequence[str] = ("dit", "tracin", "self_influence"),
                     whole_run: bool = True, top_k: int = 10, precision_k: int | None = None,
                     rules: PatternRules = PatternRules(), dvemb_path: str | os.PathLike | None = None,
-                    progress: bool = True) -> WindowComparison:
+                    progress: bool = True, group: Any = None) -> WindowComparison:
     """Compare per-sample influence across windows of training. See the module docstring.
 
     windows: chronological (t1, t2) step windows; or epochs= as the aggregators take it (a list of
@@ -265,6 +265,8 @@ def compare_windows(run: Run, windows: Sequence[tuple[int, int]] | None = None, 
         'dit' (the primary mode), 'dit_removal', 'dit_accrued', 'tracin', 'self_influence', 'dvemb'.
     whole_run: also compute the estimator over the whole run (a column for correlations and
         detection). precision_k: k of precision at k, default the number of corrupted samples.
+    group: a torch.distributed process group: every aggregator splits its work over it, and every
+        rank gets the whole comparison (write the report from one rank).
     """
     if method not in METHODS:
         raise ConfigurationError(f"method must be one of {METHODS}, got {method!r}")
@@ -278,7 +280,7 @@ def compare_windows(run: Run, windows: Sequence[tuple[int, int]] | None = None, 
     full = (run.first_step, run.last_step + 1)
     all_wins = [_end_at_query_step(run, w) for w in wins + ([full] if whole_run else [])]
     wins = all_wins[:len(wins)]
-    scorer = _Scorer(run, all_wins, curvature, dvemb_path, progress)
+    scorer = _Scorer(run, all_wins, curvature, dvemb_path, progress, group)
     primary = scorer(_method_name(method, mode))
     nw = len(wins)
     per_window = [_reduce_query(r, query) for r in primary]
@@ -347,9 +349,10 @@ def _chronological_windows(run: Run, windows: Any, epochs: Any) -> list[W.Window
 class _Scorer:
     """Each estimator's results over all the windows, computed once (one pass per method)."""
 
-    def __init__(self, run: Run, windows: list[W.Window], curvature: str, dvemb_path: Any, progress: bool):
+    def __init__(self, run: Run, windows: list[W.Window], curvature: str, dvemb_path: Any, progress: bool,
+                 group: Any):
         self.run, self.windows, self.curvature = run, windows, curvature
-        self.dvemb_path, self.progress = dvemb_path, progress
+        self.dvemb_path, self.progress, self.group = dvemb_path, progress, group
         self.cache: dict[str, list[InfluenceScores]] = {}
         self._emb: Any = None
 
@@ -359,16 +362,17 @@ class _Scorer:
         return self.cache[m]
 
     def _compute(self, m: str) -> list[InfluenceScores]:
-        run, wins, progress = self.run, self.windows, self.progress
+        run, wins = self.run, self.windows
+        common = dict(progress=self.progress, group=self.group)
         if m.startswith("dit_"):
-            return dit(run, windows=wins, mode=m[len("dit_"):], curvature=self.curvature, progress=progress)
+            return dit(run, windows=wins, mode=m[len("dit_"):], curvature=self.curvature, **common)
         if m == "tracin":
-            return tracin(run, windows=wins, before_first_query="use_first", progress=progress)
+            return tracin(run, windows=wins, before_first_query="use_first", **common)
         if m == "self_influence":
-            return self_influence(run, windows=wins, progress=progress)
+            return self_influence(run, windows=wins, **common)
         if self._emb is None:
-            self._emb = dvemb(run, path=self.dvemb_path, progress=progress)
-        return self._emb.scores(run.query_gradients(run.final_step), windows=wins, progress=progress)
+            self._emb = dvemb(run, path=self.dvemb_path, **common)
+        return self._emb.scores(run.query_gradients(run.final_step), windows=wins, **common)
 
 
 def _top_lists(primary: list[InfluenceScores], per_window: list[np.ndarray], k: int) -> list[dict[str, Any]]:

@@ -190,6 +190,28 @@ class Run:
         return bool(states) and all(s.get("complete") for s in states.values())
 
     @property
+    def world_size(self) -> int:
+        """The number of processes that recorded the run (data-parallel ranks)."""
+        return int(self.manifest.get("world_size") or 1)
+
+    def rank_progress(self) -> list[dict[str, Any]]:
+        """Per rank: whether it finished, the last step of its finished shards, how many it wrote."""
+        shards: dict[int, int] = {}
+        for sh in self._index.shards:
+            shards[sh.rank] = shards.get(sh.rank, 0) + 1
+        return [{"rank": r, "complete": bool(st.get("complete")), "last_step": st.get("last_step"),
+                 "final_step": st.get("final_step"), "shards": shards.get(r, 0)}
+                for r, st in sorted(self._index.rank_states.items())]
+
+    def partial_steps(self) -> np.ndarray:
+        """Steps whose rows come from fewer ranks than recorded the run: a rank stopped before it
+        finished them, so they hold only part of their global batch."""
+        if self.world_size == 1:
+            return np.zeros(0, np.int64)
+        return np.array(sorted(s for s, parts in self._index.step_rows.items()
+                               if len({sh.rank for sh, _, _ in parts}) < self.world_size), np.int64)
+
+    @property
     def first_step(self) -> int:
         self._require_steps()
         return int(self.steps[0])

@@ -34,12 +34,14 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from torch import nn
+from torch.utils._pytree import tree_map
 from torch.utils.data import default_collate
 
 from ...batches import as_batch, batch_size_of, cast_batch, training_step_loss
 from ...errors import ConfigurationError
 from ...storage.reader import Run
 from ..curvature import FullSpaceCurvature
+from ..distributed import Split, first_process
 from ..notes import window_notes
 from ..queries import query_ids_of
 from ..results import InfluenceScores
@@ -75,7 +77,8 @@ def exact_dit(run: Run, tasks: TaskPlan, curvature: FullSpaceCurvature, *, model
               dataset: Any = None, queries: Any = None, loss_fn: Callable[[nn.Module, Any], Any] | None = None,
               query_loss_fn: Callable[[nn.Module, Any], Any] | None = None, query_ids: Any = None,
               query_grads: Any = None, train_ids: Any = None, dtype: torch.dtype | None = None,
-              device: Any = None, progress: bool = True, **options: Any) -> list[InfluenceScores]:
+              device: Any = None, progress: bool = True, split: Split | None = None,
+              **options: Any) -> list[InfluenceScores]:
     """Window-removal or accrued influence [n_train, n_query] of the windows of `tasks` with
     full-space curvature; one result per window. Called by `dit(..., curvature='exact' | 'ggn')`.
 
@@ -91,6 +94,8 @@ def exact_dit(run: Run, tasks: TaskPlan, curvature: FullSpaceCurvature, *, model
         w_{t_e}. query_grads: instead of queries, full-parameter-space query gradients [Q, P]
         (removal only; P the attributed parameters in model order) or {name: [Q, *shape]}.
     dtype: dtype of the returned values (default the compute dtype); device: where to compute.
+    split: this process's share of a group (aggregate/distributed.py): it carries its share of the
+        query directions through the pass, and every rank gets all the columns.
     options: the fields of ExactOptions (params, source, optimizer_form, compute_dtype, query_chunk,
         sample_chunk, max_memory, cache_dir, check, collate_fn).
 
@@ -143,6 +148,15 @@ def exact_dit(run: Run, tasks: TaskPlan, curvature: FullSpaceCurvature, *, model
         Q = batch_size_of(qbatch)
         query_ids = found_ids if query_ids is None else query_ids
     qids = query_ids_of(run, Q, query_ids)
+    if split is not None:  # this rank's query directions
+        if Q < split.size:
+            raise ConfigurationError(f"{Q} queries cannot be shared among {split.size} processes; use fewer "
+                                     "processes (or more queries).")
+        cols = split.columns(Q)
+        if qbatch is not None:
+            qbatch = tree_map(lambda x: x[cols] if isinstance(x, torch.Tensor) else x, qbatch)
+        else:
+            fixed_u = {n: u[cols] for n, u in fixed_u.items()}
 
     # ------------------------------------------------------------------ optimizer and trajectory
     form, form_note = optimizer_form(run)
@@ -168,9 +182,12 @@ def exact_dit(run: Run, tasks: TaskPlan, curvature: FullSpaceCurvature, *, model
     rows_of = SampleRows(run, train_ids, dev)
     state = FullSpacePass(run=run, model=model, lf=lf, tasks=tasks, form=recursion,
                           products=curvature.products(lf), diff_names=diff_names, buffers=buffers, init=init,
-                          batch_of=batch_of, rows_of=rows_of, Q=Q, dtype=cdtype, device=dev, check=opts.check,
-                          qbatch=qbatch, fixed_u=fixed_u)
-    acc, check_info = state.run_pass(traj, plan, f"dit {tasks.mode} ({curvature.name})", progress)
+                          batch_of=batch_of, rows_of=rows_of, Q=Q if split is None else cols.stop - cols.start,
+                          dtype=cdtype, device=dev, check=opts.check, qbatch=qbatch, fixed_u=fixed_u)
+    acc, check_info = state.run_pass(traj, plan, f"dit {tasks.mode} ({curvature.name})",
+                                     progress and first_process(split))
+    if split is not None:
+        acc.gather_columns(split, Q)
 
     # ------------------------------------------------------------------ results
     notes = _notes(run, model, plan, form, form_note, recursion, opts, curvature, held_fixed, query_grads is not None)
