@@ -32,7 +32,9 @@ class ScoreAccumulator:
         bool mask of the rows to use (None: all)."""
         if keep is not None:
             rows, contrib = rows[keep], contrib[keep]
-        self.values[target].index_add_(0, rows, contrib, alpha=alpha)
+        values = self.values[target]
+        # a loss computed in another precision (transformers upcasts logits) gives other dtypes
+        self.values[target].index_add_(0, rows, contrib.to(values.dtype), alpha=alpha)
         self.present[target][rows] = True
 
     def update_windows(self, windows: Sequence[Window], steps: np.ndarray, rows: torch.Tensor,

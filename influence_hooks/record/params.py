@@ -45,5 +45,7 @@ class ParameterSaver:
     def _snapshot_params(self, layers: list) -> dict[str, torch.Tensor]:
         if self.config.snapshot_scope == "model":
             return {n: p.detach() for n, p in self.model.named_parameters()}
-        return {f"{l.name}.{n}" if l.name else n: p.detach()
+        # under the model's own names: a tied weight once, as named_parameters() names it
+        name = {id(p): n for n, p in self.model.named_parameters()}
+        return {name.get(id(p), f"{l.name}.{n}" if l.name else n): p.detach()
                 for l in layers for n, p in l.module.named_parameters(recurse=False)}

@@ -101,7 +101,7 @@ class FullSpacePass:
             return self.fixed_u
         u = {n: v.detach() for n, v in self.lf.per_sample_grads(diff, fixed, self.qbatch, query=True).items()}
         if self.check != "off":
-            check_queries(self.run, self.model, u, t, check_info)
+            check_queries(self.run, self.model, self.lf, diff, fixed, self.qbatch, self.Q, t, check_info)
         return u
 
 

@@ -14,14 +14,19 @@ from ...capture.projection import LayerProjector, ProjectionSpec
 from ...capture.rules import rule_for
 from ...errors import ConfigurationError
 from ...storage.reader import Run
-from .model_fn import LossFunctions, Params
+from .model_fn import LossFunctions, Params, tied_aliases
 
 CHECK_TOLERANCE = 2e-2
 
 
-def layer_param_names(run: Run) -> list[str]:
-    """The model parameter names of the recorded layers."""
-    return [f"{l.name}.{p}" if l.name else p for l in run.layers for p in l.param_shapes]
+def layer_param_names(run: Run, model: nn.Module | None = None) -> list[str]:
+    """The model parameter names of the recorded layers; with `model`, a tied weight under the name
+    named_parameters() gives it (GPT-2's lm_head.weight is transformer.wte.weight)."""
+    names = [f"{l.name}.{p}" if l.name else p for l in run.layers for p in l.param_shapes]
+    if model is None:
+        return names
+    aliases = tied_aliases(model)
+    return list(dict.fromkeys(aliases.get(n, n) for n in names))
 
 
 def check_model(run: Run, model: nn.Module) -> None:
@@ -89,17 +94,27 @@ def _report(check: str, msg: str) -> None:
     warnings.warn(msg, RuntimeWarning)
 
 
+def _recorded_layer_grads(run: Run, model: nn.Module, lf: LossFunctions, diff: Params, fixed: Params, batch: Any,
+                          *, query: bool = False) -> Params:
+    """Per-sample gradients of the recorded layers' parameters, each module's own part: a tied
+    weight (one tensor, several modules) is given under each module's name, untied, as the hooks
+    recorded it."""
+    pnames = {n for n, _ in model.named_parameters()}
+    allp = {**diff, **{k: v for k, v in fixed.items() if k in pnames}}
+    aliases = tied_aliases(model)
+    allp.update({alias: allp[name] for alias, name in aliases.items() if name in allp})
+    d = {k: allp[k] for k in layer_param_names(run) if k in allp}
+    rest = {k: v for k, v in {**fixed, **diff}.items() if k not in d}
+    tied = any(k in aliases or k in aliases.values() for k in d)
+    return lf.per_sample_grads(d, rest, batch, query=query, untied=tied)
+
+
 def check_recording(run: Run, model: nn.Module, lf: LossFunctions, diff: Params, fixed: Params, batch: Any,
                     ids: np.ndarray, t: int, check: str, n_max: int = 8) -> dict[str, Any]:
     """Recompute a few per-sample gradients of step t and compare them with the recorded rows."""
-    pnames = {n for n, _ in model.named_parameters()}
-    allp = {**diff, **{k: v for k, v in fixed.items() if k in pnames}}
-    layer_names = [n for n in layer_param_names(run) if n in allp]
     n = min(n_max, len(ids))
     sub = torch.utils._pytree.tree_map(lambda x: x[:n], batch)
-    d = {k: allp[k] for k in layer_names}
-    rest = {k: v for k, v in {**fixed, **diff}.items() if k not in d}
-    g = lf.per_sample_grads(d, rest, sub)
+    g = _recorded_layer_grads(run, model, lf, diff, fixed, sub)
     ours, mask = project_like_run(run, model, g, n)
     if not bool(mask.any()):
         return {"step": t, "skipped": "no recorded layer could be projected"}
@@ -119,14 +134,15 @@ def check_recording(run: Run, model: nn.Module, lf: LossFunctions, diff: Params,
     return info
 
 
-def check_queries(run: Run, model: nn.Module, u: Params, t: int, info: dict[str, Any]) -> None:
+def check_queries(run: Run, model: nn.Module, lf: LossFunctions, diff: Params, fixed: Params, qbatch: Any, Q: int,
+                  t: int, info: dict[str, Any]) -> None:
     """Warn when u_q(t) differs from the recorded query gradients of the same step (if recorded)."""
     if not run.has_queries or t not in set(run.query_steps.tolist()):
         return
     rec = run.query_gradients(t, dtype=torch.float64)
-    Q = next(iter(u.values())).shape[0]
     if rec.shape[0] != Q:
         return
+    u = _recorded_layer_grads(run, model, lf, diff, fixed, qbatch, query=True)
     ours, mask = project_like_run(run, model, u, Q)
     if not bool(mask.any()):
         return

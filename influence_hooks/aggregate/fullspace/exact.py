@@ -120,7 +120,7 @@ def exact_dit(run: Run, tasks: TaskPlan, curvature: FullSpaceCurvature, *, model
     check_model(run, model)
     check_dataset(run, dataset)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-    diff_names = _diff_names(run, trainable, opts.params)
+    diff_names = _diff_names(run, model, trainable, opts.params)
     cdtype = opts.compute_dtype or next(iter(dict(model.named_parameters()).values())).dtype
     dev = resolve_device(device) if device is not None else next(model.parameters()).device
     init = {n: p.detach().to(device=dev, dtype=cdtype if p.is_floating_point() else p.dtype)
@@ -218,11 +218,11 @@ def _default_loss(model: nn.Module) -> Callable[[nn.Module, Any], Any]:
                              "scalar loss (the same loss the training step minimized).")
 
 
-def _diff_names(run: Run, trainable: list[str], params: Any) -> list[str]:
+def _diff_names(run: Run, model: nn.Module, trainable: list[str], params: Any) -> list[str]:
     if isinstance(params, str):
         if params == "model":
             return trainable
-        wanted = set(layer_param_names(run))
+        wanted = set(layer_param_names(run, model))
         return [n for n in trainable if n in wanted]
     names = list(params)
     bad = [n for n in names if n not in trainable]

@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._pytree import tree_map
 
 from ...errors import ConfigurationError
@@ -69,6 +70,19 @@ def _forward_replaced(model: nn.Module, fn: Callable[..., Any]) -> Iterator[None
             del model.__dict__["forward"]
 
 
+def tied_aliases(model: nn.Module) -> dict[str, str]:
+    """{other name: the name named_parameters() gives} for parameters shared by several modules
+    (tied weights, e.g. GPT-2's lm_head.weight, which is transformer.wte.weight)."""
+    first: dict[int, str] = {}
+    aliases = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            aliases[name] = first[id(p)]
+        else:
+            first[id(p)] = name
+    return aliases
+
+
 def _one(s: Any) -> Any:
     return tree_map(lambda x: x.unsqueeze(0), s)
 
@@ -90,9 +104,11 @@ class LossFunctions:
 
     # ------------------------------------------------------------------ losses
     @staticmethod
-    def _call(call: _LossCall, params: Params, batch: Any) -> Tensor:
-        return functional_call(call, {_PREFIX + k: v for k, v in params.items()}, (batch,),
-                               tie_weights=True, strict=False)
+    def _call(call: _LossCall, params: Params, batch: Any, *, tie_weights: bool = True) -> Tensor:
+        # the math attention kernel: the fused ones (flash, memory-efficient) have no forward-mode AD
+        with sdpa_kernel([SDPBackend.MATH]):
+            return functional_call(call, {_PREFIX + k: v for k, v in params.items()}, (batch,),
+                                   tie_weights=tie_weights, strict=False)
 
     def sample_losses(self, diff: Params, fixed: Params, batch: Any, *, query: bool = False) -> Tensor:
         """l(w) [B]: each sample's own loss (loss_fn on a batch of one)."""
@@ -111,12 +127,15 @@ class LossFunctions:
         """grad L_t at w, over `diff`."""
         return grad(self.batch_loss)(diff, fixed, batch, weight)
 
-    def per_sample_grads(self, diff: Params, fixed: Params, batch: Any, *, query: bool = False) -> Params:
-        """g(i) = grad l_i for every sample of `batch`: {name: [B, *shape]}."""
+    def per_sample_grads(self, diff: Params, fixed: Params, batch: Any, *, query: bool = False,
+                         untied: bool = False) -> Params:
+        """g(i) = grad l_i for every sample of `batch`: {name: [B, *shape]}. untied: a parameter
+        shared by several modules (tied weights) may be given under each module's name, and each
+        name gets that module's own part of the gradient."""
         call = self.query_call if query else self.train_call
 
         def one(d: Params, s: Any) -> Tensor:
-            return self._call(call, {**fixed, **d}, _one(s))
+            return self._call(call, {**fixed, **d}, _one(s), tie_weights=not untied)
 
         return vmap(grad(one), in_dims=(None, 0), chunk_size=self.sample_chunk)(diff, batch)
 
