@@ -82,11 +82,13 @@ def record(path, opt_cls=torch.optim.SGD, opt_kw=None, *, dropout=0.0, checkpoin
 
 
 def brute_force(init, ds, q, order, opt_kw, dropped, window, eval_step):
-    """Query losses [Q] at eval_step of a model retrained from the initial weights with a real
-    torch.optim.SGD, the ids in `dropped` weighted 0 in the steps of `window` (mean over |B_t|)."""
+    """Query losses [Q] at eval_step of a model retrained from the initial weights with the real
+    torch.optim optimizer (SGD, or the class under opt_kw['cls']), the ids in `dropped` weighted 0
+    in the steps of `window` (mean over |B_t|)."""
     model = make_model()
     model.load_state_dict(init)
-    opt = torch.optim.SGD(model.parameters(), **opt_kw)
+    kw = dict(opt_kw)
+    opt = kw.pop("cls", torch.optim.SGD)(model.parameters(), **kw)
     X, Y = ds.tensors
     drop = torch.zeros(N, dtype=torch.bool)
     drop[torch.as_tensor(np.asarray(dropped, np.int64))] = True
@@ -112,10 +114,12 @@ def one_thread():
 
 PLAIN = {"lr": 0.5}
 MOMENTUM = {"lr": 0.2, "momentum": 0.9, "weight_decay": 0.01, "nesterov": True}
+ADAMW = {"cls": torch.optim.AdamW, "lr": 0.02, "betas": (0.9, 0.99), "weight_decay": 0.05}
 
 
 def _validated(path, opt_kw):
-    run, model, init, ds, q, order = record(path, opt_kw=opt_kw)
+    kw = dict(opt_kw)
+    run, model, init, ds, q, order = record(path, kw.pop("cls", torch.optim.SGD), kw)
     v = validate(run, model=model, dataset=ds, queries=q, loss_fn=loss_fn, windows=WINDOWS, samples=6,
                  lds="both", lds_subsets=6, methods=("tracin", "dit_fisher", "dit_exact", "dvemb"), out=None, **QUIET)
     return v, run, init, ds, q, order, opt_kw
@@ -131,9 +135,15 @@ def momentum_validated(tmp_path_factory):
     return _validated(tmp_path_factory.mktemp("momentum") / "run", MOMENTUM)
 
 
-@pytest.fixture(params=["plain", "momentum"])
+@pytest.fixture(scope="module")
+def adamw_validated(tmp_path_factory):
+    return _validated(tmp_path_factory.mktemp("adamw") / "run", ADAMW)
+
+
+@pytest.fixture(params=["plain", "momentum", "adamw"])
 def validated(request):
-    """validate on a plain-SGD run and on a run with momentum, Nesterov and weight decay."""
+    """validate on a plain-SGD run, a run with momentum, Nesterov and weight decay, and an AdamW run
+    (replayed with its moments from the checkpoints)."""
     return request.getfixturevalue(f"{request.param}_validated")
 
 
@@ -182,10 +192,13 @@ def test_leave_one_out_samples_are_trained_on_in_their_window(validated):
 
 # ---------------------------------------------------------------------- the methods against it
 def test_exact_curvature_follows_retraining(validated):
-    v, *_ = validated
+    v, run, *_ = validated
+    # AdamW's first step is the sign of the gradient, which no first-order estimate follows closely
+    # (README, "Adam and AdamW"); its first window here starts at step 0
+    least = 0.95 if run.optimizer["name"] == "AdamW" else 0.99
     for s in v.windows:
         p, r = s.agreement()["dit_exact"]
-        assert p > 0.99 and r > 0.9, (s.name, p, r)
+        assert p > least and r > 0.9, (s.name, p, r)
 
 
 def test_dvemb_is_compared_only_where_its_notion_applies(validated):
