@@ -190,3 +190,13 @@ def test_a_torchrun_loop_with_distributed_data_parallel_records_the_same_run(tmp
     assert rel(tracin(run, **f64).values, tracin(one, **f64).values) < 1e-8
     a = dit(run, window=(2, 6), curvature="fisher", **f64)
     assert rel(a.values, dit(one, window=(2, 6), curvature="fisher", **f64).values) < 1e-8
+
+
+def test_resuming_with_another_number_of_processes_is_refused(runs):
+    from influence_hooks.storage.writer import RunWriter
+
+    ddp, _ = runs
+    now = {k: ddp.manifest[k] for k in ("dim", "projection_fingerprint", "storage_dtype", "loss_reduction")}
+    RunWriter.check_resume(ddp.path, ddp.run_id, {**now, "world_size": 2})  # the same: fine
+    with pytest.raises(ConfigurationError, match="world_size: recorded 2, now 1.*number of processes"):
+        RunWriter.check_resume(ddp.path, ddp.run_id, {**now, "world_size": 1})
