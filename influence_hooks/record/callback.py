@@ -3,6 +3,7 @@ LightningModule. A thin layer over GradientRecorder."""
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable
 
 import lightning.pytorch as pl
@@ -67,7 +68,8 @@ class InfluenceCallback(pl.Callback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(run_dir=self.run_dir)
+        # the resolved directory: a resume finds its recording state however the path is spelled
+        return self._generate_state_key(run_dir=os.path.realpath(self.run_dir))
 
     # ------------------------------------------------------------------ setup
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
