@@ -292,10 +292,12 @@ class ShardIndex:
                 why = (e.reason if isinstance(e, UnsafeFileError) else str(e) if isinstance(e, CorruptShardError)
                        else f"cannot be read ({type(e).__name__}: {e})")
                 if on_corrupt == "raise":
-                    raise CorruptShardError(
-                        f"shard {sh.path}: {why} Nothing else is lost: open_run(path, on_corrupt='skip') "
-                        "(`influence-hooks info RUN --skip-corrupt`) reads the other shards, and "
-                        "`influence-hooks verify RUN` lists every problem.") from e
+                    rest = ("Nothing else is lost: open_run(path, on_corrupt='skip') (`influence-hooks info RUN "
+                            "--skip-corrupt`) reads the other shards, and `influence-hooks verify RUN` lists "
+                            "every problem.")
+                    if isinstance(e, UnsafeFileError):
+                        raise UnsafeFileError(sh.path, f"{why} {rest}") from e
+                    raise CorruptShardError(f"shard {sh.path}: {why} {rest}") from e
                 warnings.warn(f"skipping unreadable shard {sh.path}: {why}", RuntimeWarning)
                 skipped.append((sh.path, why))
                 continue
