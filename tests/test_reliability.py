@@ -77,7 +77,8 @@ def train(rec: GradientRecorder, steps: int, *, start: int = 0, ids_of=None, nan
 def record(run_dir: Path, steps: int, *, queries: bool = True, **options) -> GradientRecorder:
     options.setdefault("projection", 8)
     if queries:
-        options.update(queries=(X[:3], Y[:3]), query_loss_fn=CE, query_every_n_steps=1)
+        options.update(queries=(X[:3], Y[:3]), query_loss_fn=CE)
+        options.setdefault("query_every_n_steps", 1)
     rec = GradientRecorder(run_dir, mlp(), **options)
     train(rec, steps)
     rec.finish()
@@ -521,3 +522,330 @@ def test_embeddings_do_not_open_the_run_directory_the_file_names(tmp_path):
         assert e.run is run  # the run the user passes is the one used
     with open_run(other_dir) as other, pytest.raises(RunDirectoryError, match="belongs to run"):
         DataValueEmbeddings.load(tmp_path / "emb.h5", run=other)
+
+
+# ====================================================================== 7. NaN
+def test_nan_query_gradients_are_flagged_when_recorded_and_every_score_of_them_warns(tmp_path):
+    xq = X[:3].clone()
+    xq[1] = float("nan")  # query 1's loss is NaN at every step
+    rec = GradientRecorder(tmp_path / "run", mlp(), projection=8, queries=(xq, Y[:3]), query_loss_fn=CE,
+                           query_ids=[10, 11, 12], query_every_n_steps=1, steps_per_shard=2)
+    with pytest.warns(RuntimeWarning, match=r"step 0: the query gradients of 1 of 3 queries \(ids \[11\]\)"):
+        train(rec, 4)
+        rec.finish()
+    with open_run(tmp_path / "run") as run:
+        assert run.nonfinite_query_steps.tolist() == [0, 1, 2, 3, 4]
+        assert run.query_nonfinite(2).tolist() == [False, True, False]
+        assert "non-finite query gradients" in _info_text(tmp_path / "run")
+        with pytest.warns(RuntimeWarning, match=r"dit\(mode='removal'\): query gradients flagged non-finite"):
+            d = dit(run, window=(0, 2), progress=False)
+        seen = d.values[d.present]
+        assert torch.isfinite(seen[:, [0, 2]]).all() and not torch.isfinite(seen[:, 1]).any()
+        assert any("flagged non-finite" in n and "[11]" in n for n in d.approximations)
+        assert any("scores are NaN/inf" in n and "[11]" in n for n in d.approximations)
+        with pytest.warns(RuntimeWarning, match="tracin: query gradients flagged"):
+            tracin(run, progress=False)
+        with dvemb(run, progress=False) as e:
+            with pytest.warns(RuntimeWarning, match=r"DataValueEmbeddings.scores: the given query gradients of 1 of 3"):
+                s = e.scores(run.query_gradients(run.final_step), progress=False)
+            assert any("scores are NaN/inf" in n for n in s.approximations)
+
+
+def _info_text(run_dir: Path) -> str:
+    out = subprocess.run([sys.executable, "-m", "influence_hooks.cli", "info", str(run_dir)], env=subprocess_env(),
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_nan_training_gradients_with_on_nonfinite_warn_never_give_silent_nan_dit_scores(tmp_path):
+    # the optimizer applies the NaN update: every later weight, gradient and query gradient is NaN
+    rec = GradientRecorder(tmp_path / "run", mlp(), projection=8, queries=(X[:3], Y[:3]), query_loss_fn=CE,
+                           query_every_n_steps=1, steps_per_shard=2, on_nonfinite="warn")
+    with pytest.warns(RuntimeWarning, match="per-sample gradients contain NaN"):
+        train(rec, 6, nan_at=3, apply_nan=True)
+        rec.finish()
+    with open_run(tmp_path / "run") as run:
+        assert run.nonfinite.tolist() == [False, False, False, True, True, True]
+        assert run.nonfinite_query_steps.tolist() == [4, 5, 6]
+        for kw in ({"window": (0, 6)}, {"window": (0, 3), "eval_step": "final"}, {"window": (0, 6), "mode": "accrued"}):
+            with pytest.warns(RuntimeWarning) as warned:
+                d = dit(run, progress=False, **kw)
+            text = " ".join(str(w.message) for w in warned)
+            assert "non-finite" in text and "dit(" in text, kw
+            if not torch.isfinite(d.values).all():
+                assert any("scores are NaN/inf" in n for n in d.approximations), kw
+        # before the NaN update everything is finite, and the skipped step is still said
+        d = dit(run, window=(0, 3), progress=False)
+        assert torch.isfinite(d.values).all()
+        with pytest.warns(RuntimeWarning, match=r"1 step\(s\) with non-finite gradients skipped: \[3\]"):
+            dit(run, window=(0, 4), eval_step=4, progress=False)
+
+
+# ====================================================================== 8. the first step
+def test_queries_of_the_wrong_shape_fail_clearly_and_the_retry_needs_no_overwrite(tmp_path):
+    run_dir = tmp_path / "run"
+    rec = GradientRecorder(run_dir, mlp(), projection=8, queries=(X[:3, :4], Y[:3]), query_loss_fn=CE)
+    with pytest.raises(ConfigurationError) as err:
+        train(rec, 1)
+    rec.abort()
+    msg = str(err.value)
+    assert "computing the query gradients at step 0 failed" in msg and "mat1 and mat2" in msg
+    assert "queries=" in msg and "can be used again" in msg
+    assert isinstance(err.value.__cause__, RuntimeError)
+    assert not (run_dir / fmt.MANIFEST).exists()
+    record(run_dir, 2)  # the retry, with correct queries, needs no overwrite=True
+
+
+def test_lightning_queries_of_the_wrong_shape_fail_clearly_and_the_retry_needs_no_overwrite(tmp_path):
+    data = DataLoader(list(zip(X.double(), Y)), batch_size=4)
+    cb = InfluenceCallback(tmp_path / "run", queries=(X[:2, :3].double(), Y[:2]), projection=8)
+    with pytest.raises(ConfigurationError, match="computing the query gradients at step 0 failed"):
+        make_trainer([cb], 1, tmp_path).fit(TinyClassifier(), data)
+    cb = InfluenceCallback(tmp_path / "run", queries=(X[:2].double(), Y[:2]), projection=8)
+    make_trainer([cb], 1, tmp_path).fit(TinyClassifier(), data)
+    with open_run(tmp_path / "run") as run:
+        assert run.complete and len(run.steps) == N // 4
+
+
+def test_a_run_killed_before_it_finished_anything_may_be_reused(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = start_recording("hold", run_dir, steps=1, flush=False, steps_per_shard=100,
+                           ready=str(tmp_path / "ready"), release=str(tmp_path / "never"))
+    try:
+        wait_for(tmp_path / "ready", proc)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+        proc.communicate()
+    assert (run_dir / fmt.MANIFEST).exists() and shards(run_dir) == []  # a run with no finished step
+    rec = record(run_dir, 2)  # reused without overwrite=True
+    with open_run(run_dir) as run:
+        assert run.run_id == rec.run_id and run.complete
+
+
+# ====================================================================== 9. resuming
+def _fit_with_checkpoints(run_dir: str, root: Path) -> Path:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    ckpt = ModelCheckpoint(dirpath=root / "ckpt", every_n_epochs=1, save_top_k=-1)
+    make_trainer([InfluenceCallback(run_dir, projection=8, steps_per_shard=3), ckpt], 2, root,
+                 enable_checkpointing=True).fit(TinyClassifier(), DataLoader(list(zip(X.double(), Y)), batch_size=4))
+    return root / "ckpt" / "epoch=0-step=8.ckpt"
+
+
+def test_a_resume_does_not_depend_on_how_the_run_directory_is_spelled(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    checkpoint = _fit_with_checkpoints("runs/exp", tmp_path)  # relative
+    spelled = str(tmp_path / "runs" / ".." / "runs" / "exp")  # absolute, and another way round
+    make_trainer([InfluenceCallback(spelled, projection=8, steps_per_shard=3)], 3, tmp_path).fit(
+        TinyClassifier(), DataLoader(list(zip(X.double(), Y)), batch_size=4), ckpt_path=checkpoint)
+    with open_run(tmp_path / "runs" / "exp") as run:
+        assert run.complete and run.steps.tolist() == list(range(24)) and run.final_step == 24
+        assert run.batch_sizes_recorded.tolist() == [4] * 24 and run.verify() == []
+
+
+def test_a_resume_into_a_missing_directory_says_that_a_new_run_starts(tmp_path):
+    checkpoint = _fit_with_checkpoints(str(tmp_path / "run"), tmp_path)
+    shutil.rmtree(tmp_path / "run")
+    with pytest.warns(RuntimeWarning, match=r"holds no run .* a NEW run starts there at step 8"):
+        make_trainer([InfluenceCallback(tmp_path / "run", projection=8)], 3, tmp_path).fit(
+            TinyClassifier(), DataLoader(list(zip(X.double(), Y)), batch_size=4), ckpt_path=checkpoint)
+    with open_run(tmp_path / "run") as run:
+        assert run.steps.tolist() == list(range(8, 24))
+        assert run.manifest["resumed_from"]["step"] == 8
+
+
+def test_a_new_run_that_starts_after_step_0_says_so(tmp_path):
+    rec = GradientRecorder(tmp_path / "run", mlp(), projection=8)
+    with pytest.warns(RuntimeWarning, match=r"a new run starts in .* at step 5: steps 0..4 are not in it"):
+        train(rec, 2, start=5)
+    rec.finish()
+
+
+# ====================================================================== 10. stray shards
+def test_stray_shards_without_a_manifest_are_refused_and_kept_and_overwrite_deletes_them(tmp_path):
+    run_dir = tmp_path / "run"
+    record(run_dir, 8, steps_per_shard=2)
+    (run_dir / fmt.MANIFEST).unlink()
+    (run_dir / fmt.rank_file_name(0)).unlink()
+    before = {p.name: p.read_bytes() for p in shards(run_dir)}
+    rec = GradientRecorder(run_dir, mlp(), projection=8, steps_per_shard=2)
+    with pytest.raises(RunDirectoryError) as err:
+        rec.plan_start()
+    msg = str(err.value)
+    assert f"{len(before)} shard or parameter file(s)" in msg and "no manifest.json" in msg
+    assert "Move them" in msg and "overwrite=True" in msg
+    assert {p.name: p.read_bytes() for p in shards(run_dir)} == before  # untouched
+    new = record(run_dir, 2, steps_per_shard=2, overwrite=True)
+    with open_run(run_dir) as run:  # nothing of the old run is left to mix in
+        assert run.run_id == new.run_id and run.steps.tolist() == [0, 1] and run.verify() == []
+        assert len(shards(run_dir)) == 2  # one shard of steps, one of the final queries
+
+
+# ====================================================================== 11. the manifest's schema
+@pytest.mark.parametrize("damage, key", [
+    (lambda m: m.pop("dim"), "'dim'"),
+    (lambda m: m.update(dim="12"), "'dim'"),
+    (lambda m: m.update(dim=13), "'dim'"),
+    (lambda m: m["layers"][0].pop("offset"), "'offset'"),
+    (lambda m: m["layers"][1].update(offset=3), "layers[1].offset"),
+    (lambda m: m["layers"][0].update(param_shapes=5), "layers[0].param_shapes"),
+    (lambda m: m.update(storage_dtype="float8"), "'storage_dtype'"),
+    (lambda m: m.update(queries={"ids": ["a"]}), "queries.ids"),
+    (lambda m: m.update(run_id=7), "'run_id'"),
+], ids=["no_dim", "dim_str", "dim_wrong", "no_offset", "offset_gap", "shapes_int", "dtype", "query_ids", "run_id"])
+def test_a_malformed_manifest_is_refused_on_open_naming_the_key(tmp_path, damage, key, capsys):
+    run_dir = tmp_path / "run"
+    record(run_dir, 2, projection="none")
+    m = json.loads((run_dir / fmt.MANIFEST).read_text())
+    damage(m)
+    (run_dir / fmt.MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(RunDirectoryError) as err:
+        open_run(run_dir)
+    assert key in str(err.value) and "damaged" in str(err.value)
+    assert main(["verify", str(run_dir)]) == 2
+    assert key in capsys.readouterr().err
+
+
+# ====================================================================== 12. smaller things
+def test_a_shard_with_a_damaged_run_id_names_its_path_once_and_gives_the_right_advice(tmp_path):
+    run_dir = tmp_path / "run"
+    record(run_dir, 4, steps_per_shard=2)
+    victim = shards(run_dir)[0]
+    with h5py.File(victim, "r+") as f:
+        del f.attrs["run_id"]
+    with pytest.raises(CorruptShardError) as err:
+        open_run(run_dir)
+    msg = str(err.value)
+    assert msg.count(str(victim)) == 1 and "no readable run_id" in msg and "damaged" in msg
+    assert "on_corrupt='skip'" in msg
+    with h5py.File(victim, "r+") as f:
+        f.attrs["run_id"] = "0123456789abcdef"
+    with pytest.raises(CorruptShardError) as err:
+        open_run(run_dir)
+    msg = str(err.value)
+    assert msg.count(str(victim)) == 1 and "belongs to run 0123456789abcdef" in msg and "another recording" in msg
+
+
+def test_the_dit_command_line_never_suggests_a_python_only_argument(tmp_path, capsys):
+    record(tmp_path / "run", 6, query_every_n_steps=3)
+    assert main(["dit", str(tmp_path / "run"), "--window", "0:4", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "u_q(4)" in err and "--eval-step 6" in err and "query_grads" not in err
+
+
+def test_a_read_only_directory_is_a_clear_error_before_training(tmp_path):
+    with tmpfs("1m", read_only=True) as fs:
+        rec = GradientRecorder(fs / "run", mlp(), projection=8)
+        with pytest.raises(RunDirectoryError, match="read-only file system"):
+            rec.plan_start()
+        with pytest.raises(RunDirectoryError, match="cannot create the run directory"):
+            train(rec, 1)  # without plan_start, the first step says the same
+        rec.abort()
+
+
+@pytest.mark.parametrize("projection", [0, -5, {"0": 0}, {"*": -1}, True, "1024"])
+def test_a_projection_that_is_not_a_positive_number_of_dimensions_is_refused_at_construction(tmp_path, projection):
+    with pytest.raises(ConfigurationError, match="projection"):
+        RecordingConfig(projection=projection)
+    with pytest.raises(ConfigurationError, match="projection"):
+        GradientRecorder(tmp_path / "run", mlp(), projection=projection)
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_empty_training_set_records_nothing_and_says_so(tmp_path):
+    cb = InfluenceCallback(tmp_path / "run", projection=8)
+    with pytest.warns(RuntimeWarning, match="without a single recorded step, so nothing was written"):
+        make_trainer([cb], 1, tmp_path).fit(TinyClassifier(), DataLoader(list(zip(X.double(), Y))[:0], batch_size=4))
+    assert not (tmp_path / "run" / fmt.MANIFEST).exists()
+
+
+@pytest.mark.parametrize("bad_ids, match", [([0, 1, 1, 2], r"sample ids \[1\] occur more than once"),
+                                            ([0, -3, 1, 2], r"negative sample ids \[-3\]")])
+def test_repeated_or_negative_sample_ids_in_one_step_are_refused_and_earlier_steps_kept(tmp_path, bad_ids, match):
+    rec = GradientRecorder(tmp_path / "run", mlp(), projection=8, steps_per_shard=1)
+    train(rec, 2)
+    with pytest.raises(SampleIdError, match=match):
+        train(rec, 1, start=2, ids_of=lambda t: torch.tensor(bad_ids))
+    rec.abort()
+    with open_run(tmp_path / "run") as run:
+        assert run.steps.tolist() == [0, 1] and run.verify(require_complete=False) == []
+
+
+def test_repeated_sample_ids_are_accepted_when_the_sampler_draws_with_replacement(tmp_path):
+    rec = GradientRecorder(tmp_path / "run", mlp(), projection=8, allow_repeated_ids=True)
+    train(rec, 2, ids_of=lambda t: torch.tensor([5, 5, 6, 7]))
+    rec.finish()
+    with open_run(tmp_path / "run") as run:
+        assert run.step_sample_ids(1).tolist() == [5, 5, 6, 7]
+        s = run.verify()
+        assert s == []
+
+
+def test_ids_on_the_writer_thread_are_checked_too(tmp_path):
+    """What reaches the writer directly (ids from a GPU, or a RunWriter user) is checked there."""
+    from influence_hooks.storage.writer import StepRecord
+
+    m = {"dim": 2, "storage_dtype": "float32", "layers": [
+        {"name": "fc", "rule": "linear", "module_type": "Linear", "offset": 0, "dim": 2, "grad_dim": 2,
+         "param_shapes": [["weight", [1, 2]]], "projection": {"kind": "none"}}]}
+    w = RunWriter.create(tmp_path / "run", m)
+    w.write_step(StepRecord(step=0, epoch=0, lr=0.1, lr_groups=[0.1], batch_size=2, update_weight=0.5,
+                            micro_batches=1, sample_ids=np.array([3, 3]), grads=torch.zeros(2, 2)))
+    with pytest.raises(SampleIdError, match=r"\[3\] occur more than once"):
+        w.close(final_step=1)
+
+
+# ====================================================================== format 1
+def _as_format_1(run_dir: Path) -> None:
+    """Rewrite a run the way format 1 stored it: plain HDF5 (no checksums), no segment in the
+    shards, no list of finished files in the rank files, no query flags."""
+    for p in shards(run_dir):
+        with h5py.File(p, "r") as f:
+            datasets = {}
+            f.visititems(lambda name, obj: datasets.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None)
+            attrs = {k: f.attrs[k] for k in ("run_id", "rank", "shard_index")}
+        p.unlink()
+        with h5py.File(p, "w") as f:
+            f.attrs.update(format=fmt.FORMAT_NAME, format_version=1, run_id=attrs["run_id"].decode(),
+                           rank=attrs["rank"], shard_index=attrs["shard_index"])
+            for name, data in datasets.items():
+                if name != fmt.QUERY_NONFINITE:
+                    f.create_dataset(name, data=data)
+    for p in run_dir.glob("rank-*.json"):
+        state = json.loads(p.read_text())
+        state["segments"] = [{"from_step": s["from_step"], "first_shard": s["first_shard"]} for s in state["segments"]]
+        for key in (fmt.RANK_SHARDS, fmt.RANK_PARAMS):
+            state.pop(key)
+        p.write_text(json.dumps(state))
+    m = json.loads((run_dir / fmt.MANIFEST).read_text())
+    m["format_version"] = 1
+    (run_dir / fmt.MANIFEST).write_text(json.dumps(m))
+
+
+def test_runs_of_format_1_are_still_read_and_resumed(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    _resumed_run(run_dir)  # two segments: the resume from step 3 supersedes rows of the first
+    with open_run(run_dir) as run:
+        expected = {int(t): (run.step_sample_ids(t).tolist(), next(run.iter_steps((t, t + 1))).grads)
+                    for t in run.steps}
+        scores = tracin(run, progress=False)
+    _as_format_1(run_dir)
+    with open_run(run_dir) as run:
+        assert run.manifest["format_version"] == 1 and run.gaps == [] and run.verify() == []
+        got = {int(t): (run.step_sample_ids(t).tolist(), next(run.iter_steps((t, t + 1))).grads) for t in run.steps}
+        assert got.keys() == expected.keys()
+        assert all(got[t][0] == expected[t][0] and torch.equal(got[t][1], expected[t][1]) for t in got)
+        assert scores_equal(tracin(run, progress=False), scores)
+    assert main(["verify", str(run_dir)]) == 0
+    assert "format-1 run: it has no checksums" in capsys.readouterr().out
+    # a format-1 run resumed by this version: the rank file is completed from the shards
+    again = GradientRecorder(run_dir, mlp(), projection=8, steps_per_shard=2)
+    again.plan_start(resume_run_id=run.run_id, resume_step=5)
+    train(again, 2, start=5, ids_of=lambda t: torch.arange(4) + t)
+    again.finish()
+    with open_run(run_dir) as run:
+        assert run.steps.tolist() == list(range(7)) and run.batch_sizes_recorded.tolist() == [4] * 7
+        assert run.step_sample_ids(3).tolist() == expected[3][0] and run.step_sample_ids(5).tolist() == [5, 6, 7, 8]
+        assert run.verify() == []

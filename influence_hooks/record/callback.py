@@ -14,7 +14,7 @@ from ..batches import as_batch, training_step_loss
 from ..errors import ConfigurationError, SampleIdError
 from .ids import NO_IDS_HELP, IndexedDataset, TrackedBatchSampler, ids_from_indexed_batch, track_loader
 from .options import RecordingConfig
-from .recorder import GradientRecorder
+from .recorder import GradientRecorder, warn_nothing_recorded
 
 
 class InfluenceCallback(pl.Callback):
@@ -173,6 +173,10 @@ class InfluenceCallback(pl.Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.recorder.finish(final_step=trainer.global_step)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.recorder is None:  # Lightning skips training (and on_train_start) for an empty loader
+            warn_nothing_recorded(self.run_dir)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if self.recorder is not None:

@@ -47,6 +47,13 @@ from .params import ParameterSaver
 from .queries import QueryLossFn, QuerySet
 
 
+def warn_nothing_recorded(run_dir: str) -> None:
+    """Training ended without a single step: say so, since an empty run directory says nothing."""
+    warnings.warn(f"training finished without a single recorded step, so nothing was written to {run_dir}: the "
+                  "train loader yielded no batches (an empty dataset, or limit_train_batches=0?), or end_step() "
+                  "was never called.", RuntimeWarning, stacklevel=3)
+
+
 class GradientRecorder:
     """Records per-sample gradients g_t(i) of selected layers of `model` into `run_dir`.
 
@@ -257,9 +264,7 @@ class GradientRecorder:
             if self.params.snapshots:
                 self.params.snapshot(self.writer, final_step, self.layers)
         else:
-            warnings.warn(f"training finished without a single recorded step, so nothing was written to "
-                          f"{self.run_dir}: the train loader yielded no batches (an empty dataset, or "
-                          "limit_train_batches=0?), or end_step() was never called.", RuntimeWarning, stacklevel=2)
+            warn_nothing_recorded(self.run_dir)
         self.close(complete=self.writer is not None, final_step=final_step)
 
     @property
