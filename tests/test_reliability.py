@@ -32,7 +32,7 @@ from _tiny_lightning import TinyClassifier, make_trainer
 from influence_hooks import dit, dvemb, open_run, tracin
 from influence_hooks.aggregate import DataValueEmbeddings, InfluenceScores
 from influence_hooks.cli import main
-from influence_hooks.errors import (ConfigurationError, CorruptShardError, InfluenceHooksError, RunDirectoryError,
+from influence_hooks.errors import (ConfigurationError, CorruptShardError, RunDirectoryError,
                                     SampleIdError, StorageError, UnsafeFileError)
 from influence_hooks.record.callback import InfluenceCallback
 from influence_hooks.record.options import RecordingConfig

@@ -112,7 +112,6 @@ def is_lock_file_name(name: str) -> bool:
 
 # ---------------------------------------------------------------------- the manifest's schema
 _INT = (int,)
-_NUM = (int, float)
 # key: (allowed JSON types, required)
 MANIFEST_SCHEMA: dict[str, tuple[tuple[type, ...], bool]] = {
     "format": ((str,), True),
