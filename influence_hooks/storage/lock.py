@@ -119,8 +119,9 @@ def _read_holder(fd: int) -> str:
 
 def _busy_message(path: Path, rank: int, holder: str) -> str:
     who = holder or "another process"
-    own = f" (this process: an earlier recorder of {path} that was not finished or closed)" \
-        if holder.startswith(f"pid {os.getpid()} ") else ""
+    own = (f" (that is this process: an earlier GradientRecorder / InfluenceCallback of {path} was never "
+           "finished or closed; call its abort() or finish(), or restart Python)"
+           if holder.startswith(f"pid {os.getpid()} ") else "")
     return (f"{path} is being recorded by {who}{own}: rank {rank}'s lock {fmt.lock_file_name(rank)} is held. "
             "Two recordings in one directory would mix their files. Wait for it to finish, stop it, or "
             "record into another directory.")
