@@ -40,7 +40,7 @@ from influence_hooks.record.recorder import GradientRecorder
 from influence_hooks.storage import format as fmt
 from influence_hooks.storage.files import h5_image, write_array, write_atomic
 from influence_hooks.storage.jsonio import write_json_atomic
-from influence_hooks.storage.writer import RunWriter
+from influence_hooks.storage.writer import RunWriter, StepRecord
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*LeafSpec.*is deprecated", "ignore:Be aware that when using `ckpt_path`")
 
@@ -262,6 +262,22 @@ def test_manifest_rank_file_and_shard_writes_on_a_full_disk_fail_cleanly():
         filler.unlink()
         with open_run(fs / "run") as run:
             assert run.complete and run.verify() == []
+        # a checkpoint larger than what is left, after a shard that fits
+        shutil.rmtree(fs / "run")
+        w = RunWriter.create(fs / "run", {**manifest, "dim": 4})
+        fill_up(fs, leave=200_000)
+        w.write_step(StepRecord(step=0, epoch=0, lr=0.1, lr_groups=[0.1], batch_size=2, update_weight=0.5,
+                                micro_batches=1, sample_ids=np.array([0, 1]), grads=torch.ones(2, 4)))
+        w.flush()
+        w.write_params("checkpoint", 1, {"w": torch.ones(100_000)})
+        with pytest.raises(StorageError) as err:
+            w.close(final_step=2)
+        msg = str(err.value)
+        assert "disk full while writing checkpoint-r000-s000000001.h5" in msg and "1 shard(s)" in msg
+        assert not [p for p in fs.rglob("*") if p.name.endswith(fmt.TMP_SUFFIX)]
+        with open_run(fs / "run") as run:
+            assert not run.complete and run.steps.tolist() == [0] and run.checkpoint_steps.tolist() == []
+            assert torch.equal(next(run.iter_steps(dtype=torch.float32)).grads, torch.ones(2, 4))
 
 
 # ====================================================================== 3. missing shards
@@ -785,8 +801,6 @@ def test_repeated_sample_ids_are_accepted_when_the_sampler_draws_with_replacemen
 
 def test_ids_on_the_writer_thread_are_checked_too(tmp_path):
     """What reaches the writer directly (ids from a GPU, or a RunWriter user) is checked there."""
-    from influence_hooks.storage.writer import StepRecord
-
     m = {"dim": 2, "storage_dtype": "float32", "layers": [
         {"name": "fc", "rule": "linear", "module_type": "Linear", "offset": 0, "dim": 2, "grad_dim": 2,
          "param_shapes": [["weight", [1, 2]]], "projection": {"kind": "none"}}]}

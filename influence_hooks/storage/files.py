@@ -78,8 +78,8 @@ def check_free_space(directory: Path, nbytes: int, what: str) -> None:
     """StorageError (errno ENOSPC) unless `directory`'s file system has room for `nbytes`."""
     free = shutil.disk_usage(directory).free
     if free < nbytes:
-        raise StorageError(errno.ENOSPC, f"no space left for {what}: it needs {nbytes / 2**20:.2f} MiB, "
-                                         f"{free / 2**20:.2f} MiB are free in {directory}")
+        raise StorageError(errno.ENOSPC, f"no space left for {what}: it needs {nbytes / 1024:.1f} KiB, "
+                                         f"{free / 1024:.1f} KiB are free in {directory}")
 
 
 def chunk_rows(shape: tuple[int, ...]) -> int:

@@ -144,6 +144,8 @@ class RunWriter:
         self._error: BaseException | None = None
         self._bytes_written = 0
         self._shards_written = 0
+        self._params_written = 0
+        self._writing = ""  # the file being written, for error messages
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="influence-hooks-writer", daemon=True)
         self._thread.start()
@@ -391,8 +393,7 @@ class RunWriter:
         if isinstance(err, (NonFiniteGradientError, StorageError, SampleIdError)):
             raise err
         raise StorageError(
-            f"recording to {self.path} failed on the writer thread: {err!r}. "
-            f"{self._shards_written} finished shard(s), {self._bytes_written / 2**20:.1f} MiB, stay "
+            f"recording to {self.path} failed on the writer thread: {err!r}. {self._written()} stay "
             "readable there.") from err
 
     def _loop(self) -> None:
@@ -414,16 +415,20 @@ class RunWriter:
     def _describe(self, e: BaseException) -> BaseException:
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
             err = StorageError(
-                f"disk full while writing {self.path} ({e.strerror or e}): {self._shards_written} shard(s), "
-                f"{self._bytes_written / 2**20:.1f} MiB were written and stay readable in "
-                f"{self.path / fmt.SHARD_DIR}. Free space (or record fewer layers / a smaller "
-                "projection / float16 storage) and resume from the last checkpoint.")
+                f"disk full while writing {self._writing or 'to'} in {self.path} ({e.strerror or e}): "
+                f"{self._written()} were written and stay readable in {self.path / fmt.SHARD_DIR} (and "
+                f"{fmt.PARAM_DIR}/). Free space (or record fewer layers / a smaller projection / float16 "
+                "storage) and resume from the last checkpoint.")
             err.errno = e.errno
             return err
         if isinstance(e, (PermissionError, OSError)) and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-            return StorageError(f"cannot write to {self.path} ({e.strerror}); {self._shards_written} finished "
-                                "shard(s) stay readable there. Record into a directory you can write to.")
+            return StorageError(f"cannot write to {self.path} ({e.strerror}); {self._written()} stay readable "
+                                "there. Record into a directory you can write to.")
         return e
+
+    def _written(self) -> str:
+        return (f"{self._shards_written} shard(s) and {self._params_written} parameter file(s), "
+                f"{self._bytes_written / 2**20:.2f} MiB,")
 
     def _handle(self, item: tuple) -> None:
         kind = item[0]
@@ -486,6 +491,7 @@ class RunWriter:
         if not buf.steps and not buf.query_steps:
             return
         final = self.path / fmt.SHARD_DIR / fmt.shard_name(self.rank, buf.index)
+        self._writing = final.name
         image = h5_image(lambda f: self._fill_shard(f, buf))
         check_free_space(final.parent, len(image), f"shard {final.name}")
         write_atomic(final, image)
@@ -500,6 +506,7 @@ class RunWriter:
             self._rank_state["last_step"] = max(max(steps), self._rank_state.get("last_step") or -1)
         self._buffer = _ShardBuffer(buf.index + 1)
         # the shard is whole on disk already: if this fails (a full disk), the shard is still read
+        self._writing = fmt.rank_file_name(self.rank)
         write_json_atomic(self.path / fmt.rank_file_name(self.rank), self._rank_state)
 
     def _fill_shard(self, f: h5py.File, buf: _ShardBuffer) -> None:
@@ -560,10 +567,12 @@ class RunWriter:
                 for key, t in state.items():
                     write_array(og, key, _to_numpy(t))
 
+        self._writing = final.name
         image = h5_image(fill)
         check_free_space(final.parent, len(image), f"{kind} {final.name}")
         write_atomic(final, image)
         self._bytes_written += len(image)
+        self._params_written += 1
         # listed in the rank file with the next shard: a file on disk but not listed is not a gap
         self._rank_state[fmt.RANK_PARAMS].append(final.name)
 
