@@ -759,6 +759,16 @@ def test_a_read_only_directory_is_a_clear_error_before_training(tmp_path):
         with pytest.raises(RunDirectoryError, match="cannot create the run directory"):
             train(rec, 1)  # without plan_start, the first step says the same
         rec.abort()
+    with tmpfs("1m") as fs:  # a run recorded, then its file system made read-only
+        record(fs / "run", 4)
+        subprocess.run(["mount", "-o", "remount,ro", str(fs)], check=True)
+        with open_run(fs / "run") as run:  # reading needs nothing written
+            assert run.complete and run.verify() == []
+            with pytest.raises(RunDirectoryError, match="read-only file system.*Pass path="):
+                dvemb(run, progress=False)
+        again = GradientRecorder(fs / "run", mlp(), projection=8, overwrite=True)
+        with pytest.raises(RunDirectoryError, match="read-only file system"):
+            again.plan_start()
 
 
 @pytest.mark.parametrize("projection", [0, -5, {"0": 0}, {"*": -1}, True, "1024"])

@@ -24,7 +24,7 @@ import torch
 
 from .. import windows as W
 from ..errors import ConfigurationError, RunDirectoryError, WindowError
-from ..storage.files import check_free_space, open_h5
+from ..storage.files import check_free_space, open_h5, writable_target
 from ..storage.format import MANIFEST
 from ..storage.reader import Run, open_run
 from .curvature import FisherCurvature
@@ -110,6 +110,10 @@ def dvemb(run: Run, *, path: str | os.PathLike | None = None, window: Any = None
         notes.append(f"M kept block-diagonal: {len(blocks)} per-layer blocks, cross-layer curvature ignored")
     notes += window_notes(run, lo, hi)
 
+    unwritable = writable_target(path)
+    if unwritable:
+        raise RunDirectoryError(f"cannot write the data value embeddings to {path}: {unwritable}. Pass path= "
+                                "a file in a directory you can write to.")
     # the file is streamed to disk by HDF5, which can crash the process on a full disk: refuse first
     check_free_space(path.parent, n_rows * K * sdtype.itemsize + (n_rows + 3 * len(store)) * 8 + (1 << 20),
                      f"the data value embeddings {path.name}")

@@ -82,6 +82,23 @@ def check_free_space(directory: Path, nbytes: int, what: str) -> None:
                                          f"{free / 1024:.1f} KiB are free in {directory}")
 
 
+def writable_target(path: Path) -> str | None:
+    """Why `path` (a file or directory to create, or one that exists) cannot be written, or None:
+    checked on the nearest existing directory, before any work is done."""
+    at = path
+    while not at.exists() and at != at.parent:
+        at = at.parent
+    if not at.is_dir():
+        at = at.parent
+    if os.access(at, os.W_OK):
+        return None
+    try:
+        read_only = bool(os.statvfs(at).f_flag & os.ST_RDONLY)
+    except (OSError, AttributeError):
+        read_only = False
+    return f"{at} {'is on a read-only file system' if read_only else 'is not writable'}"
+
+
 def chunk_rows(shape: tuple[int, ...]) -> int:
     """Rows (first-axis entries) per chunk: about format.CHUNK_ELEMENTS elements, at least one row."""
     row = int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else 1

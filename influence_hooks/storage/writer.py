@@ -29,7 +29,7 @@ from .._version import __version__
 from ..errors import (ConfigurationError, NonFiniteGradientError, RunDirectoryError, SampleIdError, StorageError,
                       short_list)
 from . import format as fmt
-from .files import check_free_space, h5_image, set_attrs, write_array, write_atomic
+from .files import check_free_space, h5_image, set_attrs, writable_target, write_array, write_atomic
 from .index import finished_shards, read_manifest, rebuild_rank_state
 from .jsonio import read_json, write_json_atomic
 from .lock import RunLock
@@ -207,14 +207,11 @@ class RunWriter:
     def check_writable(path: str | os.PathLike) -> None:
         """RunDirectoryError unless `path`, or the directory it would be created in, is writable."""
         path = Path(path)
-        at = path
-        while not at.exists() and at != at.parent:
-            at = at.parent
-        if not at.is_dir():
-            raise RunDirectoryError(f"cannot record into {path}: {at} is not a directory.")
-        if not os.access(at, os.W_OK):
-            why = "is on a read-only file system" if _read_only_fs(at) else "is not writable"
-            raise RunDirectoryError(f"cannot record into {path}: {at} {why}. Choose a directory you can write to.")
+        if path.exists() and not path.is_dir():
+            raise RunDirectoryError(f"cannot record into {path}: it is a file, not a directory.")
+        why = writable_target(path)
+        if why:
+            raise RunDirectoryError(f"cannot record into {path}: {why}. Choose a directory you can write to.")
 
     @staticmethod
     def _check_contents(path: Path, *, overwrite: bool) -> None:
@@ -605,13 +602,6 @@ def _start_error(path: Path, e: OSError) -> Exception:
                             "or choose another directory.")
     return RunDirectoryError(f"cannot write the run's files in {path} ({e.strerror or e}). Choose a "
                              "directory you can write to.")
-
-
-def _read_only_fs(path: Path) -> bool:
-    try:
-        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
-    except (OSError, AttributeError):
-        return False
 
 
 def _recorded_files(path: Path) -> list[Path]:
