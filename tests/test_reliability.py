@@ -804,9 +804,7 @@ def test_repeated_sample_ids_are_accepted_when_the_sampler_draws_with_replacemen
     train(rec, 2, ids_of=lambda t: torch.tensor([5, 5, 6, 7]))
     rec.finish()
     with open_run(tmp_path / "run") as run:
-        assert run.step_sample_ids(1).tolist() == [5, 5, 6, 7]
-        s = run.verify()
-        assert s == []
+        assert run.step_sample_ids(1).tolist() == [5, 5, 6, 7] and run.verify() == []
 
 
 def test_ids_on_the_writer_thread_are_checked_too(tmp_path):
