@@ -18,11 +18,20 @@ class RunDirectoryError(InfluenceHooksError):
 
 
 class CorruptShardError(InfluenceHooksError):
-    """A finished shard cannot be read (truncated, corrupt, or from another run)."""
+    """A finished run file cannot be read: truncated, damaged (a checksum does not match), or from another run."""
+
+
+class UnsafeFileError(CorruptShardError):
+    """A run file would make HDF5 read another file (an external link, external storage or a
+    virtual dataset); influence_hooks never writes such files and refuses to read them."""
+
+    def __init__(self, path: object, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = str(path), reason
 
 
 class SampleIdError(InfluenceHooksError):
-    """The sample ids of a training batch cannot be determined."""
+    """The sample ids of a training batch cannot be determined, or are invalid (negative, repeated)."""
 
 
 class NonFiniteGradientError(InfluenceHooksError, FloatingPointError):

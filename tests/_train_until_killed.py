@@ -18,7 +18,7 @@ rec = GradientRecorder(sys.argv[1], model, projection=16, steps_per_shard=2, que
                        query_loss_fn=lambda m, b: F.cross_entropy(m(b[0]), b[1]), query_every_n_steps=3,
                        snapshot_every_n_steps=4)
 for t in range(1_000_000):
-    ids = torch.randint(0, 64, (8,))
+    ids = torch.randperm(64)[:8]  # each sample at most once per batch, as a DataLoader draws them
     rec.begin_micro_batch(ids)
     F.cross_entropy(model(X[ids]), Y[ids]).backward()
     rec.end_step(opt, epoch=t // 8)

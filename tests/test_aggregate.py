@@ -19,7 +19,7 @@ from influence_hooks.aggregate import (CurvatureOperator, DataValueEmbeddings, I
                                        self_influence, tracin)
 from influence_hooks.cli import aggregate as agg_cli
 from influence_hooks.errors import (ConfigurationError, InfluenceHooksError,
-                                    MissingDataError, ProjectionMismatchError, WindowError)
+                                    MissingDataError, ProjectionMismatchError, RunDirectoryError, WindowError)
 from influence_hooks.storage.reader import open_run
 
 F64 = dict(dtype=torch.float64, progress=False, chunk_rows=9)  # small blocks: many block boundaries
@@ -282,7 +282,9 @@ def test_dvemb_default_storage_keeps_small_lr_scores_precise(tmp_path):
 def test_dvemb_reopens_from_file_and_stores_a_window_only(rec, run, tmp_path):
     brute = brute_dvemb(rec)
     dvemb(run, path=tmp_path / "w.h5", window=(10, 20), **F64).close()
-    with DataValueEmbeddings.load(tmp_path / "w.h5") as e:  # finds the run from the file
+    with pytest.raises(RunDirectoryError, match="pass it yourself"):  # the path inside the file is not trusted
+        DataValueEmbeddings.load(tmp_path / "w.h5")
+    with DataValueEmbeddings.load(tmp_path / "w.h5", run=run) as e:
         assert e.window == (10, 20)
         ids, E = e.embeddings(window=(12, 15), dtype=torch.float64)
         for i, emb in zip(ids, E.numpy()):

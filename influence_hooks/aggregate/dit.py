@@ -28,7 +28,7 @@ from ..errors import ConfigurationError
 from ..storage.reader import Run, StepBatch
 from .curvature import CurvatureOperator, FullSpaceCurvature, make_curvature
 from .distributed import Split, first_process
-from .notes import run_notes, window_notes
+from .notes import query_notes, run_notes, score_notes, skipped_steps_notes, warn_nonfinite, window_notes
 from .queries import check_query_grads, query_ids_of, require_queries, require_query_step
 from .results import InfluenceScores
 from .rows import DEFAULT_CHUNK_ROWS, SampleRows, iter_row_blocks, progress_bar, resolve_device, step_segments
@@ -118,18 +118,25 @@ def _recorded_space(run: Run, plan: TaskPlan, op: CurvatureOperator, *, query_gr
             acc.gather_columns(split, Q)
 
     base = run_notes(run) + ([op.note] if op.note else [])
-    results = []
+    results, nonfinite = [], []
     for w, (t1, t2) in enumerate(plan.windows):
         values, present = plan.result(w, acc)
         te = plan.eval_step_of(w)
         notes = list(base)
         if query_grads is not None:
             notes.append(f"query gradients supplied by the caller stand in for u_q({te})")
-        notes += window_notes(run, *plan.scored_range(w)) + plan.notes(w)
+            bad_inputs = query_notes(run, (), qids, given=fixed)
+        else:
+            bad_inputs = query_notes(run, plan.meta(w).get("eval_steps", [te]))
+        bad_outputs = score_notes(values, qids)
+        notes += window_notes(run, *plan.scored_range(w)) + plan.notes(w) + bad_inputs + bad_outputs
+        nonfinite += [n for n in skipped_steps_notes(run, *plan.scored_range(w)) + bad_inputs + bad_outputs
+                      if n not in nonfinite]
         results.append(InfluenceScores(
             values=values, train_ids=rows_of.ids, present=present, query_ids=qids, method=f"dit_{plan.mode}",
             window=(t1, t2), eval_step=te, curvature=op.name, approximations=notes, run_id=run.run_id,
             meta=plan.meta(w)))
+    warn_nonfinite(f"dit(mode={plan.mode!r})", nonfinite, stacklevel=4)
     return results
 
 

@@ -25,10 +25,12 @@ import torch
 
 from .. import windows as W
 from ..errors import ConfigurationError, RunDirectoryError, WindowError
+from ..storage.files import check_free_space, open_h5, writable_target
+from ..storage.format import MANIFEST
 from ..storage.reader import Run, open_run
 from .curvature import FisherCurvature
 from .distributed import Split, first_process
-from .notes import run_notes, window_notes
+from .notes import query_notes, run_notes, score_notes, skipped_steps_notes, warn_nonfinite, window_notes
 from .queries import check_query_grads, query_ids_of
 from .results import InfluenceScores
 from .rows import DEFAULT_CHUNK_ROWS, SampleRows, iter_row_blocks, progress_bar, resolve_device, step_segments
@@ -118,6 +120,14 @@ def dvemb(run: Run, *, path: str | os.PathLike | None = None, window: Any = None
         notes.append(f"M kept block-diagonal: {len(blocks)} per-layer blocks, cross-layer curvature ignored")
     notes += window_notes(run, lo, hi)
 
+    unwritable = writable_target(path) if writes else None
+    if unwritable:
+        raise RunDirectoryError(f"cannot write the data value embeddings to {path}: {unwritable}. Pass path= "
+                                "a file in a directory you can write to.")
+    # the file is streamed to disk by HDF5, which can crash the process on a full disk: refuse first
+    if writes:
+        check_free_space(path.parent, n_rows * K * sdtype.itemsize + (n_rows + 3 * len(store)) * 8 + (1 << 20),
+                         f"the data value embeddings {path.name}")
     bar = progress_bar(run.table.rows_between(lo, hi), "dvemb", progress and writes)
     try:
         with (h5py.File(tmp, "w") if writes else contextlib.nullcontext(None)) as f, bar:
@@ -180,7 +190,7 @@ class DataValueEmbeddings:
 
     def __init__(self, path: str | os.PathLike, run: Run | None = None):
         self.path = Path(path)
-        self._f = h5py.File(self.path, "r")
+        self._f = open_h5(self.path)  # refuses links to, and data in, other files
         a = self._f.attrs
         if a.get("format") != EMB_FORMAT:
             self._f.close()
@@ -199,21 +209,33 @@ class DataValueEmbeddings:
         self.steps = self._f["steps/step"][()]
         self._row_start = self._f["steps/row_start"][()]
         self._row_count = self._f["steps/row_count"][()]
-        self.run = run if run is not None else self._open_run(Path(str(a["run_path"])))
+        try:
+            self.run = run if run is not None else self._open_run(str(a["run_path"]))
+        except BaseException:
+            self._f.close()
+            raise
         if self.run.run_id != self.run_id:
+            self._f.close()
             raise RunDirectoryError(f"{self.path} belongs to run {self.run_id}, not {self.run.run_id}.")
 
     @classmethod
     def load(cls, path: str | os.PathLike, run: Run | None = None) -> "DataValueEmbeddings":
-        """Reopen embeddings written by `dvemb`; the run is found from the file (or pass it)."""
+        """Reopen embeddings written by `dvemb`. The run is `run`, or else the directory the file
+        lies in (where dvemb writes it by default); the path recorded inside the file is never
+        opened on the file's word, since a file can name any directory: pass run= to confirm it."""
         return cls(path, run)
 
-    def _open_run(self, recorded: Path) -> Run:
-        for cand in (recorded, self.path.parent):
-            if (cand / "manifest.json").is_file():
-                return open_run(cand)
-        raise RunDirectoryError(f"cannot find the run of {self.path} (recorded at {recorded}); "
-                                "pass run=open_run(<run directory>).")
+    def _open_run(self, recorded: str) -> Run:
+        own = self.path.resolve().parent
+        if (own / MANIFEST).is_file():
+            run = open_run(own)
+            if run.run_id == self.run_id:
+                return run
+            run.close()
+        raise RunDirectoryError(
+            f"{self.path} holds embeddings of run {self.run_id}, and its own directory holds no such run. The "
+            f"file says the run was at {recorded}; influence_hooks does not open a directory because a file "
+            f"names it. If that is right, pass it yourself: DataValueEmbeddings.load(path, run=open_run({recorded!r})).")
 
     # ------------------------------------------------------------------ queries
     def _windows(self, window: Any, epochs: Any, windows: Any) -> tuple[list[tuple[int, int]], bool]:
@@ -276,13 +298,18 @@ class DataValueEmbeddings:
         if split is not None:
             acc.sync(split.group)
         curvature = "fisher (block-diagonal)" if self.block_diagonal and len(self.blocks) > 1 else "fisher"
-        results = []
+        bad_inputs = query_notes(self.run, (), qids, given=U)
+        results, nonfinite = [], list(bad_inputs)
         for w, (t1, t2) in enumerate(wins):
             values, present = acc.compute(w)
+            bad_outputs = score_notes(values, qids)
+            nonfinite += [n for n in skipped_steps_notes(self.run, t1, t2) + bad_outputs if n not in nonfinite]
             results.append(InfluenceScores(
                 values=values, train_ids=rows_of.ids, present=present, query_ids=qids, method="dvemb",
                 window=(t1, t2), eval_step=self.final_step, curvature=curvature,
-                approximations=list(self.approximations), run_id=self.run_id, meta={"embeddings": str(self.path)}))
+                approximations=list(self.approximations) + bad_inputs + bad_outputs, run_id=self.run_id,
+                meta={"embeddings": str(self.path)}))
+        warn_nonfinite("DataValueEmbeddings.scores", nonfinite)
         return results if many else results[0]
 
     def embeddings(self, window: Any = None, *, epochs: Any = None, train_ids: Any = None,

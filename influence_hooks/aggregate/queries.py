@@ -23,12 +23,14 @@ def require_query_step(run: Run, step: int, what: str, *, suggest_later: bool) -
     """MissingDataError unless query gradients were recorded at `step`."""
     if step in set(run.query_steps.tolist()):
         return
+    # worded for the Python API and the command line alike: no argument only one of them has
     later = run.query_steps[run.query_steps >= step]
-    hint = (f"the nearest later one is {int(later[0])} (pass eval_step={int(later[0])})"
+    hint = (f"the nearest later one is {int(later[0])}: evaluate there with eval_step={int(later[0])} "
+            f"(--eval-step {int(later[0])} on the command line)"
             if len(later) and suggest_later else "choose a window whose ends are recorded query steps")
     raise MissingDataError(
         f"{what} needs the query gradients u_q({step}), but queries were recorded only at "
-        f"steps {short_list(run.query_steps, 20)}; {hint}, or pass query_grads=.")
+        f"steps {short_list(run.query_steps, 20)}; {hint}.")
 
 
 def query_ids_of(run: Run, q: int, given: Any = None) -> np.ndarray:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import h5py
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigurationError
+from ..storage.files import open_h5
 from ..storage.jsonio import to_jsonable
 
 SCORES_FORMAT = "influence_hooks.scores"
@@ -206,7 +208,7 @@ class InfluenceScores:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "InfluenceScores":
-        with h5py.File(path, "r") as f:
+        with open_h5(Path(path)) as f:  # refuses links to, and data in, other files
             if f.attrs.get("format") != SCORES_FORMAT:
                 raise ConfigurationError(f"{path} is not an influence_hooks scores file.")
             window = json.loads(f.attrs["window"])

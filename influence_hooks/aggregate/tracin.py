@@ -19,7 +19,7 @@ from .. import windows as W
 from ..errors import ConfigurationError, MissingDataError, short_list
 from ..storage.reader import Run
 from .distributed import Split, first_process
-from .notes import run_notes, window_notes
+from .notes import query_notes, run_notes, score_notes, skipped_steps_notes, warn_nonfinite, window_notes
 from .queries import query_ids_of, require_queries
 from .results import InfluenceScores
 from .rows import DEFAULT_CHUNK_ROWS, SampleRows, iter_row_blocks, progress_bar, resolve_device, step_segments
@@ -91,11 +91,14 @@ def tracin(run: Run, window: Any = None, *, epochs: Any = None, windows: Any = N
         acc.sync(split.group)
 
     base = run_notes(run)
-    results = []
+    results, nonfinite = [], []
     for w, (t1, t2) in enumerate(wins):
         notes = list(base)
         ws = run.steps_in((t1, t2))
         used = qstep_of(ws)
+        values, present = acc.compute(w)
+        bad = query_notes(run, sorted(set(used.tolist()))) + score_notes(values, query_ids_of(run, q0.shape[0]))
+        nonfinite += [n for n in skipped_steps_notes(run, t1, t2) + bad if n not in nonfinite]
         n_cp = int(((used != ws) & (ws >= qsteps[0])).sum())  # steps before the first query: below
         if n_cp:
             notes.append(f"TracInCP: {n_cp} of {len(ws)} steps use the query gradients of the latest "
@@ -104,8 +107,7 @@ def tracin(run: Run, window: Any = None, *, epochs: Any = None, windows: Any = N
         if n_early:
             notes.append(f"{n_early} step(s) before the first recorded query step {int(qsteps[0])} use "
                          "its query gradients")
-        notes += window_notes(run, t1, t2)
-        values, present = acc.compute(w)
+        notes += window_notes(run, t1, t2) + bad
         results.append(InfluenceScores(
             values=values, train_ids=rows_of.ids, present=present,
             query_ids=query_ids_of(run, q0.shape[0]),
@@ -113,6 +115,7 @@ def tracin(run: Run, window: Any = None, *, epochs: Any = None, windows: Any = N
             approximations=notes, run_id=run.run_id,
             meta={"tracincp": bool((used != ws).any()), "query_steps_used": sorted(set(used.tolist())),
                   "steps": int(len(ws))}))
+    warn_nonfinite("tracin", nonfinite)
     return results if many else results[0]
 
 

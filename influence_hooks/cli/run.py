@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import warnings
 
 from ..errors import short_list
 
@@ -14,8 +15,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--skip-corrupt", action="store_true", help="leave unreadable shards out")
     p.set_defaults(func=cmd_info)
-    p = sub.add_parser("verify", help="read every shard in full and report problems (exit 1 if any; "
-                                      "an interrupted run is noted, not a problem)")
+    p = sub.add_parser("verify", help="read every file in full, checking its checksums, and report problems: "
+                                      "damaged or missing files, disagreements between shards and rank files "
+                                      "(exit 1 if any; an interrupted run is noted, not a problem)")
     p.add_argument("run", help="run directory")
     p.set_defaults(func=cmd_verify)
 
@@ -32,12 +34,16 @@ def cmd_info(args: argparse.Namespace) -> int:
     from ..aggregate.notes import run_notes
     from ..storage.reader import open_run
 
-    run = open_run(args.run, on_corrupt="skip" if args.skip_corrupt else "raise")
+    with warnings.catch_warnings():  # what open_run warns about is printed below
+        warnings.simplefilter("ignore", RuntimeWarning)
+        run = open_run(args.run, on_corrupt="skip" if args.skip_corrupt else "raise")
     info = run.info()
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
     status = "complete" if info["complete"] else "INCOMPLETE (interrupted or still running)"
+    if info["gaps"]:
+        status += f", NOT WHOLE: {len(info['gaps'])} finished file(s) missing (see below)"
     rng = info["step_range"]
     print(f"run        {info['path']}  ({info['run_id']})")
     print(f"status     {status}")
@@ -51,8 +57,15 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"disk       {format_bytes(info['size_bytes'])} in {info['shards']} shards")
     if info["nonfinite_steps"]:
         print(f"non-finite {len(info['nonfinite_steps'])} flagged steps: {info['nonfinite_steps'][:10]}")
+    if info["nonfinite_query_steps"]:
+        print(f"non-finite query gradients flagged at {len(info['nonfinite_query_steps'])} steps: "
+              f"{info['nonfinite_query_steps'][:10]}")
     if info["skipped_shards"]:
         print(f"skipped    {len(info['skipped_shards'])} unreadable shards: {info['skipped_shards']}")
+    for gap in info["gaps"]:
+        print(f"MISSING    {gap}")
+    for problem in info["inconsistencies"]:
+        print(f"PROBLEM    {problem}")
     print("layers")
     width = max(len(l["name"]) for l in info["layers"])
     for l in info["layers"]:
@@ -65,7 +78,9 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     from ..storage.reader import open_run
 
-    run = open_run(args.run, on_corrupt="skip")
+    with warnings.catch_warnings():  # every problem is printed below
+        warnings.simplefilter("ignore", RuntimeWarning)
+        run = open_run(args.run, on_corrupt="skip")
     problems = run.verify(require_complete=False)
     for p in problems:
         print(f"PROBLEM  {p}")
@@ -83,5 +98,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if problems:
         print(f"{len(problems)} problem(s) in {args.run}")
         return 1
-    print(f"OK  {args.run}: {len(run.steps)} steps, every shard and parameter file reads in full")
+    sums = ("with matching checksums" if run.manifest.get("format_version", 1) >= 2
+            else "(a format-1 run: it has no checksums)")
+    print(f"OK  {args.run}: {len(run.steps)} steps, every shard and parameter file is there and reads in full {sums}")
     return 0

@@ -3,6 +3,7 @@ LightningModule. A thin layer over GradientRecorder."""
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable
 
 import lightning.pytorch as pl
@@ -14,7 +15,7 @@ from ..errors import ConfigurationError, SampleIdError
 from .distributed import refuse_sharded
 from .ids import NO_IDS_HELP, IndexedDataset, TrackedBatchSampler, ids_from_indexed_batch, track_loader
 from .options import RecordingConfig
-from .recorder import GradientRecorder
+from .recorder import GradientRecorder, warn_nothing_recorded
 
 
 class InfluenceCallback(pl.Callback):
@@ -79,7 +80,8 @@ class InfluenceCallback(pl.Callback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(run_dir=self.run_dir)
+        # the resolved directory: a resume finds its recording state however the path is spelled
+        return self._generate_state_key(run_dir=os.path.realpath(self.run_dir))
 
     # ------------------------------------------------------------------ setup
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -190,6 +192,10 @@ class InfluenceCallback(pl.Callback):
             for logger in trainer.loggers:
                 logger.log_metrics(self.recorder.stats.metrics(), step=trainer.global_step)
                 logger.save()
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.recorder is None:  # Lightning skips training (and on_train_start) for an empty loader
+            warn_nothing_recorded(self.run_dir)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if self.recorder is not None:

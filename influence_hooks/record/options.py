@@ -65,6 +65,10 @@ class RecordingConfig:
     on_nonfinite: str = _help("'warn' (flag the step) or 'raise' on NaN/inf gradients.", _W.on_nonfinite)
     steps_per_shard: int = _help("Optimizer steps per HDF5 shard.", _W.steps_per_shard)
     queue_size: int = _help("Steps that may wait for the writer thread before training blocks.", _W.queue_size)
+    allow_repeated_ids: bool = _help(
+        "Accept a sample id more than once in one step (a sampler drawing with replacement); by default "
+        "a repeat is a SampleIdError, since it usually means the ids do not match the batch.",
+        _W.allow_repeated_ids)
     overwrite: bool = _help("Replace a run already in the directory.", False)
 
     def __post_init__(self) -> None:
@@ -111,7 +115,7 @@ class RecordingConfig:
 
     def writer_options(self) -> WriterOptions:
         return WriterOptions(steps_per_shard=self.steps_per_shard, queue_size=self.queue_size,
-                             on_nonfinite=self.on_nonfinite)
+                             on_nonfinite=self.on_nonfinite, allow_repeated_ids=bool(self.allow_repeated_ids))
 
     def to_manifest(self) -> dict[str, Any]:
         """The options as JSON (layer types by class name), stored in the run's manifest."""

@@ -27,6 +27,7 @@ import logging
 import sys
 import time
 import warnings
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -37,8 +38,9 @@ from ..capture.hooks import GradientCapture
 from ..capture.projection import any_projected
 from ..capture.select import layers_manifest, plan_layers, projection_fingerprint, select_layers
 from ..errors import ConfigurationError, InfluenceHooksError, SampleIdError
+from ..storage import format as fmt
 from ..storage.jsonio import to_jsonable
-from ..storage.writer import RunWriter, StepRecord
+from ..storage.writer import RunWriter, StepRecord, check_sample_ids
 from .checks import check_first_step, warn_batch_mixing, warn_tied_parameters
 from .distributed import open_on_every_rank, process_position, refuse_sharded
 from .host import event_after, host_copy, loss_scale, scaler_found_inf
@@ -50,6 +52,13 @@ from .queries import QueryLossFn, QuerySet
 from .summary import RecordingStats, plan_summary
 
 log = logging.getLogger("influence_hooks")
+
+
+def warn_nothing_recorded(run_dir: str) -> None:
+    """Training ended without a single step: say so, since an empty run directory says nothing."""
+    warnings.warn(f"training finished without a single recorded step, so nothing was written to {run_dir}: the "
+                  "train loader yielded no batches (an empty dataset, or limit_train_batches=0?), or end_step() "
+                  "was never called.", RuntimeWarning, stacklevel=3)
 
 
 class GradientRecorder:
@@ -125,10 +134,14 @@ class GradientRecorder:
                    extra: dict[str, Any] | None = None) -> None:
         """How the first end_step opens the run directory: resume run `resume_run_id` from
         `resume_step`, or create it with `extra` manifest entries. The directory is opened only
-        after the first step has validated the layers, so the manifest lists what is recorded."""
+        after the first step has validated the layers and the queries, so the manifest lists what
+        is recorded and a first step that fails leaves nothing behind. Checked now, before
+        training: that the directory can be written, and that no other recording holds it."""
         self._start_kwargs = dict(resume_run_id=resume_run_id, resume_step=resume_step, extra=extra)
         if resume_run_id is None and self.rank == 0:
             RunWriter.check_new_run_dir(self.run_dir, overwrite=self.config.overwrite, rank=self.rank)
+        else:
+            RunWriter.check_writable(self.run_dir)
         if resume_step is not None:
             self._step = int(resume_step)
 
@@ -138,6 +151,14 @@ class GradientRecorder:
         if self.writer is not None:
             return
         opts = self.config.writer_options()
+        if resume_run_id is not None and not (Path(self.run_dir) / fmt.MANIFEST).exists():
+            warnings.warn(
+                f"resuming run {resume_run_id} at step {int(resume_step or 0)}, but {self.run_dir} holds no run "
+                f"(moved, deleted, or a different directory): a NEW run starts there at step {int(resume_step or 0)}, "
+                "and steps before it are not in it. Point the recorder at the original run directory to continue "
+                "that run instead.", RuntimeWarning, stacklevel=3)
+            extra = {**(extra or {}), "resumed_from": {"run_id": resume_run_id, "step": int(resume_step or 0)}}
+            resume_run_id = None
         if resume_run_id is not None:
             RunWriter.check_resume(self.run_dir, resume_run_id, self._manifest(optimizer, {}))
             self.writer = RunWriter.resume(self.run_dir, resume_run_id, int(resume_step or 0), rank=self.rank,
@@ -228,6 +249,8 @@ class GradientRecorder:
         sizes = [len(i) for i in self._micro_ids]
         self._micro_ids = []
         self.capture.set_enabled(False)
+        if isinstance(ids, np.ndarray):  # ids on a GPU are checked by the writer thread instead
+            check_sample_ids(ids, step, allow_repeated=self.config.allow_repeated_ids)
         if not self._first_step_checked:
             self._check_first_step(len(ids))
         # the update is -lr * sum_j sum_{i in micro-batch j} g_t(i) / (acc * |b_j|) (mean) or / acc
@@ -235,11 +258,16 @@ class GradientRecorder:
         acc = n_micro if self.config.loss_divided_by_micro_batches else 1
         grads = self.capture.collect(self._row_scales(sizes, acc, grad_scaler))
         self._warn_uneven(step, sizes)
+        first_of_epoch = self._last_epoch != epoch
+        # the same on every rank: computed and written by rank 0 alone
+        queries_due = self.rank == 0 and self.queries is not None and self.queries.due(step, first_of_epoch, epoch_end)
+        # u_q(w_t) before the run directory is opened: queries that fail leave nothing behind
+        query_grads = self.query_gradients(step) if queries_due else None
         if self.writer is None:
+            self._warn_late_start(step)
             self.start(optimizer, **self._start_kwargs)
         if self.plan is None:
             self._announce(len(ids))
-        first_of_epoch = self._last_epoch != epoch
         self._last_epoch = epoch
         # DDP averages the ranks' gradients: each rank's samples weigh 1/world_size of its own loss
         per_rank = len(sizes) / (acc * len(ids)) if self.config.loss_reduction == "mean" else 1.0 / acc
@@ -252,9 +280,9 @@ class GradientRecorder:
             loss=float(loss) if loss is not None else float("nan"))
         rec.grads, rec.finite = self._to_host(grads)
         rec.ready = event_after(grads)
-        if self.rank == 0:  # the same on every rank: written once
-            if self.queries is not None and self.queries.due(step, first_of_epoch, epoch_end):
-                self.write_queries(step)
+        if query_grads is not None:
+            self._write_query_grads(step, query_grads)
+        if self.rank == 0:
             self.params.save_if_due(self.writer, step, self.layers, optimizer)
         self._optimizer = optimizer
         t0 = time.perf_counter()
@@ -268,7 +296,9 @@ class GradientRecorder:
             return
         self._finished = True
         final_step = self._step if final_step is None else int(final_step)
-        if self.writer is not None and self.rank == 0:
+        if self.writer is None:
+            warn_nothing_recorded(self.run_dir)
+        elif self.rank == 0:  # the same on every rank: written once
             if self.queries is not None:
                 self.write_queries(final_step)
             if self.params.snapshots:
@@ -290,14 +320,31 @@ class GradientRecorder:
             self.writer.flush()
 
     # ------------------------------------------------------------------ queries
-    def query_gradients(self) -> torch.Tensor:
-        """u_q(w) for the current parameters: [Q, K], same projection as training rows."""
+    def query_gradients(self, step: int | None = None) -> torch.Tensor:
+        """u_q(w) for the current parameters: [Q, K], same projection as training rows.
+
+        A failure of the query loss (a query batch of the wrong shape, say) is a ConfigurationError
+        that says the queries failed, at which step, and why; the original error is its cause."""
         if self.queries is None:
             raise ConfigurationError("this recorder has no queries (pass queries= and query_loss_fn=).")
-        return self.queries.gradients(self.model, self.capture, self._recorded_parameters())
+        try:
+            return self.queries.gradients(self.model, self.capture, self._recorded_parameters())
+        except InfluenceHooksError:
+            raise
+        except Exception as e:
+            at = f" at step {step}" if step is not None else ""
+            kept = (" Nothing was recorded yet, so the run directory can be used again as it is."
+                    if self.writer is None else " Every earlier step stays recorded.")
+            raise ConfigurationError(
+                f"computing the query gradients{at} failed: {type(e).__name__}: {e}. The queries ({self.queries.n} "
+                "samples) go through query_loss_fn(model, batch) (by default the module's training_step) as "
+                "one batch: check that queries= has the shape, dtype and device of a training batch and that "
+                f"the loss function accepts it.{kept}") from e
 
     def write_queries(self, step: int) -> None:
-        g = self.query_gradients()
+        self._write_query_grads(step, self.query_gradients(step))
+
+    def _write_query_grads(self, step: int, g: torch.Tensor) -> None:
         host = self._to_host(g)[0]
         t0 = time.perf_counter()
         self.writer.write_queries(step, host, ready=event_after(g))
@@ -333,6 +380,15 @@ class GradientRecorder:
         s.queue_wait_s += time.perf_counter() - since
         s.steps, s.rows, s.query_rows, s.bytes = s.steps + steps, s.rows + rows, s.query_rows + query_rows, s.bytes + nbytes
         s.hook_s = self.capture.seconds
+
+    def _warn_late_start(self, step: int) -> None:
+        """A new run whose first step is not 0 is usually a resume whose recording state was lost."""
+        if step > 0 and self._start_kwargs.get("resume_run_id") is None:
+            warnings.warn(
+                f"a new run starts in {self.run_dir} at step {step}: steps 0..{step - 1} are not in it. If this "
+                "continues an earlier training, resume its recording from the checkpoint (the callback does "
+                "that when the checkpoint holds its state) or record into the earlier run's directory.",
+                RuntimeWarning, stacklevel=4)
 
     def _warn_uneven(self, step: int, sizes: list[int]) -> None:
         if self.config.loss_reduction == "mean" and len(set(sizes)) > 1 and not self._warned_uneven:

@@ -1,15 +1,21 @@
 """The index of a run directory: which finished files exist, and what each optimizer step is.
 
 `ShardIndex.build(path, run_id, ...)` scans the directory once and reads only the small per-step
-tables of the shards. It merges the ranks (the rows of one step on several ranks form its global
-batch), drops rows that a resume superseded, and gives
+tables and attributes of the shards. It merges the ranks (the rows of one step on several ranks
+form its global batch), drops rows that a resume superseded, and gives
 
 - `table`: a `StepTable`, one row per recorded step;
 - `step_rows[step]`: where that step's rows lie, as (shard, first row, end row) per rank;
-- `query_index[step]`: the shard and position of the query gradients recorded at that step;
-- `param_files[kind][step]`: the parameter snapshot / checkpoint files.
+- `query_index[step]`: the shard and position of the query gradients recorded at that step, and
+  `query_nonfinite[step]`: which queries' gradients there hold NaN/inf;
+- `param_files[kind][step]`: the parameter snapshot / checkpoint files;
+- `gaps`: finished files the rank files list (or the shard numbering implies) that are not there,
+  and `inconsistencies`: what the shards and the rank files disagree on.
 
-Reading gradients themselves is the reader's job (`reader.Run`); both share a `FilePool`.
+Which rows a resume superseded comes from the shards themselves (each names its segment and the
+step that segment started from), with the rank file's list of segments as a second source and the
+only one for format-1 shards. Reading gradients is the reader's job (`reader.Run`); both share a
+`FilePool`.
 """
 
 from __future__ import annotations
@@ -23,8 +29,9 @@ from typing import Any
 import h5py
 import numpy as np
 
-from ..errors import CorruptShardError
+from ..errors import CorruptShardError, RunDirectoryError, UnsafeFileError, short_list
 from . import format as fmt
+from .files import get_attr, open_h5
 from .jsonio import read_json
 
 MAX_OPEN_FILES = 32
@@ -37,6 +44,29 @@ class ShardFile:
     path: Path
     rank: int
     index: int
+
+
+@dataclass(frozen=True)
+class Gap:
+    """A finished file of the run that is not in the directory (deleted, lost, or never copied).
+
+    kind: 'shard', 'snapshot' or 'checkpoint'; first_step..last_step: the steps it held, where known
+    (None: unknown, e.g. a shard of query gradients only)."""
+
+    rank: int
+    kind: str
+    name: str
+    first_step: int | None = None
+    last_step: int | None = None
+
+    def describe(self) -> str:
+        if self.first_step is None:
+            steps = "steps unknown"
+        elif self.first_step == self.last_step:
+            steps = f"step {self.first_step}"
+        else:
+            steps = f"steps {self.first_step}..{self.last_step}"
+        return f"rank {self.rank}: {self.kind} {self.name} is missing ({steps})"
 
 
 @dataclass(frozen=True)
@@ -80,18 +110,21 @@ class StepTable:
 
 class FilePool:
     """Open HDF5 files, at most MAX_OPEN_FILES at once (least recently used closed first): a run may
-    have thousands of shards, and file descriptors are limited."""
+    have thousands of shards, and file descriptors are limited. Every file is checked to be
+    self-contained (`files.open_h5`) the first time it is opened."""
 
     def __init__(self, limit: int = MAX_OPEN_FILES):
         self.limit = limit
         self._files: dict[Path, h5py.File] = {}
+        self._checked: set[Path] = set()
 
     def get(self, path: Path) -> h5py.File:
         f = self._files.pop(path, None)
         if f is None:
             while len(self._files) >= self.limit:
                 self._files.pop(next(iter(self._files))).close()
-            f = h5py.File(path, "r")
+            f = open_h5(path, checked=path in self._checked)
+            self._checked.add(path)
         self._files[path] = f  # most recently used last
         return f
 
@@ -112,70 +145,53 @@ class FilePool:
         return len(self._files)
 
 
-def superseded(segments: list[dict[str, int]], shard: ShardFile, step: int) -> bool:
-    """A resume at from_step, writing from shard first_shard on, replaces the steps >= from_step
-    that earlier shards of the same rank hold."""
-    return any(seg["first_shard"] > shard.index and step >= seg["from_step"] for seg in segments)
+# ---------------------------------------------------------------------- manifest and rank files
+def read_manifest(path: Path, *, purpose: str = "open") -> dict[str, Any]:
+    """The manifest of the run in `path`, checked against format.MANIFEST_SCHEMA; RunDirectoryError
+    naming the problem (and the bad key) otherwise."""
+    mpath = path / fmt.MANIFEST
+    if not mpath.is_file():
+        if purpose == "resume":
+            raise RunDirectoryError(f"cannot resume: {path} holds no run (no {fmt.MANIFEST}).")
+        raise RunDirectoryError(
+            f"no influence_hooks run in {path}: {fmt.MANIFEST} is missing. Pass the directory "
+            "given to InfluenceCallback / GradientRecorder.")
+    try:
+        manifest = read_json(mpath)
+    except (OSError, ValueError) as e:
+        raise RunDirectoryError(f"{mpath} is unreadable ({e}); the run cannot be opened.") from e
+    if not isinstance(manifest, dict) or manifest.get("format") != fmt.FORMAT_NAME:
+        raise RunDirectoryError(f"{mpath} is not an influence_hooks manifest (its 'format' is not "
+                                f"{fmt.FORMAT_NAME!r}).")
+    version = manifest.get("format_version")
+    if isinstance(version, int) and not isinstance(version, bool) and version > fmt.FORMAT_VERSION:
+        raise RunDirectoryError(
+            f"{path} was written by a newer format (v{version}); upgrade influence_hooks to read it.")
+    problem = fmt.manifest_problem(manifest)
+    if problem:
+        raise RunDirectoryError(
+            f"{mpath} is damaged: {problem}. The manifest is written once, when recording starts; restore "
+            "it from a copy of the run (the shards themselves are intact), or record again.")
+    return manifest
 
 
 def read_rank_states(path: Path) -> dict[int, dict[str, Any]]:
-    """{rank: its rank-NNN.json}; an unreadable one counts as an interrupted rank."""
+    """{rank: its rank-NNN.json}; an unreadable one counts as an interrupted rank that lists nothing."""
     states = {}
     for p in path.glob("rank-*.json"):
         r = fmt.parse_rank_file_name(p.name)
         if r is not None:
             try:
-                states[r] = read_json(p)
+                state = read_json(p)
+                if not isinstance(state, dict) or not isinstance(state.get("segments", []), list):
+                    raise ValueError("not a rank file")
+                states[r] = state
             except (OSError, ValueError):
-                states[r] = {"rank": r, "segments": [{"from_step": 0, "first_shard": 0}], "complete": False}
+                states[r] = {"rank": r, "segments": [], "complete": False, "unreadable": True}
     return states
 
 
-@dataclass
-class ShardIndex:
-    shards: list[ShardFile]
-    skipped_shards: list[tuple[Path, str]]
-    table: StepTable
-    step_rows: dict[int, list[tuple[ShardFile, int, int]]]
-    query_index: dict[int, tuple[ShardFile, int]]
-    param_files: dict[str, dict[int, Path]]
-    rank_states: dict[int, dict[str, Any]]
-
-    @classmethod
-    def build(cls, path: Path, run_id: str, pool: FilePool, *, on_corrupt: str = "raise") -> "ShardIndex":
-        """Index the finished files of run `run_id` in `path`. on_corrupt: 'raise' stops at an
-        unreadable shard, naming it; 'skip' leaves it out with a warning."""
-        rank_states = read_rank_states(path)
-        shards, skipped, tables, query_index = [], [], [], {}
-        for sh in _finished_shards(path):
-            try:
-                cols, qsteps = _read_step_columns(pool.get(sh.path), sh, run_id)
-            except Exception as e:  # noqa: BLE001 - any failure to read means a broken shard
-                pool.drop(sh.path)
-                if isinstance(e, OSError) and e.errno in (errno.EMFILE, errno.ENFILE):
-                    raise  # out of file descriptors: not a problem of the shard
-                why = str(e) if isinstance(e, CorruptShardError) else f"cannot be read ({type(e).__name__}: {e})"
-                if on_corrupt == "raise":
-                    raise CorruptShardError(
-                        f"shard {sh.path} {why}. Nothing else is lost: open_run(path, on_corrupt='skip') "
-                        "(`influence-hooks info RUN --skip-corrupt`) reads the other shards, and "
-                        "`influence-hooks verify RUN` lists every problem.") from e
-                warnings.warn(f"skipping unreadable shard {sh.path}: {why}", RuntimeWarning)
-                skipped.append((sh.path, why))
-                continue
-            shards.append(sh)
-            tables.append((sh, cols))
-            for j, qs in enumerate(qsteps):
-                query_index[int(qs)] = (sh, j)
-        table, step_rows = _merge_steps(tables, rank_states)
-        for step, (sh, _) in list(query_index.items()):
-            if superseded(rank_states.get(sh.rank, {}).get("segments", []), sh, step):
-                del query_index[step]
-        return cls(shards=shards, skipped_shards=skipped, table=table, step_rows=step_rows,
-                   query_index=query_index, param_files=_param_files(path), rank_states=rank_states)
-
-
-def _finished_shards(path: Path) -> list[ShardFile]:
+def finished_shards(path: Path) -> list[ShardFile]:
     shard_dir = path / fmt.SHARD_DIR
     found = []
     for p in sorted(shard_dir.iterdir()) if shard_dir.is_dir() else []:
@@ -185,40 +201,219 @@ def _finished_shards(path: Path) -> list[ShardFile]:
     return found
 
 
-def _read_step_columns(f: h5py.File, sh: ShardFile, run_id: str) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    if f.attrs.get("run_id") != run_id:
-        raise CorruptShardError(f"belongs to run {f.attrs.get('run_id')}, not {run_id}; remove it from "
-                                "the run directory.")
+def _state_segments(state: dict[str, Any]) -> list[dict[str, int]]:
+    """The rank file's segments, numbered (format-1 rank files number them by position)."""
+    return [{"segment": int(s.get("segment", i)), "from_step": int(s["from_step"]),
+             "first_shard": int(s.get("first_shard", 0))} for i, s in enumerate(state.get("segments", []))]
+
+
+def _segment_of(sh: ShardFile, attrs: dict[str, Any], segments: list[dict[str, int]]) -> int:
+    """The segment a shard belongs to: its own attribute, or (format 1) the last segment of the
+    rank file that started at or before its index."""
+    if attrs.get(fmt.SHARD_SEGMENT) is not None:
+        return int(attrs[fmt.SHARD_SEGMENT])
+    return max((s["segment"] for s in segments if s["first_shard"] <= sh.index), default=0)
+
+
+def superseded(from_steps: dict[int, int], segment: int, step: int) -> bool:
+    """A row of `step` written in `segment` is superseded when a later segment (a resume) started at
+    or before that step: the resumed run recorded the step again."""
+    return any(seg > segment and step >= start for seg, start in from_steps.items())
+
+
+def rebuild_rank_state(path: Path, rank: int, run_id: str) -> dict[str, Any]:
+    """Rank `rank`'s progress for a resume: its rank file, completed from the shards on disk where
+    it is missing, unreadable or of format 1 (no list of finished files)."""
+    rpath = path / fmt.rank_file_name(rank)
+    state = read_rank_states(path).get(rank) if rpath.exists() else None
+    if state is not None and not state.get("unreadable") and fmt.RANK_SHARDS in state:
+        state["segments"] = _state_segments(state)
+        state.setdefault(fmt.RANK_PARAMS, [])
+        return state
+    segments = _state_segments(state or {})
+    rows, last = [], None
+    pool = FilePool()
+    try:
+        for sh in finished_shards(path):
+            if sh.rank != rank:
+                continue
+            try:
+                f = pool.get(sh.path)
+                attrs = _shard_attrs(f)
+                steps = f[fmt.STEPS]["step"][()]
+            except Exception:  # noqa: BLE001 - an unreadable shard lists nothing
+                continue
+            finally:
+                pool.drop(sh.path)
+            seg = _segment_of(sh, attrs, segments)
+            if attrs.get(fmt.SHARD_FROM_STEP) is not None and seg not in {s["segment"] for s in segments}:
+                segments.append({"segment": seg, "from_step": int(attrs[fmt.SHARD_FROM_STEP]), "first_shard": sh.index})
+            rows.append([sh.index, seg, int(steps.min()) if len(steps) else None,
+                         int(steps.max()) if len(steps) else None, int(len(steps)), None])
+            if len(steps):
+                last = max(int(steps.max()), last if last is not None else -1)
+    finally:
+        pool.close()
+    segments = sorted(segments, key=lambda s: s["segment"]) or [{"segment": 0, "from_step": 0, "first_shard": 0}]
+    params = [p.name for p in sorted((path / fmt.PARAM_DIR).glob("*.h5"))
+              if (parsed := fmt.parse_param_file_name(p.name)) and parsed[1] == rank]
+    return {"rank": rank, "segments": segments, "complete": False, "last_step": last, "final_step": None,
+            fmt.RANK_SHARDS: rows, fmt.RANK_PARAMS: params, "rebuilt_from_shards": True}
+
+
+# ---------------------------------------------------------------------- the index
+@dataclass
+class ShardIndex:
+    shards: list[ShardFile]
+    skipped_shards: list[tuple[Path, str]]
+    table: StepTable
+    step_rows: dict[int, list[tuple[ShardFile, int, int]]]
+    query_index: dict[int, tuple[ShardFile, int]]
+    query_nonfinite: dict[int, np.ndarray]
+    param_files: dict[str, dict[int, Path]]
+    rank_states: dict[int, dict[str, Any]]
+    gaps: list[Gap]
+    inconsistencies: list[str]
+
+    @classmethod
+    def build(cls, path: Path, run_id: str, pool: FilePool, *, dim: int | None = None,
+              on_corrupt: str = "raise") -> "ShardIndex":
+        """Index the finished files of run `run_id` in `path`. on_corrupt: 'raise' stops at an
+        unreadable shard, naming it; 'skip' leaves it out with a warning."""
+        rank_states = read_rank_states(path)
+        shards, skipped, read = [], [], []
+        for sh in finished_shards(path):
+            try:
+                read.append((sh, *_read_step_columns(pool.get(sh.path), sh, run_id, dim)))
+            except Exception as e:  # noqa: BLE001 - any failure to read means a broken shard
+                pool.drop(sh.path)
+                if isinstance(e, OSError) and e.errno in (errno.EMFILE, errno.ENFILE):
+                    raise  # out of file descriptors: not a problem of the shard
+                why = (e.reason if isinstance(e, UnsafeFileError) else str(e) if isinstance(e, CorruptShardError)
+                       else f"cannot be read ({type(e).__name__}: {e})")
+                if on_corrupt == "raise":
+                    rest = ("Nothing else is lost: open_run(path, on_corrupt='skip') (`influence-hooks info RUN "
+                            "--skip-corrupt`) reads the other shards, and `influence-hooks verify RUN` lists "
+                            "every problem.")
+                    if isinstance(e, UnsafeFileError):
+                        raise UnsafeFileError(sh.path, f"{why} {rest}") from e
+                    raise CorruptShardError(f"shard {sh.path}: {why} {rest}") from e
+                warnings.warn(f"skipping unreadable shard {sh.path}: {why}", RuntimeWarning)
+                skipped.append((sh.path, why))
+                continue
+            shards.append(sh)
+
+        inconsistencies: list[str] = []
+        segments = {r: _state_segments(s) for r, s in rank_states.items()}
+        from_steps: dict[int, dict[int, int]] = {r: {s["segment"]: s["from_step"] for s in segs}
+                                                 for r, segs in segments.items()}
+        seg_of: dict[Path, int] = {}
+        for sh, _cols, _q, attrs in read:
+            seg = seg_of[sh.path] = _segment_of(sh, attrs, segments.get(sh.rank, []))
+            start = attrs.get(fmt.SHARD_FROM_STEP)
+            if start is None:
+                continue
+            known = from_steps.setdefault(sh.rank, {})
+            if seg not in known:
+                if sh.rank in rank_states:
+                    inconsistencies.append(
+                        f"rank {sh.rank}: shard {sh.path.name} belongs to segment {seg} (resumed at step {start}), "
+                        f"which {fmt.rank_file_name(sh.rank)} does not list; the shards' segments are used")
+                known[seg] = int(start)
+            elif known[seg] != int(start):
+                inconsistencies.append(
+                    f"rank {sh.rank}: shard {sh.path.name} says segment {seg} started at step {start}, "
+                    f"{fmt.rank_file_name(sh.rank)} says {known[seg]}; the shard's value is used")
+                known[seg] = int(start)
+        for r in sorted({sh.rank for sh in shards} - set(rank_states)):
+            inconsistencies.append(
+                f"rank {r}: its shards are here but its rank file {fmt.rank_file_name(r)} is missing, so whether "
+                "it finished is unknown and missing shards at its end cannot be detected")
+
+        table, step_rows, dupes = _merge_steps(read, seg_of, from_steps)
+        inconsistencies += dupes
+        query_index: dict[int, tuple[ShardFile, int]] = {}
+        query_nonfinite: dict[int, np.ndarray] = {}
+        for sh, _cols, (qsteps, qbad), _attrs in read:
+            for j, qs in enumerate(qsteps):
+                if superseded(from_steps.get(sh.rank, {}), seg_of[sh.path], int(qs)):
+                    continue
+                query_index[int(qs)] = (sh, j)
+                if qbad is not None:
+                    query_nonfinite[int(qs)] = qbad[j]
+        param_files = _param_files(path)
+        gaps = _gaps(path, rank_states, read, skipped, seg_of, from_steps, param_files)
+        return cls(shards=shards, skipped_shards=skipped, table=table, step_rows=step_rows,
+                   query_index=query_index, query_nonfinite=query_nonfinite, param_files=param_files,
+                   rank_states=rank_states, gaps=gaps, inconsistencies=inconsistencies)
+
+
+def _shard_attrs(f: h5py.File) -> dict[str, Any]:
+    return {k: get_attr(f, k) for k in ("run_id", "rank", "shard_index", fmt.SHARD_SEGMENT, fmt.SHARD_FROM_STEP)}
+
+
+def _read_step_columns(f: h5py.File, sh: ShardFile, run_id: str, dim: int | None
+                       ) -> tuple[dict[str, np.ndarray], tuple[np.ndarray, np.ndarray | None], dict[str, Any]]:
+    attrs = _shard_attrs(f)
+    owner = attrs["run_id"]
+    if not owner:
+        raise CorruptShardError(
+            "has no readable run_id attribute: its metadata is damaged, or it was not written by "
+            "influence_hooks. Its rows cannot be trusted; move it out of the run directory.")
+    if owner != run_id:
+        raise CorruptShardError(
+            f"belongs to run {owner}, not to this directory's run {run_id}: a file of another recording. "
+            "Move it out of the run directory (or back to its own run).")
+    if attrs["rank"] is not None and (attrs["rank"], attrs["shard_index"]) != (sh.rank, sh.index):
+        raise CorruptShardError(
+            f"says it is shard {attrs['shard_index']} of rank {attrs['rank']}, but its name says shard {sh.index} of "
+            f"rank {sh.rank}: it was renamed. Give it back its own name ({fmt.shard_name(attrs['rank'], attrs['shard_index'])}).")
     cols = {name: f[fmt.STEPS][name][()] for name in fmt.STEP_COLUMNS}
     qsteps = f[fmt.QUERY_STEP][()]
+    qbad = None
     if len(qsteps):
         f[fmt.QUERY_GRAD].shape  # noqa: B018 - touch it, so a broken dataset fails here
-    f[fmt.ROWS_GRAD].shape  # noqa: B018
-    return cols, qsteps
+        if fmt.QUERY_NONFINITE in f:
+            qbad = f[fmt.QUERY_NONFINITE][()]
+    shape = f[fmt.ROWS_GRAD].shape
+    if dim is not None and len(shape) == 2 and shape[0] and shape[1] != dim:
+        raise CorruptShardError(f"its gradient rows have {shape[1]} columns, but the run records {dim}.")
+    return cols, (qsteps, qbad), attrs
 
 
-def _merge_steps(tables: list[tuple[ShardFile, dict[str, np.ndarray]]], rank_states: dict[int, dict[str, Any]]
-                 ) -> tuple[StepTable, dict[int, list[tuple[ShardFile, int, int]]]]:
+def _merge_steps(read: list, seg_of: dict[Path, int], from_steps: dict[int, dict[int, int]]
+                 ) -> tuple[StepTable, dict[int, list[tuple[ShardFile, int, int]]], list[str]]:
     """One entry per step over every rank's shards; a step's parts on several ranks form its
-    global batch. Rows superseded by a resume are left out."""
-    per_step: dict[int, dict[str, Any]] = {}
-    step_rows: dict[int, list[tuple[ShardFile, int, int]]] = {}
-    for sh, cols in tables:
-        segs = rank_states.get(sh.rank, {}).get("segments", [])
+    global batch. Rows superseded by a resume are left out; a step that one rank holds twice
+    without a resume between (which only damaged metadata can cause) keeps its later shard's rows."""
+    own: dict[tuple[int, int], tuple[ShardFile, int]] = {}  # (rank, step) -> (shard, position)
+    problems = []
+    for sh, cols, _q, _attrs in read:
         for j, step in enumerate(cols["step"]):
             step = int(step)
-            if superseded(segs, sh, step):
+            if superseded(from_steps.get(sh.rank, {}), seg_of[sh.path], step):
                 continue
-            r0, n = int(cols["row_start"][j]), int(cols["row_count"][j])
-            step_rows.setdefault(step, []).append((sh, r0, r0 + n))
-            entry = per_step.get(step)
-            if entry is None:
-                per_step[step] = {**{name: cols[name][j] for name in fmt.STEP_COLUMNS}, "rows": n}
-            else:  # another rank's part of the same step
-                entry["rows"] += n
-                entry["batch_size"] += int(cols["batch_size"][j])
-                entry["nonfinite"] |= bool(cols["nonfinite"][j])
-                entry["skipped"] |= bool(cols["skipped"][j])
+            prev = own.get((sh.rank, step))
+            if prev is not None:
+                problems.append(f"rank {sh.rank}: step {step} is recorded in both {prev[0].path.name} and "
+                                f"{sh.path.name} with no resume between them; the rows of {sh.path.name} are used")
+            if prev is None or prev[0].index < sh.index:
+                own[(sh.rank, step)] = (sh, j)
+    cols_of = {id(sh): cols for sh, cols, _q, _a in read}
+    per_step: dict[int, dict[str, Any]] = {}
+    step_rows: dict[int, list[tuple[ShardFile, int, int]]] = {}
+    for (_rank, step), (sh, j) in sorted(own.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        cols = cols_of[id(sh)]
+        r0, n = int(cols["row_start"][j]), int(cols["row_count"][j])
+        step_rows.setdefault(step, []).append((sh, r0, r0 + n))
+        entry = per_step.get(step)
+        if entry is None:
+            per_step[step] = {**{name: cols[name][j] for name in fmt.STEP_COLUMNS}, "rows": n}
+        else:  # another rank's part of the same step
+            entry["rows"] += n
+            entry["batch_size"] += int(cols["batch_size"][j])
+            entry["nonfinite"] |= bool(cols["nonfinite"][j])
+            entry["skipped"] |= bool(cols["skipped"][j])
     order = sorted(per_step)
 
     def col(name: str, dt: Any) -> np.ndarray:
@@ -229,7 +424,72 @@ def _merge_steps(tables: list[tuple[ShardFile, dict[str, np.ndarray]]], rank_sta
         batch_sizes=col("batch_size", np.int64), rows=col("rows", np.int64),
         update_weights=col("update_weight", np.float64), micro_batches=col("micro_batches", np.int64),
         nonfinite=col("nonfinite", bool), skipped=col("skipped", bool), losses=col("loss", np.float64))
-    return table, step_rows
+    return table, step_rows, problems
+
+
+def _gaps(path: Path, rank_states: dict[int, dict[str, Any]], read: list, skipped: list[tuple[Path, str]],
+          seg_of: dict[Path, int], from_steps: dict[int, dict[int, int]],
+          param_files: dict[str, dict[int, Path]]) -> list[Gap]:
+    """Finished files that are not there: those a rank file lists, or (without a list: format 1,
+    or a lost rank file) holes in a rank's shard numbering and steps after its last shard."""
+    present = {(sh.rank, sh.index) for sh, *_ in read}
+    present |= {p for p in (fmt.parse_shard_name(q.name) for q, _ in skipped) if p}  # reported as unreadable
+    spans: dict[tuple[int, int], tuple[int | None, int | None]] = {}
+    for sh, cols, _q, _a in read:
+        st = cols["step"]
+        spans[(sh.rank, sh.index)] = (int(st.min()), int(st.max())) if len(st) else (None, None)
+    gaps = []
+    ranks = set(rank_states) | {r for r, _ in present}
+    for r in sorted(ranks):
+        state = rank_states.get(r, {})
+        listed = state.get(fmt.RANK_SHARDS)
+        if listed is not None:
+            for row in listed:
+                entry = dict(zip(fmt.RANK_SHARD_COLUMNS, row))
+                index, first, last = int(entry["index"]), entry["first_step"], entry["last_step"]
+                if (r, index) in present:
+                    continue
+                if first is not None and superseded(from_steps.get(r, {}), int(entry["segment"]), int(first)):
+                    continue  # a resume recorded these steps again
+                gaps.append(Gap(r, "shard", fmt.shard_name(r, index), first, last))
+        else:
+            mine = sorted(i for rr, i in present if rr == r)
+            for index in range(max(mine, default=-1) + 1):
+                if index in mine:
+                    continue
+                before = [spans.get((r, i), (None, None))[1] for i in mine if i < index]
+                after = [spans.get((r, i), (None, None))[0] for i in mine if i > index]
+                lo = max((s for s in before if s is not None), default=None)
+                hi = min((s for s in after if s is not None), default=None)
+                gaps.append(Gap(r, "shard", fmt.shard_name(r, index), None if lo is None else lo + 1,
+                                None if hi is None else hi - 1))
+            last = state.get("last_step")
+            recorded = [s[1] for (rr, _i), s in spans.items() if rr == r and s[1] is not None]
+            if last is not None and (not recorded or int(last) > max(recorded)):
+                after = max(recorded, default=-1) + 1
+                gaps.append(Gap(r, "shard", f"after {fmt.shard_name(r, max(mine, default=-1))}", after, int(last)))
+        on_disk = {p.name for files in param_files.values() for p in files.values()}
+        for name in state.get(fmt.RANK_PARAMS, []):
+            if name not in on_disk:
+                parsed = fmt.parse_param_file_name(name)
+                if parsed:
+                    gaps.append(Gap(r, parsed[0], name, parsed[2], parsed[2]))
+    return gaps
+
+
+def describe_gaps(gaps: list[Gap]) -> str:
+    """One sentence for a list of gaps (for warnings and notes)."""
+    shards = [g for g in gaps if g.kind == "shard"]
+    params = [g for g in gaps if g.kind != "shard"]
+    parts = []
+    if shards:
+        steps = sorted({s for g in shards if g.first_step is not None
+                        for s in range(g.first_step, (g.last_step if g.last_step is not None else g.first_step) + 1)})
+        parts.append(f"{len(shards)} finished shard(s) are missing ({', '.join(g.name for g in shards[:4])}"
+                     f"{', ...' if len(shards) > 4 else ''}; steps {short_list(steps) if steps else 'unknown'})")
+    if params:
+        parts.append(f"{len(params)} parameter file(s) are missing (steps {short_list([g.first_step for g in params])})")
+    return " and ".join(parts)
 
 
 def _param_files(path: Path) -> dict[str, dict[int, Path]]:

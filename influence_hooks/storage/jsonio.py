@@ -5,20 +5,16 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
-from .format import TMP_SUFFIX
+from .files import write_atomic
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + TMP_SUFFIX)
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Serialised first, then written as a whole (files.write_atomic): a full disk leaves the old
+    file in place and no temporary file behind."""
+    write_atomic(path, json.dumps(data, indent=2, sort_keys=True).encode())
 
 
 def read_json(path: Path) -> dict[str, Any]:

@@ -8,7 +8,9 @@ narrow read interface the aggregators use:
 - the step table: `table` (and its columns as `steps`, `lrs`, ... for convenience);
 - gradients, streamed in bounded memory, forward or backward in step order, for any window:
   `iter_steps` (one step at a time) and `iter_blocks` (`RowBlock`s of whole steps);
-- query gradients `query_gradients(step)`, parameters `load_parameters(step)`.
+- query gradients `query_gradients(step)`, parameters `load_parameters(step)`;
+- what is missing or damaged: `gaps` (finished files that are not there; open_run warns about
+  them), `inconsistencies`, `skipped_shards`; reading a damaged chunk raises CorruptShardError.
 
 Windows are checked by `influence_hooks.windows`; how estimators describe their approximations is
 the aggregators' business (`aggregate.notes`), not the reader's.
@@ -17,6 +19,7 @@ the aggregators' business (`aggregate.notes`), not the reader's.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -26,10 +29,10 @@ import numpy as np
 import torch
 
 from .. import windows as W
-from ..errors import MissingDataError, RunDirectoryError
+from ..errors import CorruptShardError, MissingDataError
 from . import format as fmt
-from .index import FilePool, ShardFile, ShardIndex, StepTable
-from .jsonio import read_json
+from .files import open_h5
+from .index import FilePool, Gap, ShardFile, ShardIndex, StepTable, describe_gaps, read_manifest
 
 
 @dataclass(frozen=True)
@@ -99,6 +102,8 @@ def open_run(path: str | os.PathLike, *, on_corrupt: str = "raise") -> "Run":
 
     on_corrupt: 'raise' (default) stops at a shard that cannot be read, naming it; 'skip' leaves
     such shards out with a warning, so the rest of the run stays usable.
+    Finished files that are missing (`Run.gaps`) and disagreements between the shards and the rank
+    files (`Run.inconsistencies`) give a RuntimeWarning; the manifest is checked against its schema.
     """
     return Run(path, on_corrupt=on_corrupt)
 
@@ -110,7 +115,7 @@ class Run:
         if on_corrupt not in ("raise", "skip"):
             raise ValueError(f"on_corrupt must be 'raise' or 'skip', got {on_corrupt!r}")
         self.path = Path(path)
-        self.manifest: dict[str, Any] = _read_manifest(self.path)
+        self.manifest: dict[str, Any] = read_manifest(self.path)
         self.run_id: str = self.manifest["run_id"]
         self.dim: int = int(self.manifest["dim"])
         self.layers: list[LayerInfo] = [
@@ -120,9 +125,15 @@ class Run:
                       projection=dict(l["projection"]))
             for l in self.manifest["layers"]]
         self._pool = FilePool()
-        self._index = ShardIndex.build(self.path, self.run_id, self._pool, on_corrupt=on_corrupt)
+        self._index = ShardIndex.build(self.path, self.run_id, self._pool, dim=self.dim, on_corrupt=on_corrupt)
         self.table: StepTable = self._index.table
         self._sample_ids: np.ndarray | None = None
+        if self.gaps:
+            warnings.warn(f"{self.path}: {describe_gaps(self.gaps)}. Their steps contribute nothing to any "
+                          f"estimate; `influence-hooks verify {self.path}` lists every problem.",
+                          RuntimeWarning, stacklevel=3)
+        for problem in self.inconsistencies:
+            warnings.warn(f"{self.path}: {problem}", RuntimeWarning, stacklevel=3)
 
     # ------------------------------------------------------------------ the step table
     @property
@@ -184,6 +195,18 @@ class Run:
         return self._index.rank_states
 
     @property
+    def gaps(self) -> list[Gap]:
+        """Finished files of the run that are not in the directory: shards and parameter files the
+        rank files list, holes in a rank's shard numbering, steps after a rank's last shard."""
+        return list(self._index.gaps)
+
+    @property
+    def inconsistencies(self) -> list[str]:
+        """What the shards and the rank files disagree on (a lost rank file, a segment the rank
+        file lacks, a step held twice); how the reader resolved each is part of the sentence."""
+        return list(self._index.inconsistencies)
+
+    @property
     def complete(self) -> bool:
         """True when every rank finished training and closed its recording."""
         states = self._index.rank_states
@@ -231,7 +254,7 @@ class Run:
     def sample_ids(self) -> np.ndarray:
         """Sorted unique ids of every training sample recorded."""
         if self._sample_ids is None:
-            ids = [self._dataset(sh, fmt.ROWS_SAMPLE_ID)[:] for sh in self._index.shards]
+            ids = [self._read(sh, fmt.ROWS_SAMPLE_ID, slice(None)) for sh in self._index.shards]
             self._sample_ids = np.unique(np.concatenate(ids)) if ids else np.zeros(0, np.int64)
         return self._sample_ids
 
@@ -292,7 +315,9 @@ class Run:
             "nonfinite_steps": [int(s) for s in self.steps[self.nonfinite]],
             "skipped_steps": [int(s) for s in self.steps[self.skipped]],
             "optimizer": self.optimizer.get("name"), "precision": self.manifest.get("precision"),
+            "nonfinite_query_steps": self.nonfinite_query_steps.tolist(),
             "shards": self.n_shards, "skipped_shards": [str(p) for p, _ in self.skipped_shards],
+            "gaps": [g.describe() for g in self.gaps], "inconsistencies": self.inconsistencies,
             "size_bytes": size,
         }
 
@@ -301,7 +326,7 @@ class Run:
         """The sample ids of step `step`'s batch, in batch order, without reading gradients."""
         if int(step) not in self._index.step_rows:
             raise KeyError(f"step {step} is not recorded")
-        return np.concatenate([self._dataset(sh, fmt.ROWS_SAMPLE_ID)[r0:r1]
+        return np.concatenate([self._read(sh, fmt.ROWS_SAMPLE_ID, slice(r0, r1))
                                for sh, r0, r1 in self._index.step_rows[int(step)]])
 
     def iter_steps(self, window: Any = None, *, reverse: bool = False,
@@ -314,8 +339,8 @@ class Run:
             i = self.step_position(int(step))
             ids, grads = [], []
             for shard, r0, r1 in self._index.step_rows[int(step)]:
-                ids.append(self._dataset(shard, fmt.ROWS_SAMPLE_ID)[r0:r1])
-                g = self._dataset(shard, fmt.ROWS_GRAD)[r0:r1]
+                ids.append(self._read(shard, fmt.ROWS_SAMPLE_ID, slice(r0, r1)))
+                g = self._read(shard, fmt.ROWS_GRAD, slice(r0, r1))
                 grads.append(g if cols is None else g[:, cols])
             yield StepBatch(step=int(step), epoch=int(self.epochs[i]), lr=float(self.lrs[i]),
                             update_weight=float(self.update_weights[i]), batch_size=int(self.batch_sizes[i]),
@@ -360,8 +385,8 @@ class Run:
                 runs.append([sh, r0, r1, [(step, r1 - r0)], False])
         grads, ids, steps = [], [], []
         for sh, r0, r1, members, backward in runs:
-            g = self._dataset(sh, fmt.ROWS_GRAD)[r0:r1]
-            s_ids = self._dataset(sh, fmt.ROWS_SAMPLE_ID)[r0:r1]
+            g = self._read(sh, fmt.ROWS_GRAD, slice(r0, r1))
+            s_ids = self._read(sh, fmt.ROWS_SAMPLE_ID, slice(r0, r1))
             if cols is not None:
                 g = g[:, cols]
             st = np.concatenate([np.full(c, s, np.int64) for s, c in members])
@@ -400,11 +425,22 @@ class Run:
                 f"no query gradients recorded at step {step}; recorded at {len(qs)} steps, "
                 f"e.g. {qs[:5].tolist()}... Use query_step_at_or_before(step).")
         sh, j = self._index.query_index[int(step)]
-        g = self._dataset(sh, fmt.QUERY_GRAD)[j]
+        g = self._read(sh, fmt.QUERY_GRAD, j)
         cols = self.columns(layers)
         if cols is not None:
             g = g[:, cols]
         return torch.from_numpy(np.ascontiguousarray(g)).to(device=device, dtype=dtype)
+
+    def query_nonfinite(self, step: int) -> np.ndarray:
+        """[Q] bool: which queries' gradients u_q(step) hold NaN/inf, as flagged when recorded
+        (format-1 runs carry no flags: all False)."""
+        flags = self._index.query_nonfinite.get(int(step))
+        return np.asarray(flags, bool) if flags is not None else np.zeros(len(self.query_ids), bool)
+
+    @property
+    def nonfinite_query_steps(self) -> np.ndarray:
+        """Query steps at which some query gradient was flagged non-finite when recorded."""
+        return np.array(sorted(s for s, f in self._index.query_nonfinite.items() if np.any(f)), np.int64)
 
     def query_step_at_or_before(self, step: int) -> int | None:
         """The latest step <= `step` with recorded query gradients, or None."""
@@ -423,7 +459,7 @@ class Run:
 
     def parameter_names(self, step: int, kind: str | None = None) -> set[str]:
         """Names of the parameters in the snapshot (or checkpoint) of `step`, without loading them."""
-        with h5py.File(self.param_file(step, kind), "r") as f:
+        with self._param_h5(step, kind) as f:
             return set(f[fmt.PARAMS_GROUP].keys())
 
     def optimizer_state_names(self, step: int, kind: str | None = None) -> set[str]:
@@ -434,16 +470,23 @@ class Run:
     def load_parameters(self, step: int, kind: str | None = None, *,
                         device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
         """Parameters w_step from a snapshot or checkpoint file: {name: tensor}."""
-        with h5py.File(self.param_file(step, kind), "r") as f:
-            return {name: torch.from_numpy(ds[()]).to(device) for name, ds in f[fmt.PARAMS_GROUP].items()}
+        with self._param_h5(step, kind) as f:
+            try:
+                return {name: torch.from_numpy(np.asarray(ds[()])).to(device)
+                        for name, ds in f[fmt.PARAMS_GROUP].items()}
+            except (OSError, KeyError, ValueError) as e:
+                raise self._damaged(f.filename, "its parameters", e) from e
 
     def load_optimizer_state(self, step: int, kind: str = "checkpoint") -> dict[str, dict[str, torch.Tensor]]:
         """Optimizer state saved with the parameters of `step`: {param name: {key: tensor}}."""
-        with h5py.File(self.param_file(step, kind), "r") as f:
+        with self._param_h5(step, kind) as f:
             if fmt.OPTIM_GROUP not in f:
                 return {}
-            return {p: {k: torch.from_numpy(np.asarray(v[()])) for k, v in g.items()}
-                    for p, g in f[fmt.OPTIM_GROUP].items()}
+            try:
+                return {p: {k: torch.from_numpy(np.asarray(v[()])) for k, v in g.items()}
+                        for p, g in f[fmt.OPTIM_GROUP].items()}
+            except (OSError, KeyError, ValueError) as e:
+                raise self._damaged(f.filename, "its optimizer state", e) from e
 
     def param_file(self, step: int, kind: str | None = None) -> Path:
         """The snapshot (or checkpoint) file of `step`; MissingDataError naming how to record it."""
@@ -492,27 +535,32 @@ class Run:
     def _dataset(self, shard: ShardFile, name: str) -> h5py.Dataset:
         return self._pool.get(shard.path)[name]
 
+    def _read(self, shard: ShardFile, name: str, sel: Any) -> np.ndarray:
+        """dataset[sel] of a shard; a checksum that does not match (or any damage) is a
+        CorruptShardError naming the file, never other numbers."""
+        try:
+            return self._pool.get(shard.path)[name][sel]
+        except (OSError, KeyError, ValueError) as e:
+            raise self._damaged(shard.path, name, e) from e
+
+    def _damaged(self, path: Any, what: str, e: BaseException) -> CorruptShardError:
+        return CorruptShardError(
+            f"{path}: {what} cannot be read ({e}); the file is damaged (a checksum does not match, or it "
+            f"was truncated). `influence-hooks verify {self.path}` lists every damaged file; move this one "
+            "out of the run directory to use the rest (its steps are then reported as missing).")
+
+    def _param_h5(self, step: int, kind: str | None) -> h5py.File:
+        path = self.param_file(step, kind)
+        try:
+            return open_h5(path)
+        except CorruptShardError:
+            raise
+        except (OSError, KeyError, ValueError) as e:
+            raise self._damaged(path, "the file", e) from e
+
     def _require_steps(self) -> None:
         if len(self.steps) == 0:
             raise MissingDataError(
                 f"{self.path} holds no finished steps yet (complete={self.complete}). If training was "
                 "interrupted before the first shard was written, nothing was recorded.")
 
-
-def _read_manifest(path: Path) -> dict[str, Any]:
-    mpath = path / fmt.MANIFEST
-    if not mpath.is_file():
-        raise RunDirectoryError(
-            f"no influence_hooks run in {path}: {fmt.MANIFEST} is missing. Pass the directory "
-            "given to InfluenceCallback / GradientRecorder.")
-    try:
-        manifest: dict[str, Any] = read_json(mpath)
-    except (OSError, ValueError) as e:
-        raise RunDirectoryError(f"{mpath} is unreadable ({e}); the run cannot be opened.") from e
-    if manifest.get("format") != fmt.FORMAT_NAME:
-        raise RunDirectoryError(f"{mpath} is not an influence_hooks manifest.")
-    if int(manifest.get("format_version", 0)) > fmt.FORMAT_VERSION:
-        raise RunDirectoryError(
-            f"{path} was written by a newer format (v{manifest['format_version']}); "
-            "upgrade influence_hooks to read it.")
-    return manifest

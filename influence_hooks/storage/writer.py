@@ -1,9 +1,10 @@
 """Streaming writer of a run directory.
 
 Training threads hand finished steps to `RunWriter`, which queues them (bounded) and lets a
-background thread write HDF5 shards. Training waits on disk only when the queue is full. Each shard
-is assembled in memory and written under a temporary name, then renamed, so a crash at any moment
-leaves every earlier shard whole and readable.
+background thread write HDF5 shards. Training waits on disk only when the queue is full. Each file
+is built completely in memory and written under a temporary name, then renamed (`files`), so a
+crash at any moment leaves every earlier shard whole and readable, and a full disk is a
+StorageError, never a crash inside HDF5. A writer holds its rank's `RunLock` from creation to close.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ import queue
 import shutil
 import threading
 import time
-import warnings
 import uuid
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,9 +26,13 @@ import numpy as np
 import torch
 
 from .._version import __version__
-from ..errors import ConfigurationError, NonFiniteGradientError, RunDirectoryError, StorageError
+from ..errors import (ConfigurationError, NonFiniteGradientError, RunDirectoryError, SampleIdError, StorageError,
+                      short_list)
 from . import format as fmt
+from .files import check_free_space, h5_image, set_attrs, writable_target, write_array, write_atomic
+from .index import finished_shards, read_manifest, rebuild_rank_state
 from .jsonio import read_json, write_json_atomic
+from .lock import RunLock
 
 
 @dataclass
@@ -64,6 +69,7 @@ class WriterOptions:
     max_shard_mb: float = 256.0
     queue_size: int = 32
     on_nonfinite: str = "warn"
+    allow_repeated_ids: bool = False
 
     def __post_init__(self) -> None:
         if self.steps_per_shard < 1 or self.queue_size < 1 or self.max_shard_mb <= 0:
@@ -72,12 +78,30 @@ class WriterOptions:
             raise ConfigurationError(f"on_nonfinite must be 'warn' or 'raise', got {self.on_nonfinite!r}")
 
 
+def check_sample_ids(ids: np.ndarray, step: int, *, allow_repeated: bool = False) -> None:
+    """SampleIdError unless the ids of one step are dataset indices: >= 0 and, unless
+    allow_repeated, each at most once (a repeat means the ids do not match the batch, unless the
+    sampler draws with replacement)."""
+    ids = np.asarray(ids)
+    if len(ids) and ids.min() < 0:
+        raise SampleIdError(f"step {step}: negative sample ids {short_list(np.unique(ids[ids < 0]))}; sample ids "
+                            "must be dataset indices (>= 0). Check what begin_micro_batch / sample_ids= receives.")
+    if not allow_repeated and len(ids) > 1:
+        uniq, counts = np.unique(ids, return_counts=True)
+        if (counts > 1).any():
+            raise SampleIdError(
+                f"step {step}: sample ids {short_list(uniq[counts > 1])} occur more than once in one step. Either "
+                "the ids do not match the batch (check begin_micro_batch / sample_ids=), or the sampler draws "
+                "with replacement: then pass allow_repeated_ids=True, and each occurrence counts as a row.")
+
+
 @dataclass
 class _ShardBuffer:
     index: int
     steps: list[StepRecord] = field(default_factory=list)
     query_steps: list[int] = field(default_factory=list)
     query_grads: list[np.ndarray] = field(default_factory=list)
+    query_nonfinite: list[np.ndarray] = field(default_factory=list)
     nbytes: int = 0
 
 
@@ -87,17 +111,22 @@ _STOP = object()
 class RunWriter:
     """Writes one rank's part of a run directory on a background thread.
 
-    Create with `RunWriter.create(...)` for a new run or `RunWriter.resume(...)` to continue one.
-    Errors raised on the writer thread (a full disk, say) are re-raised on the training thread at
-    the next call, as StorageError, naming what was written and where.
+    Create with `RunWriter.create(...)` for a new run or `RunWriter.resume(...)` to continue one;
+    either takes the rank's lock on the directory, which close() and abort() release (and the
+    kernel, if the process dies). Errors raised on the writer thread (a full disk, say) are
+    re-raised on the training thread at the next call, as StorageError, naming what was written
+    and where.
     """
 
     def __init__(self, path: Path, manifest: dict[str, Any], rank: int, rank_state: dict[str, Any],
-                 next_shard: int, options: WriterOptions):
+                 next_shard: int, options: WriterOptions, lock: RunLock | None = None):
         self.path = path
         self.manifest = manifest
         self.rank = rank
         self._rank_state = rank_state
+        self._lock = lock
+        segment = rank_state["segments"][-1]
+        self._segment, self._from_step = int(segment["segment"]), int(segment["from_step"])
         storage_dtype = manifest["storage_dtype"]
         if storage_dtype not in fmt.STORAGE_DTYPES:
             raise ConfigurationError(
@@ -107,11 +136,16 @@ class RunWriter:
         self._steps_per_shard = options.steps_per_shard
         self._max_shard_bytes = int(options.max_shard_mb * 2**20)
         self._on_nonfinite = options.on_nonfinite
+        self._allow_repeated_ids = options.allow_repeated_ids
+        self._query_ids = np.asarray((manifest.get("queries") or {}).get("ids", []), np.int64)
+        self._warned_query_nonfinite = False
         self._buffer = _ShardBuffer(next_shard)
         self._queue: queue.Queue = queue.Queue(maxsize=options.queue_size)
         self._error: BaseException | None = None
         self._bytes_written = 0
         self._shards_written = 0
+        self._params_written = 0
+        self._writing = ""  # the file being written, for error messages
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="influence-hooks-writer", daemon=True)
         self._thread.start()
@@ -120,53 +154,90 @@ class RunWriter:
     @classmethod
     def create(cls, path: str | os.PathLike, manifest: dict[str, Any], *, rank: int = 0,
                overwrite: bool = False, options: WriterOptions = WriterOptions()) -> "RunWriter":
-        """Start a new run in `path`. Refuses a directory that already holds a run unless overwrite."""
+        """Start a new run in `path`. Refuses a directory that already holds a run with recorded
+        data, or stray shards without a manifest, unless overwrite (which deletes the library's
+        own files there, nothing else). A run that recorded nothing is replaced without asking."""
         path = Path(path)
-        mpath = path / fmt.MANIFEST
-        if rank != 0:  # other ranks join the run of rank 0: same run_id, nothing is replaced
-            if not manifest.get("run_id"):
-                raise ConfigurationError(f"rank {rank} joins the run of rank 0: pass its run_id in the manifest.")
-            other = _safe_manifest(mpath).get("run_id") if mpath.exists() else None
-            if other not in (None, manifest["run_id"]):
-                raise RunDirectoryError(f"rank {rank}: {path} holds run {other}, not {manifest['run_id']}.")
-        else:
-            cls.check_new_run_dir(path, overwrite=overwrite, rank=rank)
-        if mpath.exists() and rank == 0:
-            for sub in (fmt.SHARD_DIR, fmt.PARAM_DIR):
-                shutil.rmtree(path / sub, ignore_errors=True)
-            for f in path.glob("rank-*.json"):
-                f.unlink()
-            mpath.unlink()
-        (path / fmt.SHARD_DIR).mkdir(parents=True, exist_ok=True)
-        (path / fmt.PARAM_DIR).mkdir(parents=True, exist_ok=True)
-        manifest = dict(manifest)
-        manifest.update(format=fmt.FORMAT_NAME, format_version=fmt.FORMAT_VERSION,
-                        library_version=__version__, run_id=manifest.get("run_id") or uuid.uuid4().hex,
-                        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        lock = RunLock.acquire(path, rank)
+        try:
+            mpath = path / fmt.MANIFEST
+            if rank != 0:  # other ranks join the run of rank 0: same run_id, nothing is replaced
+                if not manifest.get("run_id"):
+                    raise ConfigurationError(f"rank {rank} joins the run of rank 0: pass its run_id in the manifest.")
+                other = _safe_manifest(mpath).get("run_id") if mpath.exists() else None
+                if other not in (None, manifest["run_id"]):
+                    raise RunDirectoryError(f"rank {rank}: {path} holds run {other}, not {manifest['run_id']}.")
+            else:
+                cls._check_contents(path, overwrite=overwrite)
+                _remove_run_files(path)
+            manifest = dict(manifest)
+            manifest.update(format=fmt.FORMAT_NAME, format_version=fmt.FORMAT_VERSION,
+                            library_version=__version__, run_id=manifest.get("run_id") or uuid.uuid4().hex,
+                            created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+            problem = fmt.manifest_problem(manifest)
+            if problem:
+                raise ConfigurationError(f"the manifest to record is invalid: {problem}")
+            try:
+                (path / fmt.SHARD_DIR).mkdir(parents=True, exist_ok=True)
+                (path / fmt.PARAM_DIR).mkdir(parents=True, exist_ok=True)
+                if rank == 0:
+                    write_json_atomic(mpath, manifest)
+                state = {"rank": rank, "segments": [{"segment": 0, "from_step": 0, "first_shard": 0}],
+                         "complete": False, "last_step": None, "final_step": None, fmt.RANK_SHARDS: [],
+                         fmt.RANK_PARAMS: []}
+                write_json_atomic(path / fmt.rank_file_name(rank), state)
+            except OSError as e:
+                raise _start_error(path, e) from e
+            return cls(path, manifest, rank, state, 0, options, lock)
+        except BaseException:
+            lock.release()
+            raise
+
+    @classmethod
+    def check_new_run_dir(cls, path: str | os.PathLike, *, overwrite: bool = False, rank: int = 0) -> None:
+        """Raise RunDirectoryError unless a new run may be started in `path` now: no other
+        recording holds it, and it holds no recorded data (unless overwrite). Takes nothing."""
+        path = Path(path)
+        cls.check_writable(path)
+        RunLock.check_free(path, rank)
         if rank == 0:
-            write_json_atomic(mpath, manifest)
-        state = {"rank": rank, "segments": [{"from_step": 0, "first_shard": 0}], "complete": False,
-                 "last_step": None, "final_step": None}
-        write_json_atomic(path / fmt.rank_file_name(rank), state)
-        return cls(path, manifest, rank, state, 0, options)
+            cls._check_contents(path, overwrite=overwrite)
 
     @staticmethod
-    def check_new_run_dir(path: str | os.PathLike, *, overwrite: bool = False, rank: int = 0) -> None:
-        """Raise RunDirectoryError unless a new run may be started in `path`."""
+    def check_writable(path: str | os.PathLike) -> None:
+        """RunDirectoryError unless `path`, or the directory it would be created in, is writable."""
         path = Path(path)
-        mpath = path / fmt.MANIFEST
-        if overwrite:
+        if path.exists() and not path.is_dir():
+            raise RunDirectoryError(f"cannot record into {path}: it is a file, not a directory.")
+        why = writable_target(path)
+        if why:
+            raise RunDirectoryError(f"cannot record into {path}: {why}. Choose a directory you can write to.")
+
+    @staticmethod
+    def _check_contents(path: Path, *, overwrite: bool) -> None:
+        if overwrite or not path.exists():
             return
+        mpath = path / fmt.MANIFEST
+        recorded = _recorded_files(path)
         if mpath.exists():
+            if not recorded:
+                return  # a run that failed before finishing anything: nothing to lose
             old = _safe_manifest(mpath)
             raise RunDirectoryError(
                 f"{path} already holds a run (run_id {old.get('run_id', '?')}, "
-                f"{old.get('created', 'unknown date')}). Choose a new directory, pass "
-                "overwrite=True to replace it, or resume training from one of its checkpoints.")
-        if path.exists() and rank == 0 and any(p.name not in ("shards", "params") for p in path.iterdir()):
-            stray = sorted(p.name for p in path.iterdir())[:5]
+                f"{old.get('created', 'unknown date')}, {len(recorded)} finished file(s)). Choose a new "
+                "directory, pass overwrite=True to replace it, or resume training from one of its checkpoints.")
+        if recorded:
+            names = ", ".join(p.name for p in recorded[:3])
             raise RunDirectoryError(
-                f"{path} is not empty ({', '.join(stray)}, ...) and holds no influence_hooks run. "
+                f"{path} holds {len(recorded)} shard or parameter file(s) of an earlier run ({names}, ...) but no "
+                f"{fmt.MANIFEST}, so they cannot be read, and a new run would mix with them. Move them out of "
+                f"{path / fmt.SHARD_DIR} and {path / fmt.PARAM_DIR}, or pass overwrite=True to delete them.")
+        others = [p.name for p in path.iterdir()
+                  if p.name not in (fmt.SHARD_DIR, fmt.PARAM_DIR) and not fmt.is_lock_file_name(p.name)]
+        if others:
+            raise RunDirectoryError(
+                f"{path} is not empty ({', '.join(sorted(others)[:5])}, ...) and holds no influence_hooks run. "
                 "Pick an empty or new directory, or pass overwrite=True.")
 
     @staticmethod
@@ -188,26 +259,36 @@ class RunWriter:
                options: WriterOptions = WriterOptions()) -> "RunWriter":
         """Continue run `run_id` in `path` from optimizer step `from_step` (a checkpoint's step).
 
-        Rows of steps >= from_step in earlier shards are superseded: the reader drops them, so a
-        resumed run has neither duplicated nor missing steps.
+        Opens a new segment: rows of steps >= from_step in earlier segments' shards are superseded.
+        The reader drops them, so a resumed run has neither duplicated nor missing steps; each shard
+        names its segment and that segment's from_step, so this holds even without the rank file.
         """
         path = Path(path)
-        manifest = _manifest_of_run(path, run_id)
-        existing = [fmt.parse_shard_name(p.name) for p in (path / fmt.SHARD_DIR).iterdir()]
-        next_shard = 1 + max((i for r, i in filter(None, existing) if r == rank), default=-1)
-        rpath = path / fmt.rank_file_name(rank)
-        state = read_json(rpath) if rpath.exists() else {"rank": rank, "segments": []}
-        state["segments"].append({"from_step": int(from_step), "first_shard": next_shard})
-        state.update(complete=False, final_step=None)
-        write_json_atomic(rpath, state)
-        for sub in (fmt.SHARD_DIR, fmt.PARAM_DIR):
-            for tmp in (path / sub).glob(f"*{fmt.TMP_SUFFIX}"):
-                tmp.unlink()  # half-written leftovers of the crashed run
-        for p in (path / fmt.PARAM_DIR).iterdir():
-            parsed = fmt.parse_param_file_name(p.name)
-            if parsed and parsed[1] == rank and parsed[2] >= from_step:
-                p.unlink()  # w_t of steps the resumed run records again
-        return cls(path, manifest, rank, state, next_shard, options)
+        lock = RunLock.acquire(path, rank)
+        try:
+            manifest = _manifest_of_run(path, run_id)
+            state = rebuild_rank_state(path, rank, run_id)  # the rank file, or what the shards say
+            mine = [sh.index for sh in finished_shards(path) if sh.rank == rank]
+            next_shard = 1 + max(mine, default=-1)
+            segment = 1 + max((int(s["segment"]) for s in state["segments"]), default=-1)
+            state["segments"].append({"segment": segment, "from_step": int(from_step), "first_shard": next_shard})
+            state.update(complete=False, final_step=None)
+            for sub in (fmt.SHARD_DIR, fmt.PARAM_DIR):
+                for tmp in (path / sub).glob(f"*{fmt.TMP_SUFFIX}"):
+                    tmp.unlink()  # half-written leftovers of the crashed run
+            for p in (path / fmt.PARAM_DIR).iterdir():
+                parsed = fmt.parse_param_file_name(p.name)
+                if parsed and parsed[1] == rank and parsed[2] >= from_step:
+                    p.unlink()  # w_t of steps the resumed run records again
+            state[fmt.RANK_PARAMS] = [n for n in state[fmt.RANK_PARAMS] if (path / fmt.PARAM_DIR / n).exists()]
+            try:
+                write_json_atomic(path / fmt.rank_file_name(rank), state)
+            except OSError as e:
+                raise _start_error(path, e) from e
+            return cls(path, manifest, rank, state, next_shard, options, lock)
+        except BaseException:
+            lock.release()
+            raise
 
     # ------------------------------------------------------------------ training-thread API
     def write_step(self, record: StepRecord) -> None:
@@ -244,23 +325,38 @@ class RunWriter:
         self._raise_pending()
 
     def close(self, *, final_step: int | None = None, complete: bool = True) -> None:
-        """Flush, stop the thread and mark this rank complete (or not, after a failure)."""
+        """Flush, stop the thread, mark this rank complete (or not, after a failure) and release
+        the directory."""
         if self._closed:
             return
+        flushed = False
         try:
             try:
                 self.flush()
-            except NonFiniteGradientError:
+            except (NonFiniteGradientError, SampleIdError):
                 # the steps before the bad one are still buffered: write them, then report
                 self.flush()
                 raise
+            flushed = True
         finally:
             self._closed = True
             self._queue.put(_STOP)
             self._thread.join()
-        if complete:
-            self._rank_state.update(complete=True, final_step=final_step)
-            write_json_atomic(self.path / fmt.rank_file_name(self.rank), self._rank_state)
+            rpath = self.path / fmt.rank_file_name(self.rank)
+            try:
+                if complete and flushed:
+                    self._rank_state.update(complete=True, final_step=final_step)
+                    try:
+                        write_json_atomic(rpath, self._rank_state)
+                    except OSError as e:
+                        raise self._describe(e) from e
+                else:  # keep the list of finished files current; a failure here loses nothing
+                    try:
+                        write_json_atomic(rpath, self._rank_state)
+                    except OSError:
+                        pass
+            finally:
+                self._release()
 
     def abort(self) -> None:
         """Stop without finishing the open shard (used when training itself failed)."""
@@ -268,6 +364,11 @@ class RunWriter:
             self._closed = True
             self._queue.put(_STOP)
             self._thread.join(timeout=60)
+        self._release()
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
 
     # ------------------------------------------------------------------ internals
     def _put(self, item: Any) -> None:
@@ -286,11 +387,10 @@ class RunWriter:
         if err is None:
             return
         self._error = None
-        if isinstance(err, (NonFiniteGradientError, StorageError)):
+        if isinstance(err, (NonFiniteGradientError, StorageError, SampleIdError)):
             raise err
         raise StorageError(
-            f"recording to {self.path} failed on the writer thread: {err!r}. "
-            f"{self._shards_written} finished shard(s), {self._bytes_written / 2**20:.1f} MiB, stay "
+            f"recording to {self.path} failed on the writer thread: {err!r}. {self._written()} stay "
             "readable there.") from err
 
     def _loop(self) -> None:
@@ -311,18 +411,29 @@ class RunWriter:
 
     def _describe(self, e: BaseException) -> BaseException:
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            return StorageError(
-                f"disk full while writing {self.path}: {self._shards_written} shard(s), "
-                f"{self._bytes_written / 2**20:.1f} MiB were written and stay readable in "
-                f"{self.path / fmt.SHARD_DIR}. Free space (or record fewer layers / a smaller "
-                "projection / float16 storage) and resume from the last checkpoint.")
+            err = StorageError(
+                f"disk full while writing {self._writing or 'to'} in {self.path} ({e.strerror or e}): "
+                f"{self._written()} were written and stay readable in {self.path / fmt.SHARD_DIR} (and "
+                f"{fmt.PARAM_DIR}/). Free space (or record fewer layers / a smaller projection / float16 "
+                "storage) and resume from the last checkpoint.")
+            err.errno = e.errno
+            return err
+        if isinstance(e, (PermissionError, OSError)) and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            return StorageError(f"cannot write to {self.path} ({e.strerror}); {self._written()} stay readable "
+                                "there. Record into a directory you can write to.")
         return e
+
+    def _written(self) -> str:
+        return (f"{self._shards_written} shard(s) and {self._params_written} parameter file(s), "
+                f"{self._bytes_written / 2**20:.2f} MiB,")
 
     def _handle(self, item: tuple) -> None:
         kind = item[0]
         if kind == "step":
             rec: StepRecord = item[1]
             _wait(rec.ready)
+            rec.sample_ids = np.asarray(rec.sample_ids, np.int64)
+            check_sample_ids(rec.sample_ids, rec.step, allow_repeated=self._allow_repeated_ids)
             grads = rec.grads.to(self._torch_dtype).cpu().numpy()
             finite = bool(rec.finite) if rec.finite is not None else bool(np.isfinite(grads).all())
             if not finite:
@@ -338,7 +449,6 @@ class RunWriter:
                               "by aggregators.", RuntimeWarning)
             rec.grads, rec.finite = grads, torch.tensor(finite)
             rec.skipped = bool(rec.skipped) if rec.skipped is not None else False
-            rec.sample_ids = np.asarray(rec.sample_ids, np.int64)
             buf = self._buffer
             buf.steps.append(rec)
             buf.nbytes += grads.nbytes
@@ -348,8 +458,12 @@ class RunWriter:
             _, step, grads, ready = item
             _wait(ready)
             arr = grads.to(self._torch_dtype).cpu().numpy()
+            bad = ~np.isfinite(arr.reshape(len(arr), -1)).all(axis=1)
+            if bad.any():
+                self._warn_query_nonfinite(step, bad)
             self._buffer.query_steps.append(step)
             self._buffer.query_grads.append(arr)
+            self._buffer.query_nonfinite.append(bad)
             self._buffer.nbytes += arr.nbytes
         elif kind == "params":
             self._write_params(*item[1:])
@@ -357,31 +471,48 @@ class RunWriter:
             self._finish_shard()
             item[1].set()
 
+    def _warn_query_nonfinite(self, step: int, bad: np.ndarray) -> None:
+        if self._warned_query_nonfinite:
+            return
+        self._warned_query_nonfinite = True
+        ids = self._query_ids[bad] if len(self._query_ids) == len(bad) else np.flatnonzero(bad)
+        warnings.warn(
+            f"step {step}: the query gradients of {int(bad.sum())} of {len(bad)} queries (ids {short_list(ids)}) "
+            f"contain NaN/inf (or overflow {self._np_dtype} storage). They are flagged in the run (later "
+            "such steps without a further warning), and scores of those queries will be NaN; the "
+            "aggregators say so. A diverged model or a query loss that is NaN for these samples is the "
+            "usual cause.", RuntimeWarning)
+
     def _finish_shard(self) -> None:
         buf = self._buffer
         if not buf.steps and not buf.query_steps:
             return
         final = self.path / fmt.SHARD_DIR / fmt.shard_name(self.rank, buf.index)
-        tmp = final.with_name(final.name + fmt.TMP_SUFFIX)
-        try:
-            with h5py.File(tmp, "w") as f:
-                self._fill_shard(f, buf)
-            _fsync(tmp)
-            os.replace(tmp, final)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        self._bytes_written += final.stat().st_size
+        self._writing = final.name
+        image = h5_image(lambda f: self._fill_shard(f, buf))
+        check_free_space(final.parent, len(image), f"shard {final.name}")
+        write_atomic(final, image)
+        self._bytes_written += len(image)
         self._shards_written += 1
-        last = max((r.step for r in buf.steps), default=None)
-        if last is not None:
-            self._rank_state["last_step"] = max(last, self._rank_state.get("last_step") or -1)
-        write_json_atomic(self.path / fmt.rank_file_name(self.rank), self._rank_state)
+        steps = [r.step for r in buf.steps]
+        rows = int(sum(len(r.sample_ids) for r in buf.steps))
+        entry = dict(index=buf.index, segment=self._segment, first_step=min(steps, default=None),
+                     last_step=max(steps, default=None), steps=len(steps), rows=rows)
+        self._rank_state[fmt.RANK_SHARDS].append([entry[c] for c in fmt.RANK_SHARD_COLUMNS])
+        if steps:
+            self._rank_state["last_step"] = max(max(steps), self._rank_state.get("last_step") or -1)
         self._buffer = _ShardBuffer(buf.index + 1)
+        # the shard is whole on disk already: if this fails (a full disk), the shard is still read
+        self._writing = fmt.rank_file_name(self.rank)
+        write_json_atomic(self.path / fmt.rank_file_name(self.rank), self._rank_state)
 
     def _fill_shard(self, f: h5py.File, buf: _ShardBuffer) -> None:
-        f.attrs.update(format=fmt.FORMAT_NAME, format_version=fmt.FORMAT_VERSION,
-                       run_id=self.manifest["run_id"], rank=self.rank, shard_index=buf.index)
+        steps = [r.step for r in buf.steps]
+        set_attrs(f, format=fmt.FORMAT_NAME, format_version=fmt.FORMAT_VERSION, run_id=self.manifest["run_id"],
+                  rank=self.rank, shard_index=buf.index,
+                  **{fmt.SHARD_SEGMENT: self._segment, fmt.SHARD_FROM_STEP: self._from_step})
+        if steps:
+            set_attrs(f, first_step=min(steps), last_step=max(steps))
         k = int(self.manifest["dim"])
         counts = np.array([len(r.sample_ids) for r in buf.steps], dtype=np.int64)
         starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64) if len(counts) else counts
@@ -391,13 +522,12 @@ class RunWriter:
         lr_groups = np.full((len(buf.steps), n_groups), np.nan)
         for j, r in enumerate(buf.steps):
             lr_groups[j, :len(r.lr_groups)] = r.lr_groups
-        f.create_dataset(fmt.ROWS_GRAD, data=grads, chunks=(max(1, min(len(grads), 4096 * 64 // max(k, 1))), k)
-                         if len(grads) else None)
-        f.create_dataset(fmt.ROWS_STEP, data=np.repeat([r.step for r in buf.steps], counts).astype(np.int64))
-        f.create_dataset(fmt.ROWS_SAMPLE_ID, data=np.concatenate(
-            [np.asarray(r.sample_ids, np.int64) for r in buf.steps]) if buf.steps else np.zeros(0, np.int64))
+        write_array(f, fmt.ROWS_GRAD, grads)
+        write_array(f, fmt.ROWS_STEP, np.repeat(np.array(steps, np.int64), counts))
+        write_array(f, fmt.ROWS_SAMPLE_ID, np.concatenate([r.sample_ids for r in buf.steps]) if buf.steps
+                    else np.zeros(0, np.int64))
         cols = {
-            "step": np.array([r.step for r in buf.steps], np.int64),
+            "step": np.array(steps, np.int64),
             "epoch": np.array([r.epoch for r in buf.steps], np.int64),
             "lr": np.array([r.lr for r in buf.steps], np.float64),
             "lr_groups": lr_groups,
@@ -410,35 +540,38 @@ class RunWriter:
             "skipped": np.array([r.skipped for r in buf.steps], bool),
             "loss": np.array([r.loss for r in buf.steps], np.float64),
         }
-        g = f.create_group(fmt.STEPS)
+        f.create_group(fmt.STEPS)
         for name in fmt.STEP_COLUMNS:
-            g.create_dataset(name, data=cols[name])
-        qsteps = np.array(buf.query_steps, np.int64)
-        f.create_dataset(fmt.QUERY_STEP, data=qsteps)
+            write_array(f, f"{fmt.STEPS}/{name}", cols[name])
+        write_array(f, fmt.QUERY_STEP, np.array(buf.query_steps, np.int64))
         if buf.query_grads:
-            f.create_dataset(fmt.QUERY_GRAD, data=np.stack(buf.query_grads))
+            write_array(f, fmt.QUERY_GRAD, np.stack(buf.query_grads))
+            write_array(f, fmt.QUERY_NONFINITE, np.stack(buf.query_nonfinite))
 
     def _write_params(self, kind: str, step: int, params: dict[str, torch.Tensor],
                       optim: dict[str, dict[str, torch.Tensor]], attrs: dict[str, Any], ready: Any) -> None:
         _wait(ready)
         final = self.path / fmt.PARAM_DIR / fmt.param_file_name(kind, self.rank, step)
-        tmp = final.with_name(final.name + fmt.TMP_SUFFIX)
-        try:
-            with h5py.File(tmp, "w") as f:
-                f.attrs.update(format=fmt.FORMAT_NAME, run_id=self.manifest["run_id"], kind=kind,
-                               step=step, rank=self.rank, **attrs)
-                g = f.create_group(fmt.PARAMS_GROUP)
-                for name, t in params.items():
-                    g.create_dataset(name, data=_to_numpy(t))
-                for pname, state in optim.items():
-                    og = f.require_group(f"{fmt.OPTIM_GROUP}/{pname}")
-                    for key, t in state.items():
-                        og.create_dataset(key, data=_to_numpy(t))
-            os.replace(tmp, final)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        self._bytes_written += final.stat().st_size
+
+        def fill(f: h5py.File) -> None:
+            set_attrs(f, format=fmt.FORMAT_NAME, format_version=fmt.FORMAT_VERSION, run_id=self.manifest["run_id"],
+                      kind=kind, step=step, rank=self.rank, **attrs)
+            g = f.create_group(fmt.PARAMS_GROUP)
+            for name, t in params.items():
+                write_array(g, name, _to_numpy(t))
+            for pname, state in optim.items():
+                og = f.require_group(f"{fmt.OPTIM_GROUP}/{pname}")
+                for key, t in state.items():
+                    write_array(og, key, _to_numpy(t))
+
+        self._writing = final.name
+        image = h5_image(fill)
+        check_free_space(final.parent, len(image), f"{kind} {final.name}")
+        write_atomic(final, image)
+        self._bytes_written += len(image)
+        self._params_written += 1
+        # listed in the rank file with the next shard: a file on disk but not listed is not a gap
+        self._rank_state[fmt.RANK_PARAMS].append(final.name)
 
 
 def _snapshot(t: torch.Tensor) -> torch.Tensor:
@@ -462,20 +595,38 @@ def _wait(event: Any) -> None:
         event.synchronize()
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _start_error(path: Path, e: OSError) -> Exception:
+    """What a failure to write a run's first files means, as the library's own error."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return StorageError(f"disk full: cannot start recording in {path} ({e.strerror or e}). Free space "
+                            "or choose another directory.")
+    return RunDirectoryError(f"cannot write the run's files in {path} ({e.strerror or e}). Choose a "
+                             "directory you can write to.")
+
+
+def _recorded_files(path: Path) -> list[Path]:
+    """The finished shard and parameter files in `path` (what a new run must not overwrite)."""
+    found = []
+    for sub, parse in ((fmt.SHARD_DIR, fmt.parse_shard_name), (fmt.PARAM_DIR, fmt.parse_param_file_name)):
+        d = path / sub
+        if d.is_dir():
+            found += sorted(p for p in d.iterdir() if parse(p.name))
+    return found
+
+
+def _remove_run_files(path: Path) -> None:
+    """Delete the library's own files of an earlier run in `path`; anything else stays."""
+    for sub in (fmt.SHARD_DIR, fmt.PARAM_DIR):
+        shutil.rmtree(path / sub, ignore_errors=True)
+    for f in path.glob("rank-*.json*"):
+        f.unlink()
+    for name in (fmt.MANIFEST, fmt.MANIFEST + fmt.TMP_SUFFIX):
+        (path / name).unlink(missing_ok=True)
 
 
 def _manifest_of_run(path: Path, run_id: str) -> dict[str, Any]:
     """The manifest of run `run_id` in `path`; RunDirectoryError if the directory holds another."""
-    mpath = path / fmt.MANIFEST
-    if not mpath.exists():
-        raise RunDirectoryError(f"cannot resume: {path} holds no run (no {fmt.MANIFEST}).")
-    manifest = read_json(mpath)
+    manifest = read_manifest(path, purpose="resume")
     if manifest.get("run_id") != run_id:
         raise RunDirectoryError(
             f"cannot resume: {path} holds run {manifest.get('run_id')}, but the checkpoint belongs to "
