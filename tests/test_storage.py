@@ -73,3 +73,32 @@ def test_a_window_reaching_past_the_recorded_steps_is_clipped_with_a_warning(tmp
     with pytest.warns(RuntimeWarning, match=r"using \[0, 3\)"):
         assert resolve(run.table, (-5, 10)) == (0, 3)
     assert resolve(run.table, (1, 3)) == (1, 3)
+
+
+def test_ranks_with_local_batches_of_other_sizes_are_noted_and_their_mean_weight_used(tmp_path):
+    """Under DDP a rank with 3 samples weighs each 1/(2*3), one with 1 sample 1/(2*1)."""
+    import numpy as np
+
+    from influence_hooks import tracin
+    from influence_hooks.storage.writer import RunWriter, StepRecord, WriterOptions
+
+    manifest = {"dim": 2, "storage_dtype": "float64", "run_id": "uneven", "world_size": 2,
+                "queries": {"ids": [0]},
+                "layers": [{"name": "fc", "rule": "linear", "module_type": "Linear", "offset": 0, "dim": 2,
+                            "grad_dim": 2, "param_shapes": [["weight", [1, 2]]], "projection": {"kind": "none"}}]}
+    writers = [RunWriter.create(tmp_path, manifest, rank=r, options=WriterOptions()) for r in (0, 1)]
+    writers[0].write_queries(0, torch.ones(1, 2, dtype=torch.float64))
+    sizes = [[3, 3], [3, 1]]  # step 0 even, step 1 uneven
+    for t in range(2):
+        for r, w in enumerate(writers):
+            n = sizes[t][r]
+            w.write_step(StepRecord(step=t, epoch=0, lr=1.0, lr_groups=[1.0], batch_size=n, update_weight=1 / (2 * n),
+                                    micro_batches=1, sample_ids=np.arange(n) + 10 * r,
+                                    grads=torch.ones(n, 2, dtype=torch.float64)))
+    for w in writers:
+        w.close(final_step=2)
+    run = open_run(tmp_path)
+    assert run.table.uneven.tolist() == [False, True]
+    assert run.update_weights[0] == 1 / 6 and run.update_weights[1] == (3 / 6 + 1 / 2) / 4
+    s = tracin(run, before_first_query="use_first", progress=False, dtype=torch.float64)
+    assert any("local batches of other sizes" in n for n in s.approximations)

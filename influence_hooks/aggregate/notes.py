@@ -51,6 +51,10 @@ def window_notes(run: Run, t1: int, t2: int) -> list[str]:
     missing = (t2 - t1) - int(mask.sum())
     if missing > 0 and t1 >= run.first_step:
         notes.append(f"{missing} step(s) of [{t1}, {t2}) are not recorded and contribute nothing")
+    uneven = run.steps[mask & run.table.uneven]
+    if len(uneven):
+        notes.append(f"{len(uneven)} step(s) had local batches of other sizes on different ranks, so DDP weighted "
+                     f"their samples differently; the mean weight of the step's rows is used: {short_list(uneven)}")
     partial = run.partial_steps()
     partial = partial[(partial >= t1) & (partial < t2)]
     if len(partial):

@@ -76,7 +76,9 @@ class StepTable:
     steps, epochs: int64; lrs: the recorded learning rate eta_t; update_weights: w_t, the factor of
     sum_i g_t(i) in the update (1/|B_t| for a mean loss); batch_sizes: |B_t| (the global batch);
     rows: rows recorded for the step (all ranks); micro_batches; nonfinite: flagged non-finite
-    gradients; skipped: the optimizer did not apply the step (AMP overflow); losses.
+    gradients; skipped: the optimizer did not apply the step (AMP overflow); losses; uneven: the
+    step's ranks weighted their samples differently (local batches of other sizes under DDP), and
+    update_weights holds the mean weight of its rows.
     """
 
     steps: np.ndarray
@@ -89,6 +91,7 @@ class StepTable:
     nonfinite: np.ndarray
     skipped: np.ndarray
     losses: np.ndarray
+    uneven: np.ndarray
 
     @property
     def coef(self) -> np.ndarray:
@@ -408,12 +411,18 @@ def _merge_steps(read: list, seg_of: dict[Path, int], from_steps: dict[int, dict
         step_rows.setdefault(step, []).append((sh, r0, r0 + n))
         entry = per_step.get(step)
         if entry is None:
-            per_step[step] = {**{name: cols[name][j] for name in fmt.STEP_COLUMNS}, "rows": n}
+            per_step[step] = {**{name: cols[name][j] for name in fmt.STEP_COLUMNS}, "rows": n, "uneven": False,
+                              "weighted": n * float(cols["update_weight"][j])}
         else:  # another rank's part of the same step
+            entry["uneven"] |= float(cols["update_weight"][j]) != float(entry["update_weight"])
             entry["rows"] += n
+            entry["weighted"] += n * float(cols["update_weight"][j])
             entry["batch_size"] += int(cols["batch_size"][j])
             entry["nonfinite"] |= bool(cols["nonfinite"][j])
             entry["skipped"] |= bool(cols["skipped"][j])
+    for entry in per_step.values():  # ranks with local batches of other sizes: their rows' mean weight
+        if entry["uneven"]:
+            entry["update_weight"] = entry["weighted"] / entry["rows"]
     order = sorted(per_step)
 
     def col(name: str, dt: Any) -> np.ndarray:
@@ -423,7 +432,8 @@ def _merge_steps(read: list, seg_of: dict[Path, int], from_steps: dict[int, dict
         steps=np.array(order, np.int64), epochs=col("epoch", np.int64), lrs=col("lr", np.float64),
         batch_sizes=col("batch_size", np.int64), rows=col("rows", np.int64),
         update_weights=col("update_weight", np.float64), micro_batches=col("micro_batches", np.int64),
-        nonfinite=col("nonfinite", bool), skipped=col("skipped", bool), losses=col("loss", np.float64))
+        nonfinite=col("nonfinite", bool), skipped=col("skipped", bool), losses=col("loss", np.float64),
+        uneven=col("uneven", bool))
     return table, step_rows, problems
 
 
