@@ -31,7 +31,7 @@ from .distributed import Split, first_process
 from .notes import query_notes, run_notes, score_notes, skipped_steps_notes, warn_nonfinite, window_notes
 from .queries import check_query_grads, query_ids_of, require_queries, require_query_step
 from .results import InfluenceScores
-from .rows import DEFAULT_CHUNK_ROWS, SampleRows, iter_row_blocks, progress_bar, resolve_device, step_segments
+from .rows import DEFAULT_CHUNK_ROWS, SampleRows, resolve_device, step_segments, stream
 from .scores import ScoreAccumulator
 from .tasks import MODES, Task, TaskPlan
 
@@ -103,17 +103,16 @@ def _recorded_space(run: Run, plan: TaskPlan, op: CurvatureOperator, *, query_gr
     # the run's query ids name the run's own query gradients only
     qids = query_ids_of(run, Q, query_ids if query_ids is not None or query_grads is None else np.arange(Q))
     rows_of = SampleRows(run, train_ids, dev)
-    show = progress and first_process(split)
     if not op.propagates:  # sums over rows: split the rows
         acc = plan.accumulator(rows_of.n, Q, dtype=dtype, device=dev)
-        _fixed_query_pass(run, plan, u0, op, rows_of, acc, chunk_rows, dtype, dev, show, split)
+        _fixed_query_pass(run, plan, u0, op, rows_of, acc, chunk_rows, dtype, dev, progress, split)
         if split is not None:
             acc.sync(split.group)
     else:  # a recursion through every step: split the queries
         cols = slice(0, Q) if split is None else split.columns(Q)
         acc = plan.accumulator(rows_of.n, cols.stop - cols.start, dtype=dtype, device=dev)
         _propagating_pass(run, plan, {e: u[cols] for e, u in u0.items()}, op, rows_of, acc, chunk_rows, dtype, dev,
-                          show)
+                          progress and first_process(split))
         if split is not None:
             acc.gather_columns(split, Q)
 
@@ -149,26 +148,21 @@ def _fixed_query_pass(run: Run, plan: TaskPlan, u0: dict[int, torch.Tensor], op:
     for j, t in enumerate(plan.tasks):
         by_eval.setdefault(t.eval_step, []).append(j)
     spans = W.merge([(t.start, t.end) for t in plan.tasks])
-    if split is not None:
-        spans = split.spans(run.table, spans)
-    bar = progress_bar(sum(run.table.rows_between(*s) for s in spans), f"dit ({op.name})", progress)
-    with bar:
-        for span in spans:
-            for blk in iter_row_blocks(run, span, chunk_rows=chunk_rows, dtype=dtype, device=dev):
-                st = blk.steps
-                rows, keep = rows_of.rows(blk.sample_ids)
-                coef = blk.coef_like(blk.grads)
-                for e, js in by_eval.items():
-                    cover = W.rows_slice(st, (min(plan.tasks[j].start for j in js), max(plan.tasks[j].end for j in js)))
-                    if cover is None:
-                        continue
-                    contrib = (blk.grads[cover] @ u0[e].T).mul_(coef[cover, None])
-                    for j in js:
-                        t = plan.tasks[j]
-                        sl = W.rows_slice(st[cover], (t.start, t.end))
-                        if sl is not None:
-                            acc.update(j, rows[cover][sl], None if keep is None else keep[cover][sl], contrib[sl])
-                bar.update(len(st))
+    for blk in stream(run, spans, desc=f"dit ({op.name})", progress=progress, split=split, chunk_rows=chunk_rows,
+                      dtype=dtype, device=dev):
+        st = blk.steps
+        rows, keep = rows_of.rows(blk.sample_ids)
+        coef = blk.coef_like(blk.grads)
+        for e, js in by_eval.items():
+            cover = W.rows_slice(st, (min(plan.tasks[j].start for j in js), max(plan.tasks[j].end for j in js)))
+            if cover is None:
+                continue
+            contrib = (blk.grads[cover] @ u0[e].T).mul_(coef[cover, None])
+            for j in js:
+                t = plan.tasks[j]
+                sl = W.rows_slice(st[cover], (t.start, t.end))
+                if sl is not None:
+                    acc.update(j, rows[cover][sl], None if keep is None else keep[cover][sl], contrib[sl])
 
 
 def _propagating_pass(run: Run, plan: TaskPlan, u0: dict[int, torch.Tensor], op: CurvatureOperator,
@@ -196,29 +190,27 @@ def _propagating_pass(run: Run, plan: TaskPlan, u0: dict[int, torch.Tensor], op:
             layouts[key] = (cols, {int(j): k * Q for k, j in enumerate(js)})
         return layouts[key]
 
-    bar = progress_bar(run.table.rows_between(lo, hi), f"dit ({op.name})", progress)
-    with bar:
-        for blk in iter_row_blocks(run, (lo, hi), reverse=True, chunk_rows=chunk_rows, dtype=dtype, device=dev):
-            st = blk.steps
-            rows, keep = rows_of.rows(blk.sample_ids)
-            for a, b in step_segments(st):
-                t = int(st[a])
-                active = (starts <= t) & (t < evals)
-                if not active.any():
-                    continue
-                cols, offset = layout(active)
-                i = run.step_position(t)
-                lr, uw = float(run.lrs[i]), float(run.update_weights[i])
-                G = blk.grads[a:b]
-                Ua = U if cols is None else U.index_select(1, cols)
-                GU = G @ Ua  # [B, active * Q]
-                k = None if keep is None else keep[a:b]
-                for j in np.flatnonzero(active & (t < ends)):
-                    o = offset[int(j)]
-                    acc.update(int(j), rows[a:b], k, GU[:, o:o + Q], alpha=lr * uw)
-                batch = StepBatch(step=t, epoch=int(run.epochs[i]), lr=lr, update_weight=uw,
-                                  batch_size=int(run.batch_sizes[i]), sample_ids=blk.sample_ids[a:b], grads=G)
-                op.propagate(batch, Ua, lr, GU=GU)  # Ua is U itself, or a copy of its active columns
-                if cols is not None:
-                    U.index_copy_(1, cols, Ua)
-            bar.update(len(st))
+    for blk in stream(run, [(lo, hi)], desc=f"dit ({op.name})", progress=progress, reverse=True,
+                      chunk_rows=chunk_rows, dtype=dtype, device=dev):
+        st = blk.steps
+        rows, keep = rows_of.rows(blk.sample_ids)
+        for a, b in step_segments(st):
+            t = int(st[a])
+            active = (starts <= t) & (t < evals)
+            if not active.any():
+                continue
+            cols, offset = layout(active)
+            i = run.step_position(t)
+            lr, uw = float(run.lrs[i]), float(run.update_weights[i])
+            G = blk.grads[a:b]
+            Ua = U if cols is None else U.index_select(1, cols)
+            GU = G @ Ua  # [B, active * Q]
+            k = None if keep is None else keep[a:b]
+            for j in np.flatnonzero(active & (t < ends)):
+                o = offset[int(j)]
+                acc.update(int(j), rows[a:b], k, GU[:, o:o + Q], alpha=lr * uw)
+            batch = StepBatch(step=t, epoch=int(run.epochs[i]), lr=lr, update_weight=uw,
+                              batch_size=int(run.batch_sizes[i]), sample_ids=blk.sample_ids[a:b], grads=G)
+            op.propagate(batch, Ua, lr, GU=GU)  # Ua is U itself, or a copy of its active columns
+            if cols is not None:
+                U.index_copy_(1, cols, Ua)

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from ..storage.reader import RowBlock, Run
 from ..windows import Window
+from .distributed import Split, first_process
 
 DEFAULT_CHUNK_ROWS = 4096
 PREFETCH_MIN_ELEMENTS = 1 << 18  # blocks smaller than this are read inline
@@ -99,6 +100,19 @@ def _background(it: Iterator[Any], depth: int) -> Iterator[Any]:
             except queue.Empty:
                 pass
         th.join()
+
+
+def stream(run: Run, spans: list[Window], *, desc: str, progress: bool, split: Split | None = None,
+           reverse: bool = False, chunk_rows: int = DEFAULT_CHUNK_ROWS, dtype: torch.dtype = torch.float32,
+           device: torch.device = torch.device("cpu")) -> Iterator[RowBlock]:
+    """The blocks of every span in turn (this process's share of them under a process group), with
+    a progress bar counted in rows (shown by the first process only)."""
+    mine = spans if split is None else split.spans(run.table, spans)
+    with progress_bar(sum(run.table.rows_between(*s) for s in mine), desc, progress and first_process(split)) as bar:
+        for span in mine:
+            for blk in iter_row_blocks(run, span, reverse=reverse, chunk_rows=chunk_rows, dtype=dtype, device=device):
+                yield blk
+                bar.update(len(blk.steps))
 
 
 def step_segments(steps: np.ndarray) -> list[tuple[int, int]]:

@@ -18,11 +18,11 @@ import torch
 from .. import windows as W
 from ..errors import ConfigurationError, MissingDataError, short_list
 from ..storage.reader import Run
-from .distributed import Split, first_process
+from .distributed import Split
 from .notes import query_notes, run_notes, score_notes, skipped_steps_notes, warn_nonfinite, window_notes
 from .queries import query_ids_of, require_queries
 from .results import InfluenceScores
-from .rows import DEFAULT_CHUNK_ROWS, SampleRows, iter_row_blocks, progress_bar, resolve_device, step_segments
+from .rows import DEFAULT_CHUNK_ROWS, SampleRows, resolve_device, step_segments, stream
 from .scores import ScoreAccumulator
 
 
@@ -74,19 +74,15 @@ def tracin(run: Run, window: Any = None, *, epochs: Any = None, windows: Any = N
         return cache[step]
 
     split = Split.of(group)
-    mine = spans if split is None else split.spans(run.table, spans)
-    bar = progress_bar(sum(run.table.rows_between(*s) for s in mine), "tracin", progress and first_process(split))
-    with bar:
-        for span in mine:
-            for blk in iter_row_blocks(run, span, chunk_rows=chunk_rows, dtype=dtype, device=dev):
-                st = blk.steps
-                rows, keep = rows_of.rows(blk.sample_ids)
-                coef = blk.coef_like(blk.grads)
-                qs = qstep_of(st)
-                for a, b in step_segments(qs):
-                    contrib = (blk.grads[a:b] @ query(int(qs[a])).T).mul_(coef[a:b, None])
-                    acc.update_windows(wins, st[a:b], rows[a:b], None if keep is None else keep[a:b], contrib)
-                bar.update(len(st))
+    for blk in stream(run, spans, desc="tracin", progress=progress, split=split, chunk_rows=chunk_rows, dtype=dtype,
+                      device=dev):
+        st = blk.steps
+        rows, keep = rows_of.rows(blk.sample_ids)
+        coef = blk.coef_like(blk.grads)
+        qs = qstep_of(st)
+        for a, b in step_segments(qs):
+            contrib = (blk.grads[a:b] @ query(int(qs[a])).T).mul_(coef[a:b, None])
+            acc.update_windows(wins, st[a:b], rows[a:b], None if keep is None else keep[a:b], contrib)
     if split is not None:
         acc.sync(split.group)
 
@@ -134,16 +130,11 @@ def self_influence(run: Run, window: Any = None, *, epochs: Any = None, windows:
     spans = W.merge(wins)
     acc = ScoreAccumulator(len(wins), rows_of.n, None, dtype=dtype, device=dev)
     split = Split.of(group)
-    mine = spans if split is None else split.spans(run.table, spans)
-    bar = progress_bar(sum(run.table.rows_between(*s) for s in mine), "self-influence",
-                       progress and first_process(split))
-    with bar:
-        for span in mine:
-            for blk in iter_row_blocks(run, span, chunk_rows=chunk_rows, dtype=dtype, device=dev):
-                rows, keep = rows_of.rows(blk.sample_ids)
-                sq = torch.linalg.vecdot(blk.grads, blk.grads).mul_(blk.coef_like(blk.grads))
-                acc.update_windows(wins, blk.steps, rows, keep, sq)
-                bar.update(len(sq))
+    for blk in stream(run, spans, desc="self-influence", progress=progress, split=split, chunk_rows=chunk_rows,
+                      dtype=dtype, device=dev):
+        rows, keep = rows_of.rows(blk.sample_ids)
+        sq = torch.linalg.vecdot(blk.grads, blk.grads).mul_(blk.coef_like(blk.grads))
+        acc.update_windows(wins, blk.steps, rows, keep, sq)
     if split is not None:
         acc.sync(split.group)
     base = run_notes(run)

@@ -3,11 +3,11 @@
 
 from __future__ import annotations
 
-import dataclasses
 import numbers
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from ..arguments import options_from_kwargs
 from ..errors import ConfigurationError
 
 #: every method validate can score, by the name the report uses
@@ -106,13 +106,8 @@ class ValidateOptions:
 
     @classmethod
     def from_kwargs(cls, kwargs: dict[str, Any]) -> "ValidateOptions":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(kwargs) - names)
-        if unknown:
-            raise ConfigurationError(f"validate got unexpected argument(s) {unknown}; its options are "
-                                     f"{sorted(names)} besides model=, dataset=, datamodule=, queries=, "
-                                     "queries_from=, loss_fn=, query_loss_fn=, collate_fn=.")
-        return cls(**kwargs)
+        return options_from_kwargs(cls, kwargs, what="validate", besides="model=, dataset=, datamodule=, "
+                                   "queries=, queries_from=, loss_fn=, query_loss_fn=, collate_fn=")
 
 
 def _method_name(m: Any) -> str:

@@ -6,12 +6,12 @@ arguments; `exact_dit` builds the dataclass from them (Kronfluence's typed argum
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
 
+from ...arguments import options_from_kwargs
 from ...errors import ConfigurationError
 
 PARAMS = ("recorded", "model")
@@ -62,10 +62,5 @@ class ExactOptions:
 
     @classmethod
     def from_kwargs(cls, kwargs: dict[str, Any]) -> "ExactOptions":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(kwargs) - names)
-        if unknown:
-            raise ConfigurationError(f"unexpected argument(s) {unknown} for curvature 'exact'/'ggn'; "
-                                     f"its options are {sorted(names)} besides model=, dataset=, queries=, "
-                                     "loss_fn=, query_loss_fn=.")
-        return cls(**kwargs)
+        return options_from_kwargs(cls, kwargs, what="dit with curvature 'exact'/'ggn'",
+                                   besides="model=, dataset=, queries=, loss_fn=, query_loss_fn=")
