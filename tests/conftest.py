@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
@@ -61,3 +62,13 @@ def assert_rows_close(actual: torch.Tensor, expected: torch.Tensor, *, rel: floa
     err = (actual.to(torch.float64) - expected.to(torch.float64)).abs().max() / scale
     assert err < rel, f"relative error {err:.3g} >= {rel:g}"
 
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny problems: intra-op threads only add synchronization (10x slower on 2 cores). A module
+    opts in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

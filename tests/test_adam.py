@@ -24,6 +24,8 @@ from influence_hooks.aggregate import dit
 from influence_hooks.record.recorder import GradientRecorder
 from influence_hooks.storage.reader import open_run
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 DT = torch.float64
 N, D, H, K, B = 16, 4, 5, 3, 4
 EPOCHS = 3
@@ -50,14 +52,6 @@ TEMPLATE = make_problem()[3]  # the architecture, for functional calls
 
 def lr_at(t):
     return 0.05 * (1 - 0.5 * t / T)  # a decaying schedule, recorded step by step
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def record(path, opt_cls, opt_kw, **cfg):

@@ -22,6 +22,8 @@ from influence_hooks.errors import ConfigurationError, MissingDataError
 from influence_hooks.record.recorder import GradientRecorder
 from influence_hooks.storage.reader import open_run
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 DT = torch.float64
 N, D, H, K, B = 48, 5, 6, 3, 12
 
@@ -80,15 +82,6 @@ def record(tmp_path, opt_kw, *, hidden=H, projection="none", layers=None, **cfg)
     order = batch_order()
     train(model, ds, order, opt_kw, rec=rec)
     return open_run(tmp_path / "run"), model, init, ds, q, order
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The problems here are tiny: intra-op threads only add synchronization (10x slower on 2 cores)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 PLAIN = {"lr": 0.5}

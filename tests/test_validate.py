@@ -28,6 +28,8 @@ from influence_hooks.storage.reader import open_run
 from influence_hooks.validation import ReproductionError, validate
 from influence_hooks.validation.lds import agreement, lds, subset_predictions
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 DT = torch.float64
 N, D, H, K, B, EPOCHS = 40, 5, 6, 3, 8, 4          # 5 steps per epoch, 20 steps
 WINDOWS = [(0, 5), (7, 13), (15, 20)]               # (7, 13) starts between checkpoints: a replay from 5
@@ -101,15 +103,6 @@ def brute_force(init, ds, q, order, opt_kw, dropped, window, eval_step):
         opt.zero_grad()
     with torch.no_grad():
         return F.cross_entropy(model(q[0]), q[1], reduction="none").numpy()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny problems: intra-op threads only add synchronization."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 PLAIN = {"lr": 0.5}
