@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from influence_hooks.capture.rules import LayerRule, compute_dtype
+from influence_hooks.capture.rules import LayerRule, compute_dtype, factor_product
 from influence_hooks.errors import ConfigurationError
 
 __all__ = ["KINDS", "ProjectionSpec", "plan_projection", "LayerProjector", "split_k", "any_projected"]
@@ -178,6 +178,12 @@ def _random_matrix(kind: str, seed: int, layer_name: str, tag: str, rows: int, c
     return m / math.sqrt(rows)
 
 
+def _layout_key(module: nn.Module) -> tuple:
+    """What a layer's planned projection and its compute dtype depend on, cheap enough to compare
+    at every hook call: each own parameter's shape, dtype and whether it is trained."""
+    return tuple((p.shape, p.dtype, p.requires_grad) for p in module._parameters.values() if p is not None)
+
+
 class LayerProjector:
     """Applies one layer's fixed projection to per-sample gradients from its hooks.
 
@@ -187,9 +193,11 @@ class LayerProjector:
     def __init__(self, layer_name: str, module: nn.Module, rule: LayerRule, spec: ProjectionSpec):
         self.layer_name, self.rule, self.spec = layer_name, rule, spec
         self._check_layout(module)
+        self._layout = _layout_key(module)
         # kept for dense_matrix, which is called without the module
         self._index = rule.canonical_index(module) if spec.kind == "kronecker" else None
         self._cache: dict[tuple[torch.device, torch.dtype], tuple[Tensor | None, ...]] = {}
+        self._hot: dict[tuple[torch.device, torch.dtype], tuple] = {}  # see _prepared
 
     def _check_layout(self, module: nn.Module) -> None:
         spec, rule = self.spec, self.rule
@@ -222,29 +230,58 @@ class LayerProjector:
         return (_random_matrix(s.kind, s.seed, self.layer_name, s.kind, s.out_dim, s.grad_dim),)
 
     def _matrices(self, device: torch.device, dtype: torch.dtype) -> tuple[Tensor | None, ...]:
-        key = (torch.device(device), dtype)
-        if key not in self._cache:
-            self._cache[key] = tuple(
-                None if m is None else m.to(dtype=dtype).to(device) for m in self._host_matrices()
-            )
-        return self._cache[key]
+        mats = self._cache.get((device, dtype))  # every hook call: the key as given first
+        if mats is None:
+            key = (torch.device(device), dtype)
+            if key not in self._cache:
+                self._cache[key] = tuple(
+                    None if m is None else m.to(dtype=dtype).to(device) for m in self._host_matrices()
+                )
+            mats = self._cache[(device, dtype)] = self._cache[key]
+        return mats
+
+    def _prepared(self, module: nn.Module, grad_output: Tensor) -> tuple:
+        """The projection in the form the hot path takes it, for this gradient's device and dtype:
+        ``(compute dtype, the rule's prepared factors)`` (kronecker) or ``(compute dtype, P^T)``
+        (dense; just the dtype for "none"); built once."""
+        key = (grad_output.device, grad_output.dtype)
+        prepared = self._hot.get(key)
+        if prepared is None:
+            dtype = compute_dtype(module, grad_output)
+            mats = self._matrices(grad_output.device, dtype)
+            if self.spec.kind == "kronecker":
+                prepared = (dtype, *self.rule.prepare(module, *mats))
+            else:
+                prepared = (dtype, *(m.T for m in mats))
+            self._hot[key] = prepared
+        return prepared
 
     @torch.no_grad()  # hooks may hand over tensors still attached to the graph
-    def per_sample(
-        self, module: nn.Module, inputs: tuple, output: Tensor, grad_output: Tensor
-    ) -> Tensor:
+    def per_sample(self, module: nn.Module, inputs: tuple, output: Tensor, grad_output: Tensor,
+                   out: Tensor | None = None) -> Tensor:
         """Projected per-sample gradients ``[N, out_dim]`` in ``compute_dtype`` (exact if kind
-        "none"). Arguments as a forward hook / full backward hook see them."""
-        self._check_layout(module)
-        if self.spec.kind == "none":
-            return self.rule.exact(module, inputs, output, grad_output)
-        mats = self._matrices(grad_output.device, compute_dtype(module, grad_output))
-        if self.spec.kind == "kronecker":
-            left, right = self.rule.project_factors(module, inputs, grad_output, *mats)
-            if left.shape[1] == 1:  # one position: an outer product, cheaper than a batched matmul
-                return (left[:, 0, :, None] * right[:, 0, None, :]).reshape(left.shape[0], -1)
-            return torch.bmm(left.transpose(1, 2), right).reshape(left.shape[0], -1)
-        return self.rule.exact(module, inputs, output, grad_output) @ mats[0].T
+        "none"). Arguments as a forward hook / full backward hook see them. With ``out`` (an
+        ``[N, out_dim]`` view, e.g. this layer's columns of a row block) the result is written
+        there and ``out`` is returned."""
+        layout = _layout_key(module)
+        if layout != self._layout:  # parameters frozen, unfrozen or recast since the last call
+            self._check_layout(module)
+            self._layout, self._hot = layout, {}
+        dtype, *prepared = self._prepared(module, grad_output)
+        if out is not None and out.dtype != dtype:
+            return out.copy_(self.per_sample(module, inputs, output, grad_output))
+        kind = self.spec.kind
+        if kind == "kronecker":
+            left, right = self.rule.project_factors(module, inputs, grad_output, *prepared)
+            n = grad_output.shape[0]
+            if out is None:
+                return factor_product(left, right).view(n, -1)
+            factor_product(left, right, out=out.view(n, self.spec.k_left, self.spec.k_right))
+            return out
+        g = self.rule.exact(module, inputs, output, grad_output)
+        if kind == "none":
+            return g if out is None else out.copy_(g)
+        return torch.mm(g, prepared[0], out=out)
 
     def project_exact(self, flat: Tensor) -> Tensor:
         """Project exact canonical per-sample gradients ``[N, grad_dim]`` (computed elsewhere, e.g.

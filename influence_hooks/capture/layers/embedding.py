@@ -15,6 +15,7 @@ from influence_hooks.capture.rules import (
     BilinearRule,
     UnsupportedModuleError,
     compute_dtype,
+    project_rows,
     register_rule,
 )
 
@@ -65,5 +66,5 @@ class EmbeddingRule(BilinearRule):
             left = F.one_hot(ids, module.num_embeddings).to(go.dtype)
         else:
             left = p_left.T[ids]  # [N, T, kL]
-        right = go if p_right is None else go @ p_right.T
+        right = project_rows(go, p_right)
         return left, right

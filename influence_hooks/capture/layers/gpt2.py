@@ -13,7 +13,10 @@ from influence_hooks.capture.rules import (
     affine_factor,
     compute_dtype,
     input_side_index,
+    positions,
+    project_rows,
     register_rule,
+    split_affine,
     trainable,
 )
 
@@ -29,11 +32,13 @@ class GPT2Conv1DRule(BilinearRule):
     def canonical_index(self, module) -> Tensor:
         return input_side_index(module, module.nf, module.nx, "left")
 
+    def prepare(self, module, p_left, p_right):
+        return split_affine(p_left, trainable(module, "weight"), trainable(module, "bias")), p_right
+
     def project_factors(self, module, inputs, grad_output, p_left, p_right):
         dtype = compute_dtype(module, grad_output)
-        n = grad_output.shape[0]
-        x = inputs[0].reshape(n, -1, module.nx).to(dtype)
-        go = grad_output.reshape(n, -1, module.nf).to(dtype)
+        x = positions(inputs[0], module.nx).to(dtype)
+        go = positions(grad_output, module.nf).to(dtype)
         left = affine_factor(x, trainable(module, "weight"), trainable(module, "bias"), p_left)
-        right = go if p_right is None else go @ p_right.T
+        right = project_rows(go, p_right)
         return left, right

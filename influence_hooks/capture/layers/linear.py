@@ -1,4 +1,5 @@
-"""nn.Linear: G_n = sum_t grad_out_t [x_t, 1]^T, i.e. L = grad_out [N, T, d_out], R = [x, 1]."""
+"""nn.Linear: G_n = sum_t grad_out_t [x_t, 1]^T, i.e. L = grad_out [N, T, d_out], R = [x, 1]
+(``[N, d_out]`` and ``[N, d_in + 1]`` for an input without positions)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,10 @@ from influence_hooks.capture.rules import (
     affine_factor,
     compute_dtype,
     input_side_index,
+    positions,
+    project_rows,
     register_rule,
+    split_affine,
     trainable,
 )
 
@@ -27,11 +31,13 @@ class LinearRule(BilinearRule):
     def canonical_index(self, module: nn.Linear) -> Tensor:
         return input_side_index(module, module.out_features, module.in_features, "right")
 
+    def prepare(self, module: nn.Linear, p_left, p_right):
+        return p_left, split_affine(p_right, trainable(module, "weight"), trainable(module, "bias"))
+
     def project_factors(self, module, inputs, grad_output, p_left, p_right):
         dtype = compute_dtype(module, grad_output)
-        n = grad_output.shape[0]
-        go = grad_output.reshape(n, -1, module.out_features).to(dtype)
-        x = inputs[0].reshape(n, -1, module.in_features).to(dtype)
-        left = go if p_left is None else go @ p_left.T
+        go = positions(grad_output, module.out_features).to(dtype)
+        x = positions(inputs[0], module.in_features).to(dtype)
+        left = project_rows(go, p_left)
         right = affine_factor(x, trainable(module, "weight"), trainable(module, "bias"), p_right)
         return left, right
