@@ -67,6 +67,8 @@ BILINEAR = {
         lambda: torch.randint(0, 11, (4, 9)),
         12,
     ),
+    "linear_3d_few_positions": (lambda: nn.Linear(7, 12), lambda: torch.randn(4, 3, 7), 20),
+    "conv2d_few_positions": (lambda: nn.Conv2d(3, 16, 3), lambda: torch.randn(4, 3, 4, 4), 30),
     "gpt2_conv1d": (lambda: gpt2_conv1d(5, 7), lambda: torch.randn(4, 6, 7), 12),
     "gpt2_conv1d_frozen_bias": (
         lambda: frozen(gpt2_conv1d(5, 7), "bias"),
@@ -361,3 +363,22 @@ def test_projector_refuses_a_module_whose_trainable_parameters_changed_after_pla
     module.weight.requires_grad_(False)
     with pytest.raises(ConfigurationError, match="frozen or unfrozen"):
         proj.per_sample(module, *hook_view(module, x))
+
+
+# ---------------------------------------------------------------------------- writing into a row block
+@pytest.mark.parametrize("case", sorted(BILINEAR) + sorted(DENSE) + ["exact"])
+def test_per_sample_writes_into_its_columns_of_a_row_block(case):
+    module, x, k = make({**DENSE, **BILINEAR, "exact": BILINEAR["linear_2d"]}, case)
+    proj = projector(case, module, None if case == "exact" else k)
+    view = hook_view(module, x)
+    expected = proj.per_sample(module, *view)
+    for dtype in (torch.float64, torch.float32):  # the block's dtype may differ from the layer's
+        block = torch.full((len(x), proj.spec.out_dim + 7), -1.0, dtype=dtype)
+        cols = block[:, 3:3 + proj.spec.out_dim]
+
+        got = proj.per_sample(module, *view, out=cols)
+
+        assert got.data_ptr() == cols.data_ptr()
+        torch.testing.assert_close(cols, expected.to(dtype), rtol=1e-6 if dtype == torch.float32 else 0,
+                                   atol=1e-6 if dtype == torch.float32 else 1e-12)
+        assert (block[:, :3] == -1).all() and (block[:, 3 + proj.spec.out_dim:] == -1).all()

@@ -242,17 +242,21 @@ class LayerProjector:
 
     def _prepared(self, module: nn.Module, grad_output: Tensor) -> tuple:
         """The projection in the form the hot path takes it, for this gradient's device and dtype:
-        ``(compute dtype, the rule's prepared factors)`` (kronecker) or ``(compute dtype, P^T)``
-        (dense; just the dtype for "none"); built once."""
+        ``(compute dtype, P^T)`` (dense; just the dtype for "none"), or for kronecker
+        ``(compute dtype, the rule's prepared factors, the same with the output-gradient side left
+        unprojected, that side's P (left) or P^T (right))``; built once."""
         key = (grad_output.device, grad_output.dtype)
         prepared = self._hot.get(key)
         if prepared is None:
             dtype = compute_dtype(module, grad_output)
             mats = self._matrices(grad_output.device, dtype)
-            if self.spec.kind == "kronecker":
-                prepared = (dtype, *self.rule.prepare(module, *mats))
-            else:
+            if self.spec.kind != "kronecker":
                 prepared = (dtype, *(m.T for m in mats))
+            elif self.rule.grad_side == "left":
+                prepared = (dtype, self.rule.prepare(module, *mats), self.rule.prepare(module, None, mats[1]), mats[0])
+            else:
+                prepared = (dtype, self.rule.prepare(module, *mats), self.rule.prepare(module, mats[0], None),
+                            None if mats[1] is None else mats[1].T)
             self._hot[key] = prepared
         return prepared
 
@@ -270,14 +274,27 @@ class LayerProjector:
         dtype, *prepared = self._prepared(module, grad_output)
         if out is not None and out.dtype != dtype:
             return out.copy_(self.per_sample(module, inputs, output, grad_output))
-        kind = self.spec.kind
-        if kind == "kronecker":
-            left, right = self.rule.project_factors(module, inputs, grad_output, *prepared)
+        s = self.spec
+        if s.kind == "kronecker":
+            both, deferred, p_grad = prepared
             n = grad_output.shape[0]
-            if out is None:
-                return factor_product(left, right).view(n, -1)
-            factor_product(left, right, out=out.view(n, self.spec.k_left, self.spec.k_right))
-            return out
+            result = None if out is None else out.view(n, s.k_left, s.k_right)
+            d_grad = s.left_dim if self.rule.grad_side == "left" else s.right_dim
+            if p_grad is not None and grad_output.numel() > n * d_grad * d_grad:
+                # more positions than output-gradient dims (convolutions): summing over positions
+                # before projecting that side, P_L (L^T R) instead of (L P_L^T)^T R, costs less
+                # and never materialises the projected per-position factor
+                m = factor_product(*self.rule.project_factors(module, inputs, grad_output, *deferred))
+                p_grad = p_grad.expand(n, *p_grad.shape)
+                if self.rule.grad_side == "left":
+                    result = torch.bmm(p_grad, m, out=result)
+                else:
+                    result = torch.bmm(m, p_grad, out=result)
+            else:
+                left, right = self.rule.project_factors(module, inputs, grad_output, *both)
+                result = factor_product(left, right, out=result)
+            return result.view(n, -1) if out is None else out
+        kind = s.kind
         g = self.rule.exact(module, inputs, output, grad_output)
         if kind == "none":
             return g if out is None else out.copy_(g)

@@ -202,6 +202,10 @@ class BilinearRule(LayerRule):
     override ``prepare``); the default ``exact`` multiplies the unprojected factors.
     """
 
+    #: the factor that is the output gradient itself, "left" or "right": left unprojected it is
+    #: a view, so its projection can also be applied after the sum over positions
+    grad_side: ClassVar[str] = "left"
+
     def is_bilinear(self, module: nn.Module) -> bool:
         return True
 

@@ -23,6 +23,7 @@ from influence_hooks.capture.rules import (
 @register_rule(nn.Embedding)
 class EmbeddingRule(BilinearRule):
     name = "embedding"
+    grad_side = "right"
     param_names = ("weight",)
 
     def check(self, module: nn.Embedding) -> None:

@@ -24,6 +24,7 @@ from influence_hooks.capture.rules import (
 @register_rule("transformers.pytorch_utils.Conv1D", "transformers.modeling_utils.Conv1D")
 class GPT2Conv1DRule(BilinearRule):
     name = "gpt2_conv1d"
+    grad_side = "right"
 
     def factor_dims(self, module) -> tuple[int, int]:
         dw = module.nx if trainable(module, "weight") else 0
