@@ -32,7 +32,8 @@ from torch import Tensor, nn
 from influence_hooks.capture.rules import LayerRule, compute_dtype, factor_product
 from influence_hooks.errors import ConfigurationError
 
-__all__ = ["KINDS", "ProjectionSpec", "plan_projection", "LayerProjector", "split_k", "any_projected"]
+__all__ = ["KINDS", "ProjectionSpec", "plan_projection", "LayerProjector", "split_k", "kronecker_split",
+           "any_projected"]
 
 KINDS = ("none", "kronecker", "gaussian", "rademacher")
 
@@ -110,6 +111,28 @@ def split_k(k: int, left_dim: int, right_dim: int) -> tuple[int, int]:
     return kl, min(right_dim, k // kl)
 
 
+def kronecker_split(k: int, left_dim: int, right_dim: int, prefer: str = "left") -> tuple[int, int]:
+    """Rows ``(kL, kR)`` of the Kronecker factors as ``plan_projection`` chooses them: the identity
+    on a factor whose dimension d is at most ``2 sqrt(k)``, the budget's ``k // d`` rows on the
+    other side; otherwise ``split_k``'s balanced split.
+
+    The identity loses nothing in expectation and no more in variance: for a gradient ``a b^T``
+    the squared norm through Gaussian factors has relative variance ``2/kL + 2/kR + 4/(kL kR)``,
+    ``4/sqrt(k) + 4/k`` when balanced, and ``2 d / k`` with the identity on a side of dimension
+    d, no larger exactly when ``d <= 2 sqrt(k) + 2``. It is also cheaper: that side is not
+    projected at all. When both sides qualify, ``prefer`` (the side whose unprojected factor is a
+    view, the output gradient's) takes the identity.
+    """
+    sides = [("left", left_dim, right_dim), ("right", right_dim, left_dim)]
+    if prefer != "left":
+        sides.reverse()
+    for side, d, other in sides:
+        if d <= min(k, 2 * math.sqrt(k)):
+            k_other = min(other, k // d)
+            return (d, k_other) if side == "left" else (k_other, d)
+    return split_k(k, left_dim, right_dim)
+
+
 def plan_projection(
     layer_name: str,
     module: nn.Module,
@@ -121,7 +144,9 @@ def plan_projection(
     """Choose a layer's projection for a budget of ``k`` output dims.
 
     ``k`` None, kind "none", or ``k >= grad_dim``: exact. kind "auto": "kronecker" for bilinear
-    rules (``out_dim = kL * kR <= k``), "gaussian" otherwise (``out_dim = k``).
+    rules (``out_dim = kL * kR <= k``, split by ``kronecker_split``), "gaussian" otherwise
+    (``out_dim = k``). Runs recorded before the split took the identity on small factors keep
+    their own ``k_left`` / ``k_right`` in their manifest and are rebuilt from it.
     """
     if kind not in ("auto", *KINDS):
         raise ConfigurationError(
@@ -148,7 +173,7 @@ def plan_projection(
             f"{type(module).__name__} (rule {rule.name!r}) is not; use 'gaussian' or 'auto'"
         )
     left_dim, right_dim = rule.factor_dims(module)
-    k_left, k_right = split_k(k, left_dim, right_dim)
+    k_left, k_right = kronecker_split(k, left_dim, right_dim, prefer=getattr(rule, "grad_side", "left"))
     return ProjectionSpec(
         kind="kronecker",
         seed=seed,
