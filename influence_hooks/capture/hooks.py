@@ -43,18 +43,6 @@ class _MicroBatch:
         self.block: torch.Tensor | None = None  # allocated by the first layer's gradient
         self.written: set[int] = set()  # layers whose columns hold data
 
-    def add(self, index: int, layer: CapturedLayer, dim: int, module: nn.Module, inputs: tuple,
-            output: torch.Tensor, grad: torch.Tensor) -> None:
-        """Project one call's per-sample gradients into the layer's columns."""
-        if self.block is None:  # the first layer to arrive sets the block's dtype and device
-            self.block = torch.empty(grad.shape[0], dim, dtype=compute_dtype(module, grad), device=grad.device)
-        cols = self.block[:, layer.offset:layer.offset + layer.spec.out_dim]
-        if index in self.written:  # a module called again in the same forward pass: sum
-            cols.add_(layer.projector.per_sample(module, inputs, output, grad))
-        else:
-            layer.projector.per_sample(module, inputs, output, grad, out=cols)
-            self.written.add(index)
-
     def filled(self, layers: list[CapturedLayer], dim: int, dtype: torch.dtype | None,
                device: torch.device) -> torch.Tensor:
         """The block, zeros in the columns of layers that got no gradient."""
@@ -131,9 +119,17 @@ class GradientCapture:
             self.seen_layers.add(index)
             return
         t0 = time.perf_counter()
-        if self._current is None:
-            self._current = _MicroBatch(self._current_rows)
-        self._current.add(index, self.layers[index], self.dim, module, inputs, output, grad)
+        layer, mb = self.layers[index], self._current
+        if mb is None:
+            mb = self._current = _MicroBatch(self._current_rows)
+        if mb.block is None:  # the first layer to arrive sets the block's dtype and device
+            mb.block = torch.empty(grad.shape[0], self.dim, dtype=compute_dtype(module, grad), device=grad.device)
+        cols = mb.block[:, layer.offset:layer.offset + layer.spec.out_dim]  # the layer projects into these
+        if index in mb.written:  # a module called again in the same forward pass: sum
+            cols.add_(layer.projector.per_sample(module, inputs, output, grad))
+        else:
+            layer.projector.per_sample(module, inputs, output, grad, out=cols)
+            mb.written.add(index)
         self.seen_layers.add(index)
         self.seconds += time.perf_counter() - t0
 

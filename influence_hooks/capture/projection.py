@@ -25,6 +25,7 @@ import json
 import math
 import numbers
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -222,7 +223,7 @@ class LayerProjector:
         # kept for dense_matrix, which is called without the module
         self._index = rule.canonical_index(module) if spec.kind == "kronecker" else None
         self._cache: dict[tuple[torch.device, torch.dtype], tuple[Tensor | None, ...]] = {}
-        self._hot: dict[tuple[torch.device, torch.dtype], tuple] = {}  # see _prepared
+        self._kernels: dict[tuple, tuple[torch.dtype, Callable]] = {}  # see _kernel
 
     def _check_layout(self, module: nn.Module) -> None:
         spec, rule = self.spec, self.rule
@@ -265,65 +266,75 @@ class LayerProjector:
             mats = self._cache[(device, dtype)] = self._cache[key]
         return mats
 
-    def _prepared(self, module: nn.Module, grad_output: Tensor) -> tuple:
-        """The projection in the form the hot path takes it, for this gradient's device and dtype:
-        ``(compute dtype, P^T)`` (dense; just the dtype for "none"), or for kronecker
-        ``(compute dtype, the rule's prepared factors, the same with the output-gradient side left
-        unprojected, that side's P (left) or P^T (right))``; built once."""
-        key = (grad_output.device, grad_output.dtype)
-        prepared = self._hot.get(key)
-        if prepared is None:
-            dtype = compute_dtype(module, grad_output)
-            mats = self._matrices(grad_output.device, dtype)
-            if self.spec.kind != "kronecker":
-                prepared = (dtype, *(m.T for m in mats))
-            elif self.rule.grad_side == "left":
-                prepared = (dtype, self.rule.prepare(module, *mats), self.rule.prepare(module, None, mats[1]), mats[0])
-            else:
-                prepared = (dtype, self.rule.prepare(module, *mats), self.rule.prepare(module, mats[0], None),
-                            None if mats[1] is None else mats[1].T)
-            self._hot[key] = prepared
-        return prepared
+    def _kernel(self, module: nn.Module, grad_output: Tensor) -> tuple[torch.dtype, Callable]:
+        """``(compute dtype, kernel)`` for this module and this gradient's device and dtype: the
+        kernel, ``(module, inputs, output, grad_output, out) -> [N, out_dim]``, has the projection
+        bound (the rule's ``bind``), so a hook call does only the per-batch arithmetic."""
+        key = (id(module), grad_output.device, grad_output.dtype)
+        kernel = self._kernels.get(key)
+        if kernel is None:
+            kernel = self._kernels[key] = self._build_kernel(module, grad_output)
+        return kernel
 
-    @torch.no_grad()  # hooks may hand over tensors still attached to the graph
+    def _build_kernel(self, module: nn.Module, grad_output: Tensor) -> tuple[torch.dtype, Callable]:
+        dtype = compute_dtype(module, grad_output)
+        mats = self._matrices(grad_output.device, dtype)
+        s, rule = self.spec, self.rule
+        if s.kind == "none":
+            def exact(module, inputs, output, grad_output, out):
+                g = rule.exact(module, inputs, output, grad_output)
+                return g if out is None else out.copy_(g)
+
+            return dtype, exact
+        if s.kind != "kronecker":
+            p_t = mats[0].T
+
+            def dense(module, inputs, output, grad_output, out):
+                return torch.mm(rule.exact(module, inputs, output, grad_output), p_t, out=out)
+
+            return dtype, dense
+        kl, kr = s.k_left, s.k_right
+        factors = rule.bind(module, *mats, dtype)
+        # With more positions than output-gradient dims (convolutions), summing over positions
+        # before projecting that side, P_L (L^T R) instead of (L P_L^T)^T R, is the same projection
+        # at less cost, and the projected per-position factor is never materialised.
+        left_side = rule.grad_side == "left"
+        p_grad = mats[0] if left_side else mats[1]
+        d_grad = s.left_dim if left_side else s.right_dim
+        if p_grad is not None:
+            summed_first = rule.bind(module, None, mats[1], dtype) if left_side else rule.bind(module, mats[0], None, dtype)
+            p_grad = p_grad if left_side else p_grad.T
+
+        def kronecker(module, inputs, output, grad_output, out):
+            n = grad_output.shape[0]
+            result = None if out is None else out.view(n, kl, kr)
+            if p_grad is not None and grad_output.numel() > n * d_grad * d_grad:
+                m = factor_product(*summed_first(inputs, grad_output))  # output-gradient side exact
+                p = p_grad.expand(n, *p_grad.shape)
+                result = torch.bmm(p, m, out=result) if left_side else torch.bmm(m, p, out=result)
+            else:
+                result = factor_product(*factors(inputs, grad_output), out=result)
+            return result.view(n, -1) if out is None else out
+
+        return dtype, kronecker
+
     def per_sample(self, module: nn.Module, inputs: tuple, output: Tensor, grad_output: Tensor,
                    out: Tensor | None = None) -> Tensor:
         """Projected per-sample gradients ``[N, out_dim]`` in ``compute_dtype`` (exact if kind
         "none"). Arguments as a forward hook / full backward hook see them. With ``out`` (an
         ``[N, out_dim]`` view, e.g. this layer's columns of a row block) the result is written
         there and ``out`` is returned."""
+        if torch.is_grad_enabled():  # called directly with tensors still attached to the graph
+            with torch.no_grad():
+                return self.per_sample(module, inputs, output, grad_output, out)
         layout = _layout_key(module)
         if layout != self._layout:  # parameters frozen, unfrozen or recast since the last call
             self._check_layout(module)
-            self._layout, self._hot = layout, {}
-        dtype, *prepared = self._prepared(module, grad_output)
+            self._layout, self._kernels = layout, {}
+        dtype, kernel = self._kernel(module, grad_output)
         if out is not None and out.dtype != dtype:
-            return out.copy_(self.per_sample(module, inputs, output, grad_output))
-        s = self.spec
-        if s.kind == "kronecker":
-            both, deferred, p_grad = prepared
-            n = grad_output.shape[0]
-            result = None if out is None else out.view(n, s.k_left, s.k_right)
-            d_grad = s.left_dim if self.rule.grad_side == "left" else s.right_dim
-            if p_grad is not None and grad_output.numel() > n * d_grad * d_grad:
-                # more positions than output-gradient dims (convolutions): summing over positions
-                # before projecting that side, P_L (L^T R) instead of (L P_L^T)^T R, costs less
-                # and never materialises the projected per-position factor
-                m = factor_product(*self.rule.project_factors(module, inputs, grad_output, *deferred))
-                p_grad = p_grad.expand(n, *p_grad.shape)
-                if self.rule.grad_side == "left":
-                    result = torch.bmm(p_grad, m, out=result)
-                else:
-                    result = torch.bmm(m, p_grad, out=result)
-            else:
-                left, right = self.rule.project_factors(module, inputs, grad_output, *both)
-                result = factor_product(left, right, out=result)
-            return result.view(n, -1) if out is None else out
-        kind = s.kind
-        g = self.rule.exact(module, inputs, output, grad_output)
-        if kind == "none":
-            return g if out is None else out.copy_(g)
-        return torch.mm(g, prepared[0], out=out)
+            return out.copy_(kernel(module, inputs, output, grad_output, None))
+        return kernel(module, inputs, output, grad_output, out)
 
     def project_exact(self, flat: Tensor) -> Tensor:
         """Project exact canonical per-sample gradients ``[N, grad_dim]`` (computed elsewhere, e.g.

@@ -22,7 +22,7 @@ the factors so that the full gradient is never formed.
 from __future__ import annotations
 
 import inspect
-from typing import Any, ClassVar, NamedTuple
+from typing import Callable, ClassVar
 
 import weakref
 
@@ -195,11 +195,15 @@ class LayerRule:
         )
 
 
+#: ``(inputs, grad_output) -> (left, right)``: a bilinear rule's projected factors for one call
+FactorFn = Callable[[tuple, Tensor], tuple[Tensor, Tensor]]
+
+
 class BilinearRule(LayerRule):
     """Rules whose per-sample gradient is ``G_n = L_n^T R_n``, ``G_n`` of shape ``[dl, dr]``.
 
-    Subclasses implement ``factor_dims``, ``canonical_index`` and ``project_factors`` (and may
-    override ``prepare``); the default ``exact`` multiplies the unprojected factors.
+    Subclasses implement ``factor_dims``, ``canonical_index`` and ``bind``; the default ``exact``
+    multiplies the unprojected factors.
     """
 
     #: the factor that is the output gradient itself, "left" or "right": left unprojected it is
@@ -217,28 +221,29 @@ class BilinearRule(LayerRule):
         """``[grad_dim]`` long: entry ``c`` of the canonical layout is ``G.flatten()[index[c]]``."""
         raise NotImplementedError
 
-    def prepare(self, module: nn.Module, p_left: Tensor | None, p_right: Tensor | None) -> tuple:
-        """The factor projections ``p_left [kL, dl]`` / ``p_right [kR, dr]`` (None: the identity)
-        in the form ``project_factors`` takes them. The projector calls it once per device and
-        dtype, so work that does not depend on the batch (splitting off a bias column) is not
-        repeated at every step. By default they are taken as they are."""
-        return p_left, p_right
+    def bind(self, module: nn.Module, p_left: Tensor | None, p_right: Tensor | None,
+             dtype: torch.dtype) -> FactorFn:
+        """The projected factors of ``module`` as a function of one call's ``(inputs,
+        grad_output)``: ``(L P_L^T [N, T, kL], R P_R^T [N, T, kR])``, or ``[N, kL]`` and
+        ``[N, kR]`` when there is one position (T = 1); any strides, in ``dtype``.
 
-    def project_factors(self, module: nn.Module, inputs: tuple, grad_output: Tensor,
-                        p_left: Any, p_right: Any) -> tuple[Tensor, Tensor]:
-        """Projected factors ``(L P_L^T [N, T, kL], R P_R^T [N, T, kR])``, or ``[N, kL]`` and
-        ``[N, kR]`` when there is one position (T = 1); any strides.
-
-        ``p_left`` / ``p_right`` are what ``prepare`` returned for projections in
-        ``compute_dtype`` on the gradient's device; ``prepare(module, None, None)`` (the identity)
-        returns the factors themselves.
+        ``p_left [kL, dl]`` / ``p_right [kR, dr]`` are in ``dtype`` on the gradient's device; None
+        is the identity (the factor itself). The projector binds once per device and dtype and
+        again when trainable parameters change, so what does not depend on the batch (which
+        parameters train, a bias column split off, a convolution kernel) is settled here and the
+        function does only the per-batch arithmetic: hooks run it at every step.
         """
         raise NotImplementedError
+
+    def project_factors(self, module: nn.Module, inputs: tuple, grad_output: Tensor,
+                        p_left: Tensor | None, p_right: Tensor | None) -> tuple[Tensor, Tensor]:
+        """``bind``'s factors for one call (bound anew: for one-off use)."""
+        return self.bind(module, p_left, p_right, compute_dtype(module, grad_output))(inputs, grad_output)
 
     def exact(
         self, module: nn.Module, inputs: tuple, output: Tensor, grad_output: Tensor
     ) -> Tensor:
-        left, right = self.project_factors(module, inputs, grad_output, *self.prepare(module, None, None))
+        left, right = self.project_factors(module, inputs, grad_output, None, None)
         return self._from_matrix(module, factor_product(left, right))  # [N, dl, dr]
 
     def _from_matrix(self, module: nn.Module, g: Tensor) -> Tensor:
@@ -288,11 +293,6 @@ def factor_product(left: Tensor, right: Tensor, out: Tensor | None = None) -> Te
     return torch.bmm(left.transpose(1, 2), right, out=out)
 
 
-def positions(t: Tensor, d: int) -> Tensor:
-    """``t [N, ..., d]`` as ``[N, T, d]`` (all positions in one dim); ``[N, d]`` stays as it is."""
-    return t if t.dim() <= 3 else t.reshape(t.shape[0], -1, d)
-
-
 def project_rows(a: Tensor, p: Tensor | None) -> Tensor:
     """``a P^T`` for rows ``a [..., d]`` and ``p [k, d]``: ``[..., k]`` (``a`` itself if None).
 
@@ -306,40 +306,35 @@ def project_rows(a: Tensor, p: Tensor | None) -> Tensor:
     return torch.mm(p, a.reshape(-1, a.shape[-1]).T).T.reshape(*a.shape[:-1], p.shape[0])
 
 
-class AffineProjection(NamedTuple):
-    """A projection ``P [k, d + 1]`` of ``[x, 1]`` split once (``split_affine``) into
-    ``P[:, :d]`` and the bias column ``P[:, d:]`` (``[k, 1]``); None where that part is frozen."""
-
-    x_part: Tensor | None
-    one_part: Tensor | None
-
-
-def split_affine(p: Tensor | None, use_x: bool, use_one: bool) -> AffineProjection | None:
-    """``p`` over ``[x, 1]`` (the frozen parts left out) as an ``AffineProjection``; None stays
-    None (the identity)."""
+def affine_projector(p: Tensor | None, use_x: bool, use_one: bool) -> Callable[[Tensor], Tensor]:
+    """``x -> [x, 1] P^T`` for ``x [..., d]`` (``[..., k]``), with ``P [k, d + 1]`` split once; the
+    constant-1 column carries the bias, and ``use_x`` / ``use_one`` leave out the frozen parts
+    (``P`` then has only the others' columns). ``p`` None: ``[x, 1]`` itself. Computed as
+    ``P x^T`` (see ``project_rows``), the bias column added inside the matrix product (addmm), not
+    in a second pass; ``[x, 1]`` is never concatenated."""
     if p is None:
-        return None
+        def concatenated(x: Tensor) -> Tensor:
+            parts = [x] if use_x else []
+            if use_one:
+                parts.append(x.new_ones(*x.shape[:-1], 1))
+            return torch.cat(parts, dim=-1)
+
+        return concatenated
+    if not use_x:  # only the bias column: R P^T = P[:, 0] at every position
+        column = p[:, 0]
+        return lambda x: column.expand(*x.shape[:-1], column.shape[0])
     d = p.shape[1] - int(use_one)
-    return AffineProjection(p[:, :d] if use_x else None, p[:, d:] if use_one else None)
+    p_x, p_one = p[:, :d], p[:, d:]
+    if not use_one:
+        return lambda x: project_rows(x, p_x)
 
+    def affine(x: Tensor) -> Tensor:
+        if x.dim() == 2:
+            return torch.addmm(p_one, p_x, x.T).T
+        flat = torch.addmm(p_one, p_x, x.reshape(-1, x.shape[-1]).T).T
+        return flat.reshape(*x.shape[:-1], flat.shape[1])
 
-def affine_factor(x: Tensor, use_x: bool, use_one: bool, p: AffineProjection | None) -> Tensor:
-    """``[x, 1] P^T`` without concatenating: ``x [..., d]`` -> ``[..., k]`` (``[..., d + 1]`` if
-    ``p`` is None). The constant-1 column carries the bias; ``use_x`` / ``use_one`` drop the frozen
-    parts. Computed as ``P x^T`` (see ``project_rows``), the bias column added inside the matrix
-    product (addmm), not as a second pass."""
-    if p is None:
-        parts = [x] if use_x else []
-        if use_one:
-            parts.append(x.new_ones(*x.shape[:-1], 1))
-        return torch.cat(parts, dim=-1)
-    if p.x_part is None:  # only the bias column: R = P[:, d] at every position
-        return p.one_part.T.expand(*x.shape[:-1], p.one_part.shape[0])
-    if p.one_part is None:
-        return project_rows(x, p.x_part)
-    flat = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-    projected = torch.addmm(p.one_part, p.x_part, flat.T).T
-    return projected if x.dim() == 2 else projected.reshape(*x.shape[:-1], projected.shape[1])
+    return affine
 
 
 class FuncRule(LayerRule):

@@ -10,13 +10,10 @@ from torch import Tensor
 
 from influence_hooks.capture.rules import (
     BilinearRule,
-    affine_factor,
-    compute_dtype,
+    affine_projector,
     input_side_index,
-    positions,
     project_rows,
     register_rule,
-    split_affine,
     trainable,
 )
 
@@ -33,13 +30,14 @@ class GPT2Conv1DRule(BilinearRule):
     def canonical_index(self, module) -> Tensor:
         return input_side_index(module, module.nf, module.nx, "left")
 
-    def prepare(self, module, p_left, p_right):
-        return split_affine(p_left, trainable(module, "weight"), trainable(module, "bias")), p_right
+    def bind(self, module, p_left, p_right, dtype):
+        nx, nf = module.nx, module.nf
+        left = affine_projector(p_left, trainable(module, "weight"), trainable(module, "bias"))
 
-    def project_factors(self, module, inputs, grad_output, p_left, p_right):
-        dtype = compute_dtype(module, grad_output)
-        x = positions(inputs[0], module.nx).to(dtype)
-        go = positions(grad_output, module.nf).to(dtype)
-        left = affine_factor(x, trainable(module, "weight"), trainable(module, "bias"), p_left)
-        right = project_rows(go, p_right)
-        return left, right
+        def factors(inputs, grad_output):
+            x, go = inputs[0], grad_output
+            if go.dim() > 3:  # all positions in one dim
+                x, go = x.reshape(x.shape[0], -1, nx), go.reshape(go.shape[0], -1, nf)
+            return left(x.to(dtype)), project_rows(go.to(dtype), p_right)
+
+        return factors

@@ -7,13 +7,10 @@ from torch import Tensor, nn
 
 from influence_hooks.capture.rules import (
     BilinearRule,
-    affine_factor,
-    compute_dtype,
+    affine_projector,
     input_side_index,
-    positions,
     project_rows,
     register_rule,
-    split_affine,
     trainable,
 )
 
@@ -31,13 +28,14 @@ class LinearRule(BilinearRule):
     def canonical_index(self, module: nn.Linear) -> Tensor:
         return input_side_index(module, module.out_features, module.in_features, "right")
 
-    def prepare(self, module: nn.Linear, p_left, p_right):
-        return p_left, split_affine(p_right, trainable(module, "weight"), trainable(module, "bias"))
+    def bind(self, module: nn.Linear, p_left, p_right, dtype):
+        d_out, d_in = module.out_features, module.in_features
+        right = affine_projector(p_right, trainable(module, "weight"), trainable(module, "bias"))
 
-    def project_factors(self, module, inputs, grad_output, p_left, p_right):
-        dtype = compute_dtype(module, grad_output)
-        go = positions(grad_output, module.out_features).to(dtype)
-        x = positions(inputs[0], module.in_features).to(dtype)
-        left = project_rows(go, p_left)
-        right = affine_factor(x, trainable(module, "weight"), trainable(module, "bias"), p_right)
-        return left, right
+        def factors(inputs, grad_output):
+            go, x = grad_output, inputs[0]
+            if go.dim() > 3:  # all positions in one dim
+                go, x = go.reshape(go.shape[0], -1, d_out), x.reshape(x.shape[0], -1, d_in)
+            return project_rows(go.to(dtype), p_left), right(x.to(dtype))
+
+        return factors
