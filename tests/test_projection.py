@@ -12,7 +12,8 @@ from torch import nn
 
 from influence_hooks.capture import rule_for
 from influence_hooks.errors import ConfigurationError
-from influence_hooks.capture.projection import LayerProjector, ProjectionSpec, plan_projection, split_k
+from influence_hooks.capture.projection import (LayerProjector, ProjectionSpec, kronecker_split, plan_projection,
+                                                split_k)
 
 try:  # transformers is optional: only the GPT-2 Conv1D cases need it
     from transformers.pytorch_utils import Conv1D as GPT2Conv1D
@@ -67,6 +68,8 @@ BILINEAR = {
         lambda: torch.randint(0, 11, (4, 9)),
         12,
     ),
+    "linear_3d_few_positions": (lambda: nn.Linear(7, 12), lambda: torch.randn(4, 3, 7), 20),
+    "conv2d_few_positions": (lambda: nn.Conv2d(3, 16, 3), lambda: torch.randn(4, 3, 4, 4), 30),
     "gpt2_conv1d": (lambda: gpt2_conv1d(5, 7), lambda: torch.randn(4, 6, 7), 12),
     "gpt2_conv1d_frozen_bias": (
         lambda: frozen(gpt2_conv1d(5, 7), "bias"),
@@ -361,3 +364,92 @@ def test_projector_refuses_a_module_whose_trainable_parameters_changed_after_pla
     module.weight.requires_grad_(False)
     with pytest.raises(ConfigurationError, match="frozen or unfrozen"):
         proj.per_sample(module, *hook_view(module, x))
+
+
+# ---------------------------------------------------------------------------- identity on a small factor
+def rank_one_variance(kl: int, kr: int, dl: int, dr: int) -> float:
+    """Relative variance of |(P_L x P_R) vec(a b^T)|^2 with Gaussian factors (0 on an identity side)."""
+    vl = 0.0 if kl == dl else 2 / kl
+    vr = 0.0 if kr == dr else 2 / kr
+    return (1 + vl) * (1 + vr) - 1
+
+
+@pytest.mark.parametrize("k", [12, 64, 85, 256, 341, 1024])
+@pytest.mark.parametrize("dims", [(10, 513), (513, 10), (32, 28), (16, 10), (64, 289), (3, 1000), (40, 40)])
+def test_kronecker_split_takes_the_identity_on_a_small_factor_and_never_adds_variance(k, dims):
+    dl, dr = dims
+    if k >= dl * dr:
+        return  # exact anyway
+    kl, kr = kronecker_split(k, dl, dr)
+    assert 1 <= kl <= dl and 1 <= kr <= dr and kl * kr <= k
+    small = [d for d in (dl, dr) if d <= min(k, 2 * math.sqrt(k))]
+    if small:
+        assert kl == dl or kr == dr
+        assert rank_one_variance(kl, kr, dl, dr) <= rank_one_variance(*split_k(k, dl, dr), dl, dr) + 1e-12
+    else:
+        assert (kl, kr) == split_k(k, dl, dr)
+
+
+def test_kronecker_split_prefers_the_identity_on_the_output_gradient_side():
+    assert kronecker_split(256, 32, 28, prefer="left") == (32, 8)
+    assert kronecker_split(256, 32, 28, prefer="right") == (9, 28)
+    module = nn.Conv2d(3, 32, 3)  # output channels are the left factor: 32 x 8, no input-side convolution
+    spec = plan_projection("conv", module, rule_for(module), 256)
+    assert (spec.k_left, spec.k_right) == (32, 8)
+
+
+@pytest.mark.parametrize("module, x, k, identity_side", [
+    (lambda: nn.Linear(5, 40), lambda: torch.randn(4, 3, 5), 30, "right"),
+    (lambda: nn.Linear(40, 4), lambda: torch.randn(4, 40), 30, "left"),
+    (lambda: nn.Conv2d(2, 6, 3), lambda: torch.randn(4, 2, 6, 6), 30, "left"),
+], ids=["linear_small_input", "linear_small_output", "conv_few_channels"])
+def test_identity_split_equals_the_dense_projection_and_preserves_inner_products_in_expectation(
+        module, x, k, identity_side):
+    torch.manual_seed(0)
+    module, x = module().double(), x().double()
+    view = hook_view(module, x)
+    g = rule_for(module).exact(module, *view)
+    proj = projector("layer", module, k)
+    s = proj.spec
+    assert (s.k_left == s.left_dim) if identity_side == "left" else (s.k_right == s.right_dim)
+    torch.testing.assert_close(proj.per_sample(module, *view), g @ proj.dense_matrix().T, rtol=0, atol=1e-10)
+    ips = torch.stack([(lambda pg: pg[0] @ pg[1])(projector("layer", module, k, seed=seed).per_sample(module, *view))
+                       for seed in range(400)])
+    assert abs(ips.mean() - g[0] @ g[1]) < 5 * ips.std() / math.sqrt(len(ips))
+
+
+def test_a_run_planned_with_the_balanced_split_is_rebuilt_with_its_own_factors(tmp_path):
+    """Runs recorded before the identity split keep their k_left / k_right: they are rebuilt from
+    the manifest, not re-planned."""
+    from influence_hooks.capture.select import layers_from_manifest, layers_manifest, plan_layers, select_layers
+
+    module = nn.Sequential(nn.Conv2d(3, 32, 3))
+    rule = rule_for(module[0])
+    old = ProjectionSpec(kind="kronecker", seed=0, out_dim=256, grad_dim=32 * 28, k_left=16, k_right=16,
+                         left_dim=32, right_dim=28)
+    meta = layers_manifest(plan_layers(select_layers(module), 256))
+    assert (meta[0]["projection"]["k_left"], meta[0]["projection"]["k_right"]) == (32, 8)  # planned today
+    meta[0]["projection"] = old.to_dict()
+    (rebuilt,) = layers_from_manifest(module, json.loads(json.dumps(meta)))
+    assert rebuilt.spec == old
+    expected = LayerProjector("0", module[0], rule, old).dense_matrix()
+    assert torch.equal(rebuilt.projector.dense_matrix(), expected)
+
+
+# ---------------------------------------------------------------------------- writing into a row block
+@pytest.mark.parametrize("case", sorted(BILINEAR) + sorted(DENSE) + ["exact"])
+def test_per_sample_writes_into_its_columns_of_a_row_block(case):
+    module, x, k = make({**DENSE, **BILINEAR, "exact": BILINEAR["linear_2d"]}, case)
+    proj = projector(case, module, None if case == "exact" else k)
+    view = hook_view(module, x)
+    expected = proj.per_sample(module, *view)
+    for dtype in (torch.float64, torch.float32):  # the block's dtype may differ from the layer's
+        block = torch.full((len(x), proj.spec.out_dim + 7), -1.0, dtype=dtype)
+        cols = block[:, 3:3 + proj.spec.out_dim]
+
+        got = proj.per_sample(module, *view, out=cols)
+
+        assert got.data_ptr() == cols.data_ptr()
+        torch.testing.assert_close(cols, expected.to(dtype), rtol=1e-6 if dtype == torch.float32 else 0,
+                                   atol=1e-6 if dtype == torch.float32 else 1e-12)
+        assert (block[:, :3] == -1).all() and (block[:, 3 + proj.spec.out_dim:] == -1).all()

@@ -459,3 +459,59 @@ def test_selected_layer_never_called_as_a_module_fails_at_the_first_step(tmp_pat
     with pytest.raises(ConfigurationError, match=r"\['out'\].*exclude"):
         rec.end_step(opt)
     rec.abort()
+
+
+# ---------------------------------------------------------------------------- modules called 0 or 2 times
+class SharedLayer(nn.Module):
+    """`fc` is applied twice in one forward pass (shared weights), `extra` only when asked."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(5, 5)
+        self.extra = nn.Linear(5, 5)
+        self.head = nn.Linear(5, 3)
+        self.use_extra = True
+
+    def forward(self, x):
+        h = torch.tanh(self.fc(torch.tanh(self.fc(x))))
+        if self.use_extra:
+            h = h + torch.tanh(self.extra(h))
+        return self.head(h)
+
+
+@pytest.mark.parametrize("projection", ["none", 24])
+def test_a_module_called_twice_records_the_sum_of_its_calls_and_an_unused_one_zeros(tmp_path, projection):
+    # two micro-batches per step: `extra` takes part in the first only, so the second's rows hold
+    # zeros in its columns, which is its true per-sample gradient there
+    torch.manual_seed(0)
+    model = SharedLayer().double()
+    X, Y = tabular()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = GradientRecorder(tmp_path / "run", model, projection=projection, storage_dtype="float64")
+    layers = [l.name for l in rec.layers]
+    assert layers == ["fc", "extra", "head"]
+    expected = {}
+    for t, (first, second) in enumerate(zip(*[iter(batches_of([4, 4] * 3))] * 2)):
+        micro = ((first, True), (second, False))
+        parts = []
+        for ids, use_extra in micro:  # the reference first: the recorder's hooks would see it
+            model.use_extra = use_extra
+            parts.append(func_per_sample_grads(model, ce_sample, (X[ids], Y[ids]), layers))
+        expected[t] = torch.cat(parts)
+        for ids, use_extra in micro:
+            model.use_extra = use_extra
+            rec.begin_micro_batch(ids)
+            (F.cross_entropy(model(X[ids]), Y[ids]) / 2).backward()
+        model.use_extra = True
+        rec.end_step(opt)
+        opt.step()
+        opt.zero_grad()
+    rec.finish()
+    P = torch.block_diag(*[l.projector.dense_matrix(torch.float64) for l in rec.layers])
+    extra = rec.layers[1]
+    got = read_steps(tmp_path / "run")
+    assert sorted(got) == [0, 1, 2]
+    for t, (_, rows) in got.items():
+        assert_rows_close(rows, expected[t] @ P.T)
+        assert (rows[4:, extra.offset:extra.offset + extra.spec.out_dim] == 0).all()
+        assert (rows[:4, extra.offset:extra.offset + extra.spec.out_dim] != 0).any()

@@ -102,3 +102,69 @@ def test_ranks_with_local_batches_of_other_sizes_are_noted_and_their_mean_weight
     assert run.update_weights[0] == 1 / 6 and run.update_weights[1] == (3 / 6 + 1 / 2) / 4
     s = tracin(run, before_first_query="use_first", progress=False, dtype=torch.float64)
     assert any("local batches of other sizes" in n for n in s.approximations)
+
+
+# ---------------------------------------------------------------------------- the writer's hand-off
+def _one_layer_manifest(run_id: str) -> dict:
+    return {"dim": 2, "storage_dtype": "float64", "run_id": run_id,
+            "layers": [{"name": "fc", "rule": "linear", "module_type": "Linear", "offset": 0, "dim": 2,
+                        "grad_dim": 2, "param_shapes": [["weight", [1, 2]]], "projection": {"kind": "none"}}]}
+
+
+def _step(t: int):
+    import numpy as np
+
+    from influence_hooks.storage.writer import StepRecord
+
+    return StepRecord(step=t, epoch=0, lr=0.1, lr_groups=[0.1], batch_size=1, update_weight=1.0, micro_batches=1,
+                      sample_ids=np.array([t]), grads=torch.tensor([[t, -t]], dtype=torch.float64))
+
+
+def test_at_most_queue_size_steps_wait_for_a_slow_writer_and_all_arrive_in_order(tmp_path):
+    import threading
+
+    from influence_hooks.storage.writer import RunWriter, WriterOptions
+
+    gate, handled = threading.Event(), []
+    w = RunWriter.create(tmp_path, _one_layer_manifest("slow"), options=WriterOptions(queue_size=3))
+    real = w._write_step
+
+    def slow(rec):
+        gate.wait()
+        handled.append(rec.step)
+        real(rec)
+
+    w._write_step = slow
+    for t in range(3):  # fill every slot
+        w.write_step(_step(t))
+    blocked = threading.Thread(target=w.write_step, args=(_step(3),))
+    blocked.start()
+    blocked.join(0.5)
+    assert blocked.is_alive()  # a fourth step waits until the writer frees a slot
+    gate.set()
+    blocked.join(10)
+    assert not blocked.is_alive()
+    w.write_queries(4, torch.zeros(2, 2, dtype=torch.float64))
+    for t in range(4, 40):
+        w.write_step(_step(t))
+    w.close(final_step=40)
+    assert handled == list(range(40))
+    with open_run(tmp_path) as run:
+        assert run.steps.tolist() == list(range(40))
+        assert run.query_steps.tolist() == [4]
+        assert [b.grads[0, 0].item() for b in run.iter_steps()] == list(range(40))
+
+
+def test_finiteness_check_agrees_with_an_element_wise_test():
+    from influence_hooks.storage.writer import _all_finite
+
+    big = torch.finfo(torch.float64).max / 2
+    cases = [torch.zeros(3, 4), torch.full((2, 2), big, dtype=torch.float64),  # the sum overflows, values don't
+             torch.full((2, 2), 6e4, dtype=torch.float16)]
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for dtype in (torch.float16, torch.float32, torch.float64):
+            t = torch.ones(5, 7, dtype=dtype)
+            t[3, 2] = bad
+            cases.append(t)
+    for t in cases:
+        assert _all_finite(t) == bool(torch.isfinite(t).all()), t

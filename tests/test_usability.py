@@ -185,6 +185,32 @@ def test_callback_logs_the_plan_and_the_recordings_figures_to_lightning(tmp_path
     assert float(per_step[-2]["influence/hook_s"]) <= float(final["influence/hook_s"])
 
 
+def test_callback_logs_the_running_figures_at_the_steps_its_loggers_write(tmp_path):
+    # pl_module.log costs Lightning about a millisecond per metric, so the figures are logged only
+    # at the steps the loggers write; they are running totals, so nothing is lost
+    import csv
+
+    import lightning.pytorch as pl
+    from lightning.pytorch.loggers import CSVLogger
+
+    from _tiny_lightning import TinyClassifier
+
+    X, Y = data(20)
+    cb = InfluenceCallback(str(tmp_path / "run"), verbose=False)
+    logger = CSVLogger(str(tmp_path / "logs"), name="", version="")
+    logged = []
+    module = TinyClassifier()
+    real_log_dict = module.log_dict
+    module.log_dict = lambda metrics, **kw: (logged.append(metrics["influence/steps"]), real_log_dict(metrics, **kw))
+    trainer = pl.Trainer(max_epochs=2, callbacks=[cb], logger=logger, log_every_n_steps=3, accelerator="cpu",
+                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    trainer.fit(module, DataLoader(TensorDataset(X, Y), batch_size=4, shuffle=True))
+    assert logged == [3.0, 6.0, 9.0]  # 10 steps, logged at every third
+    rows = [r for r in csv.DictReader(open(tmp_path / "logs" / "metrics.csv")) if r.get("influence/steps")]
+    assert [float(r["influence/steps"]) for r in rows] == [3.0, 6.0, 9.0, 10.0]  # and the final figures
+    assert [int(r["step"]) for r in rows[:3]] == [2, 5, 8]
+
+
 # ---------------------------------------------------------------------- new queries after training
 @pytest.mark.parametrize("projection", [16, "none"])
 def test_query_gradients_after_training_equal_the_ones_recorded_at_the_end(tmp_path, projection):

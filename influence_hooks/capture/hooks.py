@@ -17,7 +17,7 @@ from torch import nn
 
 from ..errors import SampleIdError
 from .projection import LayerProjector, ProjectionSpec
-from .rules import LayerRule
+from .rules import LayerRule, compute_dtype
 
 
 @dataclass
@@ -30,6 +30,38 @@ class CapturedLayer:
     spec: ProjectionSpec
     projector: LayerProjector
     offset: int
+
+
+class _MicroBatch:
+    """What the hooks collected for one micro-batch: one ``[rows, K]`` block, each layer writing
+    its columns in place (no per-layer tensors to concatenate at the end of the step)."""
+
+    __slots__ = ("rows", "block", "written")
+
+    def __init__(self, rows: int):
+        self.rows = rows
+        self.block: torch.Tensor | None = None  # allocated by the first layer's gradient
+        self.written: set[int] = set()  # layers whose columns hold data
+
+    def filled(self, layers: list[CapturedLayer], dim: int, dtype: torch.dtype | None,
+               device: torch.device) -> torch.Tensor:
+        """The block, zeros in the columns of layers that got no gradient."""
+        if self.block is None:
+            return torch.zeros(self.rows, dim, dtype=dtype or torch.float32, device=device)
+        if len(self.written) < len(layers):
+            for i, l in enumerate(layers):
+                if i not in self.written:
+                    self.block[:, l.offset:l.offset + l.spec.out_dim].zero_()
+        return self.block
+
+    def select(self, keep: list[int], layers: list[CapturedLayer]) -> "_MicroBatch":
+        """The same micro-batch with only the layers `keep` (old indices), in that order."""
+        out = _MicroBatch(self.rows)
+        if self.block is not None:
+            out.block = torch.cat([self.block[:, layers[i].offset:layers[i].offset + layers[i].spec.out_dim]
+                                   for i in keep], dim=1)
+        out.written = {new for new, old in enumerate(keep) if old in self.written}
+        return out
 
 
 class GradientCapture:
@@ -45,8 +77,8 @@ class GradientCapture:
         self.dim = sum(l.spec.out_dim for l in layers)
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._enabled = False
-        self._current: dict[int, torch.Tensor] = {}
-        self._finished: list[tuple[int, dict[int, torch.Tensor]]] = []
+        self._current: _MicroBatch | None = None
+        self._finished: list[_MicroBatch] = []
         self._current_rows = 0
         self.seen_layers: set[int] = set()
         # layers whose hook saw a different batch size than the micro-batch: {layer: rows seen}
@@ -87,9 +119,17 @@ class GradientCapture:
             self.seen_layers.add(index)
             return
         t0 = time.perf_counter()
-        g = self.layers[index].projector.per_sample(module, inputs, output, grad)
-        acc = self._current.get(index)
-        self._current[index] = g if acc is None else acc + g
+        layer, mb = self.layers[index], self._current
+        if mb is None:
+            mb = self._current = _MicroBatch(self._current_rows)
+        if mb.block is None:  # the first layer to arrive sets the block's dtype and device
+            mb.block = torch.empty(grad.shape[0], self.dim, dtype=compute_dtype(module, grad), device=grad.device)
+        cols = mb.block[:, layer.offset:layer.offset + layer.spec.out_dim]  # the layer projects into these
+        if index in mb.written:  # a module called again in the same forward pass: sum
+            cols.add_(layer.projector.per_sample(module, inputs, output, grad))
+        else:
+            layer.projector.per_sample(module, inputs, output, grad, out=cols)
+            mb.written.add(index)
         self.seen_layers.add(index)
         self.seconds += time.perf_counter() - t0
 
@@ -100,14 +140,16 @@ class GradientCapture:
         self._current_rows = rows
 
     def _close_micro_batch(self) -> None:
-        if self._current_rows or self._current:
-            self._finished.append((self._current_rows, self._current))
-        self._current, self._current_rows = {}, 0
+        if self._current is not None:
+            self._finished.append(self._current)
+        elif self._current_rows:
+            self._finished.append(_MicroBatch(self._current_rows))
+        self._current, self._current_rows = None, 0
 
     def take_state(self) -> tuple:
         """Set aside what was collected so far (to capture something else in between)."""
         state = (self._current, self._finished, self._current_rows)
-        self._current, self._finished, self._current_rows = {}, [], 0
+        self._current, self._finished, self._current_rows = None, [], 0
         return state
 
     def restore_state(self, state: tuple) -> None:
@@ -115,7 +157,7 @@ class GradientCapture:
 
     def discard(self) -> None:
         """Drop everything collected since the last `collect`."""
-        self._current, self._finished, self._current_rows = {}, [], 0
+        self._current, self._finished, self._current_rows = None, [], 0
         self.batch_mismatch = {}
 
     def drop_layers(self, names: set[str]) -> None:
@@ -123,9 +165,9 @@ class GradientCapture:
         self.detach()
         keep = [i for i, l in enumerate(self.layers) if l.name not in names]
         new_index = {old: new for new, old in enumerate(keep)}
-        remap = lambda parts: {new_index[i]: t for i, t in parts.items() if i in new_index}  # noqa: E731
-        self._current = remap(self._current)
-        self._finished = [(rows, remap(parts)) for rows, parts in self._finished]
+        if self._current is not None:
+            self._current = self._current.select(keep, self.layers)
+        self._finished = [mb.select(keep, self.layers) for mb in self._finished]
         self.seen_layers = {new_index[i] for i in self.seen_layers if i in new_index}
         self.batch_mismatch = {}
         self.layers = [self.layers[i] for i in keep]
@@ -140,30 +182,36 @@ class GradientCapture:
                 dtype: torch.dtype | None = None) -> torch.Tensor:
         """Per-sample gradients of everything captured since the last collect.
 
-        Returns grads [N, K], micro-batches in order. `row_scales[j]` multiplies micro-batch j (it
-        undoes loss averaging and loss scaling). A layer that got no gradient in a micro-batch
-        (unused in that forward pass) contributes zeros.
+        Returns grads [N, K], micro-batches in order, in `dtype` (default: that of the layers'
+        gradients). `row_scales[j]` multiplies micro-batch j (it undoes loss averaging and loss
+        scaling), before the cast to `dtype`. A layer that got no gradient in a micro-batch (unused
+        in that forward pass) contributes zeros.
         """
         self._close_micro_batch()
         finished, self._finished = self._finished, []
-        blocks = []
         if self.batch_mismatch:
             i, seen = next(iter(self.batch_mismatch.items()))
             self.batch_mismatch = {}
             raise SampleIdError(
-                f"layer {self.layers[i].name!r} saw a batch of {seen} samples, but {finished[-1][0]} "
+                f"layer {self.layers[i].name!r} saw a batch of {seen} samples, but {finished[-1].rows} "
                 "sample ids were given for this micro-batch. The ids must be those of the samples in "
                 "the batch, in order (dim 0 of the layer's input).")
-        for j, (rows, parts) in enumerate(finished):
-            ref = next(iter(parts.values()), None)
-            dt = dtype or (ref.dtype if ref is not None else torch.float32)
-            dev = ref.device if ref is not None else next(self.layers[0].module.parameters()).device
-            cols = [parts[i].to(dt) if i in parts else torch.zeros(rows, l.spec.out_dim, dtype=dt, device=dev)
-                    for i, l in enumerate(self.layers)]
-            block = torch.cat(cols, dim=1) if cols else torch.zeros(rows, 0, dtype=dt, device=dev)
-            if row_scales is not None:
-                block.mul_(row_scales[j])  # block is a fresh tensor from cat (or zeros)
-            blocks.append(block)
-        if not blocks:
-            return torch.zeros(0, self.dim)
-        return torch.cat(blocks)
+        if not finished:
+            return torch.zeros(0, self.dim, dtype=dtype or torch.float32)
+        ref = next((mb.block for mb in finished if mb.block is not None), None)
+        device = ref.device if ref is not None else next(self.layers[0].module.parameters()).device
+        blocks = [mb.filled(self.layers, self.dim, dtype, device) for mb in finished]
+        dtype = dtype or blocks[0].dtype
+        if len(blocks) == 1 and row_scales is None:
+            return blocks[0].to(dtype)
+        # one pass per block: scaled in the gradients' dtype, then cast into its rows of the result
+        out = torch.empty(sum(len(b) for b in blocks), self.dim, dtype=dtype, device=device)
+        start = 0
+        for j, b in enumerate(blocks):
+            rows = out[start:start + len(b)]
+            if row_scales is None:
+                rows.copy_(b)
+            else:
+                torch.mul(b, row_scales[j], out=rows)
+            start += len(b)
+        return out

@@ -25,14 +25,16 @@ import json
 import math
 import numbers
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
 
-from influence_hooks.capture.rules import LayerRule, compute_dtype
+from influence_hooks.capture.rules import LayerRule, compute_dtype, factor_product
 from influence_hooks.errors import ConfigurationError
 
-__all__ = ["KINDS", "ProjectionSpec", "plan_projection", "LayerProjector", "split_k", "any_projected"]
+__all__ = ["KINDS", "ProjectionSpec", "plan_projection", "LayerProjector", "split_k", "kronecker_split",
+           "any_projected"]
 
 KINDS = ("none", "kronecker", "gaussian", "rademacher")
 
@@ -110,6 +112,28 @@ def split_k(k: int, left_dim: int, right_dim: int) -> tuple[int, int]:
     return kl, min(right_dim, k // kl)
 
 
+def kronecker_split(k: int, left_dim: int, right_dim: int, prefer: str = "left") -> tuple[int, int]:
+    """Rows ``(kL, kR)`` of the Kronecker factors as ``plan_projection`` chooses them: the identity
+    on a factor whose dimension d is at most ``2 sqrt(k)``, the budget's ``k // d`` rows on the
+    other side; otherwise ``split_k``'s balanced split.
+
+    The identity loses nothing in expectation and no more in variance: for a gradient ``a b^T``
+    the squared norm through Gaussian factors has relative variance ``2/kL + 2/kR + 4/(kL kR)``,
+    ``4/sqrt(k) + 4/k`` when balanced, and ``2 d / k`` with the identity on a side of dimension
+    d, no larger exactly when ``d <= 2 sqrt(k) + 2``. It is also cheaper: that side is not
+    projected at all. When both sides qualify, ``prefer`` (the side whose unprojected factor is a
+    view, the output gradient's) takes the identity.
+    """
+    sides = [("left", left_dim, right_dim), ("right", right_dim, left_dim)]
+    if prefer != "left":
+        sides.reverse()
+    for side, d, other in sides:
+        if d <= min(k, 2 * math.sqrt(k)):
+            k_other = min(other, k // d)
+            return (d, k_other) if side == "left" else (k_other, d)
+    return split_k(k, left_dim, right_dim)
+
+
 def plan_projection(
     layer_name: str,
     module: nn.Module,
@@ -121,7 +145,9 @@ def plan_projection(
     """Choose a layer's projection for a budget of ``k`` output dims.
 
     ``k`` None, kind "none", or ``k >= grad_dim``: exact. kind "auto": "kronecker" for bilinear
-    rules (``out_dim = kL * kR <= k``), "gaussian" otherwise (``out_dim = k``).
+    rules (``out_dim = kL * kR <= k``, split by ``kronecker_split``), "gaussian" otherwise
+    (``out_dim = k``). Runs recorded before the split took the identity on small factors keep
+    their own ``k_left`` / ``k_right`` in their manifest and are rebuilt from it.
     """
     if kind not in ("auto", *KINDS):
         raise ConfigurationError(
@@ -148,7 +174,7 @@ def plan_projection(
             f"{type(module).__name__} (rule {rule.name!r}) is not; use 'gaussian' or 'auto'"
         )
     left_dim, right_dim = rule.factor_dims(module)
-    k_left, k_right = split_k(k, left_dim, right_dim)
+    k_left, k_right = kronecker_split(k, left_dim, right_dim, prefer=getattr(rule, "grad_side", "left"))
     return ProjectionSpec(
         kind="kronecker",
         seed=seed,
@@ -178,6 +204,12 @@ def _random_matrix(kind: str, seed: int, layer_name: str, tag: str, rows: int, c
     return m / math.sqrt(rows)
 
 
+def _layout_key(module: nn.Module) -> tuple:
+    """What a layer's planned projection and its compute dtype depend on, cheap enough to compare
+    at every hook call: each own parameter's shape, dtype and whether it is trained."""
+    return tuple((p.shape, p.dtype, p.requires_grad) for p in module._parameters.values() if p is not None)
+
+
 class LayerProjector:
     """Applies one layer's fixed projection to per-sample gradients from its hooks.
 
@@ -187,9 +219,11 @@ class LayerProjector:
     def __init__(self, layer_name: str, module: nn.Module, rule: LayerRule, spec: ProjectionSpec):
         self.layer_name, self.rule, self.spec = layer_name, rule, spec
         self._check_layout(module)
+        self._layout = _layout_key(module)
         # kept for dense_matrix, which is called without the module
         self._index = rule.canonical_index(module) if spec.kind == "kronecker" else None
         self._cache: dict[tuple[torch.device, torch.dtype], tuple[Tensor | None, ...]] = {}
+        self._kernels: dict[tuple, tuple[torch.dtype, Callable]] = {}  # see _kernel
 
     def _check_layout(self, module: nn.Module) -> None:
         spec, rule = self.spec, self.rule
@@ -222,29 +256,85 @@ class LayerProjector:
         return (_random_matrix(s.kind, s.seed, self.layer_name, s.kind, s.out_dim, s.grad_dim),)
 
     def _matrices(self, device: torch.device, dtype: torch.dtype) -> tuple[Tensor | None, ...]:
-        key = (torch.device(device), dtype)
-        if key not in self._cache:
-            self._cache[key] = tuple(
-                None if m is None else m.to(dtype=dtype).to(device) for m in self._host_matrices()
-            )
-        return self._cache[key]
+        mats = self._cache.get((device, dtype))  # every hook call: the key as given first
+        if mats is None:
+            key = (torch.device(device), dtype)
+            if key not in self._cache:
+                self._cache[key] = tuple(
+                    None if m is None else m.to(dtype=dtype).to(device) for m in self._host_matrices()
+                )
+            mats = self._cache[(device, dtype)] = self._cache[key]
+        return mats
 
-    @torch.no_grad()  # hooks may hand over tensors still attached to the graph
-    def per_sample(
-        self, module: nn.Module, inputs: tuple, output: Tensor, grad_output: Tensor
-    ) -> Tensor:
+    def _kernel(self, module: nn.Module, grad_output: Tensor) -> tuple[torch.dtype, Callable]:
+        """``(compute dtype, kernel)`` for this module and this gradient's device and dtype: the
+        kernel, ``(module, inputs, output, grad_output, out) -> [N, out_dim]``, has the projection
+        bound (the rule's ``bind``), so a hook call does only the per-batch arithmetic."""
+        key = (id(module), grad_output.device, grad_output.dtype)
+        kernel = self._kernels.get(key)
+        if kernel is None:
+            kernel = self._kernels[key] = self._build_kernel(module, grad_output)
+        return kernel
+
+    def _build_kernel(self, module: nn.Module, grad_output: Tensor) -> tuple[torch.dtype, Callable]:
+        dtype = compute_dtype(module, grad_output)
+        mats = self._matrices(grad_output.device, dtype)
+        s, rule = self.spec, self.rule
+        if s.kind == "none":
+            def exact(module, inputs, output, grad_output, out):
+                g = rule.exact(module, inputs, output, grad_output)
+                return g if out is None else out.copy_(g)
+
+            return dtype, exact
+        if s.kind != "kronecker":
+            p_t = mats[0].T
+
+            def dense(module, inputs, output, grad_output, out):
+                return torch.mm(rule.exact(module, inputs, output, grad_output), p_t, out=out)
+
+            return dtype, dense
+        kl, kr = s.k_left, s.k_right
+        factors = rule.bind(module, *mats, dtype)
+        # With more positions than output-gradient dims (convolutions), summing over positions
+        # before projecting that side, P_L (L^T R) instead of (L P_L^T)^T R, is the same projection
+        # at less cost, and the projected per-position factor is never materialised.
+        left_side = rule.grad_side == "left"
+        p_grad = mats[0] if left_side else mats[1]
+        d_grad = s.left_dim if left_side else s.right_dim
+        if p_grad is not None:
+            summed_first = rule.bind(module, None, mats[1], dtype) if left_side else rule.bind(module, mats[0], None, dtype)
+            p_grad = p_grad if left_side else p_grad.T
+
+        def kronecker(module, inputs, output, grad_output, out):
+            n = grad_output.shape[0]
+            result = None if out is None else out.view(n, kl, kr)
+            if p_grad is not None and grad_output.numel() > n * d_grad * d_grad:
+                m = factor_product(*summed_first(inputs, grad_output))  # output-gradient side exact
+                p = p_grad.expand(n, *p_grad.shape)
+                result = torch.bmm(p, m, out=result) if left_side else torch.bmm(m, p, out=result)
+            else:
+                result = factor_product(*factors(inputs, grad_output), out=result)
+            return result.view(n, -1) if out is None else out
+
+        return dtype, kronecker
+
+    def per_sample(self, module: nn.Module, inputs: tuple, output: Tensor, grad_output: Tensor,
+                   out: Tensor | None = None) -> Tensor:
         """Projected per-sample gradients ``[N, out_dim]`` in ``compute_dtype`` (exact if kind
-        "none"). Arguments as a forward hook / full backward hook see them."""
-        self._check_layout(module)
-        if self.spec.kind == "none":
-            return self.rule.exact(module, inputs, output, grad_output)
-        mats = self._matrices(grad_output.device, compute_dtype(module, grad_output))
-        if self.spec.kind == "kronecker":
-            left, right = self.rule.project_factors(module, inputs, grad_output, *mats)
-            if left.shape[1] == 1:  # one position: an outer product, cheaper than a batched matmul
-                return (left[:, 0, :, None] * right[:, 0, None, :]).reshape(left.shape[0], -1)
-            return torch.bmm(left.transpose(1, 2), right).reshape(left.shape[0], -1)
-        return self.rule.exact(module, inputs, output, grad_output) @ mats[0].T
+        "none"). Arguments as a forward hook / full backward hook see them. With ``out`` (an
+        ``[N, out_dim]`` view, e.g. this layer's columns of a row block) the result is written
+        there and ``out`` is returned."""
+        if torch.is_grad_enabled():  # called directly with tensors still attached to the graph
+            with torch.no_grad():
+                return self.per_sample(module, inputs, output, grad_output, out)
+        layout = _layout_key(module)
+        if layout != self._layout:  # parameters frozen, unfrozen or recast since the last call
+            self._check_layout(module)
+            self._layout, self._kernels = layout, {}
+        dtype, kernel = self._kernel(module, grad_output)
+        if out is not None and out.dtype != dtype:
+            return out.copy_(kernel(module, inputs, output, grad_output, None))
+        return kernel(module, inputs, output, grad_output, out)
 
     def project_exact(self, flat: Tensor) -> Tensor:
         """Project exact canonical per-sample gradients ``[N, grad_dim]`` (computed elsewhere, e.g.

@@ -35,9 +35,9 @@ class InfluenceCallback(pl.Callback):
     At the first step the recording plan (layers, dims per layer, bytes per step, run path) is
     printed (verbose=False: only logged to the "influence_hooks" logger) and logged as
     hyperparameters "influence_hooks/..." to the trainer's loggers; at every optimizer step the
-    recording's own figures (RecordingStats: influence/rows, influence/mb_written,
-    influence/queue_wait_s, influence/hook_s, ...) go through `pl_module.log`, and their final
-    values to the loggers at the end of training.
+    loggers write (every `log_every_n_steps`) the recording's own figures (RecordingStats:
+    influence/rows, influence/mb_written, influence/queue_wait_s, influence/hook_s, ...) go through
+    `pl_module.log`, and their final values to the loggers at the end of training.
     Every recording option (layers=, projection=, snapshot_windows=, ...) is a field of
     RecordingConfig, given as a keyword argument or all together as config=RecordingConfig(...).
     """
@@ -183,7 +183,7 @@ class InfluenceCallback(pl.Callback):
             self._plan_logged = True
             for logger in trainer.loggers:
                 logger.log_hyperparams({f"influence_hooks/{k}": v for k, v in self.recorder.plan.items()})
-        if self.log_stats:
+        if self.log_stats and trainer.loggers and _logs_this_step(trainer):
             pl_module.log_dict(self.recorder.stats.metrics(), on_step=True, on_epoch=False, batch_size=1)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -225,3 +225,13 @@ class InfluenceCallback(pl.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._resume_state = dict(state_dict) if state_dict.get("run_id") else None
+
+
+def _logs_this_step(trainer: pl.Trainer) -> bool:
+    """Whether the trainer's loggers write this step's metrics (every `log_every_n_steps`).
+
+    The figures are running totals, so logging them only then loses nothing, and `log_dict` costs
+    Lightning about a millisecond per metric: more than recording a small model's step. Lightning's
+    own LearningRateMonitor asks the same question the same way."""
+    connector = getattr(trainer, "_logger_connector", None)
+    return bool(getattr(connector, "should_update_logs", True))

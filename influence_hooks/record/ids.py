@@ -108,6 +108,8 @@ def as_ids(sample_ids: Any) -> Any:
 
 def concat_ids(parts: list[Any]) -> Any:
     """The ids of a step's micro-batches, in order (a device tensor if any part is one)."""
+    if len(parts) == 1:
+        return parts[0]
     if all(isinstance(p, np.ndarray) for p in parts):
         return np.concatenate(parts)
     dev = next(p.device for p in parts if isinstance(p, torch.Tensor))

@@ -109,6 +109,7 @@ class GradientRecorder:
         self.params = ParameterSaver(self.config, self.model)
         self._lr = RecordedLearningRate(self._recorded_parameters())
         self.writer: RunWriter | None = None
+        self._storage_dtype: torch.dtype | None = None  # the run's, known once it is open
         self._start_kwargs: dict[str, Any] = {}
         self._warned_no_unscale = False
         self._warned_uneven = False
@@ -173,6 +174,7 @@ class GradientRecorder:
 
             self.writer = create() if self.world_size == 1 else open_on_every_rank(self.rank, create, create)
         self.run_id = self.writer.manifest["run_id"]
+        self._storage_dtype = getattr(torch, self.writer.manifest["storage_dtype"])
 
     def _manifest(self, optimizer: torch.optim.Optimizer | None, extra: dict[str, Any]) -> dict[str, Any]:
         layers = layers_manifest(self.layers)
@@ -256,7 +258,9 @@ class GradientRecorder:
         # the update is -lr * sum_j sum_{i in micro-batch j} g_t(i) / (acc * |b_j|) (mean) or / acc
         # (sum); with equal micro-batch sizes that is one weight for every sample of the step
         acc = n_micro if self.config.loss_divided_by_micro_batches else 1
-        grads = self.capture.collect(self._row_scales(sizes, acc, grad_scaler))
+        # scaled and cast to the storage dtype in one pass (from the second step: the first one
+        # opens the run, and with it the storage dtype, only after its rows were checked)
+        grads = self.capture.collect(self._row_scales(sizes, acc, grad_scaler), dtype=self._storage_dtype)
         self._warn_uneven(step, sizes)
         first_of_epoch = self._last_epoch != epoch
         # the same on every rank: computed and written by rank 0 alone
@@ -414,8 +418,7 @@ class GradientRecorder:
         GPU the copy is asynchronous into pinned memory and finiteness a device tensor, both read
         by the writer thread after the step's event; finiteness is checked after the cast, so a
         float16 overflow is flagged too. On the CPU the writer checks the array itself."""
-        dtype = getattr(torch, self.writer.manifest["storage_dtype"])
-        t = t.detach().to(dtype)
+        t = t.detach().to(self._storage_dtype)
         if t.device.type == "cpu":
             return t, None
         return host_copy(t), torch.isfinite(t).all()

@@ -74,30 +74,34 @@ class _ConvRule(BilinearRule):
             grads["bias"] = go.sum(2)
         return self._pack(module, grads)
 
-    def project_factors(self, module, inputs, grad_output, p_left, p_right):
-        dtype = compute_dtype(module, grad_output)
-        go = grad_output.to(dtype).flatten(2)  # [N, C_out, T], as laid out in memory
-        # P_L @ go keeps the contiguous [N, kL, T] layout; transposing first would copy go
-        left = (go if p_left is None else p_left @ go).transpose(1, 2)  # [N, T, kL] view
-        go = go.transpose(1, 2)
+    def bind(self, module, p_left, p_right, dtype):
         use_w, use_b = trainable(module, "weight"), trainable(module, "bias")
-        x = inputs[0].to(dtype)
-        if p_right is None:
-            parts = [self._unfold(module, x).transpose(1, 2)] if use_w else []
-            if use_b:
-                parts.append(go.new_ones(*go.shape[:2], 1))
-            return left, torch.cat(parts, dim=-1)
-        if not use_w:  # only the bias column: R = 1 at every position
-            return left, p_right[:, 0].expand(*go.shape[:2], p_right.shape[0])
-        dw = self._patch_dim(module)
-        kernel = p_right[:, :dw].reshape(-1, module.in_channels, *module.kernel_size)
-        bias = p_right[:, dw] if use_b else None
         conv = F.conv1d if self.ndim == 1 else F.conv2d
-        if module.padding_mode == "zeros":  # let the conv pad: no padded copy of the input
-            right = conv(x, kernel, bias, module.stride, module.padding, module.dilation)
-        else:
-            right = conv(self._padded(module, x), kernel, bias, module.stride, 0, module.dilation)
-        return left, right.flatten(2).transpose(1, 2)
+        if p_right is not None and use_w:  # R P_R^T is a convolution with P_R as its kernel
+            dw = self._patch_dim(module)
+            kernel = p_right[:, :dw].reshape(-1, module.in_channels, *module.kernel_size)
+            bias = p_right[:, dw] if use_b else None
+            own_padding = module.padding_mode == "zeros"  # let the conv pad: no padded copy of x
+
+        def factors(inputs, grad_output):
+            go = grad_output.to(dtype).flatten(2)  # [N, C_out, T], as laid out in memory
+            # P_L @ go keeps the contiguous [N, kL, T] layout; transposing first would copy go
+            left = (go if p_left is None else p_left @ go).transpose(1, 2)  # [N, T, kL] view
+            x = inputs[0].to(dtype)
+            if p_right is None:
+                parts = [self._unfold(module, x).transpose(1, 2)] if use_w else []
+                if use_b:
+                    parts.append(go.new_ones(go.shape[0], go.shape[2], 1))
+                return left, torch.cat(parts, dim=-1)
+            if not use_w:  # only the bias column: R = 1 at every position
+                return left, p_right[:, 0].expand(go.shape[0], go.shape[2], p_right.shape[0])
+            if own_padding:
+                right = conv(x, kernel, bias, module.stride, module.padding, module.dilation)
+            else:
+                right = conv(self._padded(module, x), kernel, bias, module.stride, 0, module.dilation)
+            return left, right.flatten(2).transpose(1, 2)
+
+        return factors
 
 
 @register_rule(nn.Conv1d)

@@ -15,6 +15,7 @@ from influence_hooks.capture.rules import (
     BilinearRule,
     UnsupportedModuleError,
     compute_dtype,
+    project_rows,
     register_rule,
 )
 
@@ -22,6 +23,7 @@ from influence_hooks.capture.rules import (
 @register_rule(nn.Embedding)
 class EmbeddingRule(BilinearRule):
     name = "embedding"
+    grad_side = "right"
     param_names = ("weight",)
 
     def check(self, module: nn.Embedding) -> None:
@@ -43,27 +45,28 @@ class EmbeddingRule(BilinearRule):
     def canonical_index(self, module: nn.Embedding) -> Tensor:
         return torch.arange(module.num_embeddings * module.embedding_dim)
 
-    def _ids_and_grads(self, module, inputs, grad_output) -> tuple[Tensor, Tensor]:
-        """ids ``[N, T]`` and grad_out ``[N, T, D]``, zero where the id is ``padding_idx``."""
+    def _ids_and_grads(self, module, inputs, grad_output, dtype) -> tuple[Tensor, Tensor]:
+        """ids ``[N, T]`` and grad_out ``[N, T, D]`` in ``dtype``, zero where the id is ``padding_idx``."""
         n = grad_output.shape[0]
         ids = inputs[0].reshape(n, -1).long()
-        go = grad_output.reshape(n, -1, module.embedding_dim).to(compute_dtype(module, grad_output))
+        go = grad_output.reshape(n, -1, module.embedding_dim).to(dtype)
         if module.padding_idx is not None:
             go = go.masked_fill((ids == module.padding_idx).unsqueeze(-1), 0)
         return ids, go
 
     def exact(self, module, inputs, output, grad_output):
-        ids, go = self._ids_and_grads(module, inputs, grad_output)
+        ids, go = self._ids_and_grads(module, inputs, grad_output, compute_dtype(module, grad_output))
         n, d = go.shape[0], module.embedding_dim
         g = go.new_zeros(n, module.num_embeddings, d)
         g.scatter_add_(1, ids.unsqueeze(-1).expand(-1, -1, d), go)
         return g.reshape(n, -1)
 
-    def project_factors(self, module, inputs, grad_output, p_left, p_right):
-        ids, go = self._ids_and_grads(module, inputs, grad_output)
-        if p_left is None:
-            left = F.one_hot(ids, module.num_embeddings).to(go.dtype)
-        else:
-            left = p_left.T[ids]  # [N, T, kL]
-        right = go if p_right is None else go @ p_right.T
-        return left, right
+    def bind(self, module, p_left, p_right, dtype):
+        rows_of = None if p_left is None else p_left.T  # onehot(i) P_L^T is row i of P_L^T
+
+        def factors(inputs, grad_output):
+            ids, go = self._ids_and_grads(module, inputs, grad_output, dtype)
+            left = F.one_hot(ids, module.num_embeddings).to(dtype) if rows_of is None else rows_of[ids]
+            return left, project_rows(go, p_right)
+
+        return factors

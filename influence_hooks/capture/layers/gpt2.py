@@ -10,9 +10,9 @@ from torch import Tensor
 
 from influence_hooks.capture.rules import (
     BilinearRule,
-    affine_factor,
-    compute_dtype,
+    affine_projector,
     input_side_index,
+    project_rows,
     register_rule,
     trainable,
 )
@@ -21,6 +21,7 @@ from influence_hooks.capture.rules import (
 @register_rule("transformers.pytorch_utils.Conv1D", "transformers.modeling_utils.Conv1D")
 class GPT2Conv1DRule(BilinearRule):
     name = "gpt2_conv1d"
+    grad_side = "right"
 
     def factor_dims(self, module) -> tuple[int, int]:
         dw = module.nx if trainable(module, "weight") else 0
@@ -29,11 +30,14 @@ class GPT2Conv1DRule(BilinearRule):
     def canonical_index(self, module) -> Tensor:
         return input_side_index(module, module.nf, module.nx, "left")
 
-    def project_factors(self, module, inputs, grad_output, p_left, p_right):
-        dtype = compute_dtype(module, grad_output)
-        n = grad_output.shape[0]
-        x = inputs[0].reshape(n, -1, module.nx).to(dtype)
-        go = grad_output.reshape(n, -1, module.nf).to(dtype)
-        left = affine_factor(x, trainable(module, "weight"), trainable(module, "bias"), p_left)
-        right = go if p_right is None else go @ p_right.T
-        return left, right
+    def bind(self, module, p_left, p_right, dtype):
+        nx, nf = module.nx, module.nf
+        left = affine_projector(p_left, trainable(module, "weight"), trainable(module, "bias"))
+
+        def factors(inputs, grad_output):
+            x, go = inputs[0], grad_output
+            if go.dim() > 3:  # all positions in one dim
+                x, go = x.reshape(x.shape[0], -1, nx), go.reshape(go.shape[0], -1, nf)
+            return left(x.to(dtype)), project_rows(go.to(dtype), p_right)
+
+        return factors

@@ -1,4 +1,5 @@
-"""nn.Linear: G_n = sum_t grad_out_t [x_t, 1]^T, i.e. L = grad_out [N, T, d_out], R = [x, 1]."""
+"""nn.Linear: G_n = sum_t grad_out_t [x_t, 1]^T, i.e. L = grad_out [N, T, d_out], R = [x, 1]
+(``[N, d_out]`` and ``[N, d_in + 1]`` for an input without positions)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,9 @@ from torch import Tensor, nn
 
 from influence_hooks.capture.rules import (
     BilinearRule,
-    affine_factor,
-    compute_dtype,
+    affine_projector,
     input_side_index,
+    project_rows,
     register_rule,
     trainable,
 )
@@ -27,11 +28,14 @@ class LinearRule(BilinearRule):
     def canonical_index(self, module: nn.Linear) -> Tensor:
         return input_side_index(module, module.out_features, module.in_features, "right")
 
-    def project_factors(self, module, inputs, grad_output, p_left, p_right):
-        dtype = compute_dtype(module, grad_output)
-        n = grad_output.shape[0]
-        go = grad_output.reshape(n, -1, module.out_features).to(dtype)
-        x = inputs[0].reshape(n, -1, module.in_features).to(dtype)
-        left = go if p_left is None else go @ p_left.T
-        right = affine_factor(x, trainable(module, "weight"), trainable(module, "bias"), p_right)
-        return left, right
+    def bind(self, module: nn.Linear, p_left, p_right, dtype):
+        d_out, d_in = module.out_features, module.in_features
+        right = affine_projector(p_right, trainable(module, "weight"), trainable(module, "bias"))
+
+        def factors(inputs, grad_output):
+            go, x = grad_output, inputs[0]
+            if go.dim() > 3:  # all positions in one dim
+                go, x = go.reshape(go.shape[0], -1, d_out), x.reshape(x.shape[0], -1, d_in)
+            return project_rows(go.to(dtype), p_left), right(x.to(dtype))
+
+        return factors

@@ -7,6 +7,7 @@ refused in ``refused.py``.
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 
@@ -38,7 +39,20 @@ class LayerNormRule(_AffineNormRule):
     name = "layernorm"
 
     def _normalised(self, module, x):
-        return F.layer_norm(x, module.normalized_shape, None, None, module.eps)
+        # with a weight of ones the CPU kernel takes its vectorised path, about 1.8x faster than
+        # without one, and x * 1 is exact
+        return F.layer_norm(x, module.normalized_shape, _ones(module.normalized_shape, x), None, module.eps)
+
+
+_ONES: dict[tuple, torch.Tensor] = {}
+
+
+def _ones(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    key = (tuple(shape), like.dtype, like.device)
+    ones = _ONES.get(key)
+    if ones is None:
+        ones = _ONES[key] = torch.ones(shape, dtype=like.dtype, device=like.device)
+    return ones
 
 
 if hasattr(nn, "RMSNorm"):  # torch >= 2.4
