@@ -1,8 +1,8 @@
 """Streaming a run's gradient rows into compute buffers: what every recorded-space aggregator reads.
 
 `iter_row_blocks(run, span)` yields `RowBlock`s (storage.reader) of whole steps whose gradients sit
-in reused [chunk_rows, K] buffers of the compute dtype on the compute device, read ahead on a
-thread; `SampleRows` maps sample ids to result rows.
+in reused [chunk_rows, K] buffers of the compute dtype on the compute device, read and verified
+ahead on a thread; `SampleRows` maps sample ids to result rows.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..storage.reader import RowBlock, Run
+from ..storage.rowio import FetchedBlock, Stage
 from ..windows import Window
 
 DEFAULT_CHUNK_ROWS = 4096
@@ -26,36 +27,39 @@ PREFETCH_MIN_ELEMENTS = 1 << 18  # blocks smaller than this are read inline
 def iter_row_blocks(run: Run, span: Window, *, reverse: bool = False, chunk_rows: int = DEFAULT_CHUNK_ROWS,
                     dtype: torch.dtype = torch.float32, device: torch.device = torch.device("cpu"),
                     prefetch: bool | None = None) -> Iterator[RowBlock]:
-    """run.iter_blocks(span) converted into reused [chunk_rows, K] buffers of `dtype` on `device`.
+    """The rows of a window's steps in blocks of whole steps, converted into reused [chunk_rows, K]
+    buffers of `dtype` on `device`.
 
-    The shards are read in their storage dtype (no conversion there) and converted by copy_ into
-    the buffers: converting into freshly allocated memory costs several times more (page faults),
-    and moving float16 to a GPU moves half the bytes. With prefetch, a background thread reads and
-    converts the next block while the caller computes on this one (reading overlaps the GEMMs).
-    A block's grads stay valid until the caller asks for the block after the next one; its
-    sample_ids are on `device`, its steps and coef (float64) stay numpy arrays on the host.
+    The shards are read as stored, every byte verified, into reused host buffers
+    (`Run.fetch_block`); torch converts them into the compute buffers (vectorized, multi-threaded,
+    and moving float16 to a GPU moves half the bytes). Converting into freshly allocated memory
+    costs several times more (page faults). With prefetch, a thread reads and verifies the next
+    blocks (pread and numpy release the GIL) while the caller computes on this one.
+    A block's grads stay valid until the caller asks for the block after the next one (with
+    prefetch; without, until the next one); its sample_ids are on `device`, its steps and coef
+    (float64) stay numpy arrays on the host.
     prefetch=None: only when there are several blocks big enough to be worth a thread hand-off.
     """
     if prefetch is None:
         prefetch = chunk_rows * run.dim >= PREFETCH_MIN_ELEMENTS and run.table.rows_between(*span) > chunk_rows
-    n_bufs = 3 if prefetch else 1  # the caller's block, one queued, one being filled
-    bufs: list[torch.Tensor | None] = [None] * n_bufs
+    plans = run.block_plans(span, reverse=reverse, max_rows=chunk_rows)
+    # raw buffers: the block being converted, one queued, one being read; compute buffers: the
+    # caller's block and the one before it
+    stages = [Stage() for _ in range(3 if prefetch else 1)]
+    bufs: list[torch.Tensor | None] = [None] * (2 if prefetch else 1)
 
-    def produce() -> Iterator[RowBlock]:
-        # read in the storage dtype (dtype=None): no conversion on the way
-        for i, blk in enumerate(run.iter_blocks(span, reverse=reverse, max_rows=chunk_rows, device="cpu")):
-            R = blk.grads.shape[0]
-            buf = bufs[i % n_bufs]
-            if buf is None or buf.shape[0] < R:
-                buf = bufs[i % n_bufs] = torch.empty(max(R, chunk_rows), run.dim, dtype=dtype, device=device)
-            G = buf[:R]
-            G.copy_(blk.grads)
-            yield RowBlock(steps=blk.steps, sample_ids=blk.sample_ids.to(device), coef=blk.coef, grads=G)
+    def fetched() -> Iterator[FetchedBlock]:
+        for i, plan in enumerate(plans):
+            yield run.fetch_block(plan, stages[i % len(stages)])
 
-    if not prefetch:
-        yield from produce()
-        return
-    yield from _background(produce(), depth=n_bufs - 2)
+    source = _background(fetched(), depth=1) if prefetch else fetched()
+    for i, blk in enumerate(source):
+        R = blk.n_rows
+        buf = bufs[i % len(bufs)]
+        if buf is None or buf.shape[0] < R:
+            buf = bufs[i % len(bufs)] = torch.empty(max(R, chunk_rows), run.dim, dtype=dtype, device=device)
+        yield RowBlock(steps=blk.steps, sample_ids=torch.from_numpy(blk.sample_ids).to(device),
+                       coef=run.coef_of(blk.steps), grads=blk.into(buf))
 
 
 _END = object()

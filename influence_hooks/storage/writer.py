@@ -29,7 +29,8 @@ from .._version import __version__
 from ..errors import (ConfigurationError, NonFiniteGradientError, RunDirectoryError, SampleIdError, StorageError,
                       short_list)
 from . import format as fmt
-from .files import check_free_space, h5_image, set_attrs, writable_target, write_array, write_atomic
+from .files import (check_free_space, from_stored, h5_image, set_attrs, to_stored, writable_target, write_array,
+                    write_atomic, write_checked_rows)
 from .index import finished_shards, read_manifest, rebuild_rank_state
 from .jsonio import read_json, write_json_atomic
 from .lock import RunLock
@@ -131,8 +132,8 @@ class RunWriter:
         if storage_dtype not in fmt.STORAGE_DTYPES:
             raise ConfigurationError(
                 f"storage dtype must be one of {fmt.STORAGE_DTYPES}, got {storage_dtype!r}")
-        self._np_dtype = np.dtype(storage_dtype)
-        self._torch_dtype = getattr(torch, storage_dtype)
+        self._storage_dtype = storage_dtype
+        self._np_dtype = np.dtype(fmt.RAW_BITS.get(storage_dtype, storage_dtype))  # what the arrays hold
         self._steps_per_shard = options.steps_per_shard
         self._max_shard_bytes = int(options.max_shard_mb * 2**20)
         self._on_nonfinite = options.on_nonfinite
@@ -434,18 +435,18 @@ class RunWriter:
             _wait(rec.ready)
             rec.sample_ids = np.asarray(rec.sample_ids, np.int64)
             check_sample_ids(rec.sample_ids, rec.step, allow_repeated=self._allow_repeated_ids)
-            grads = rec.grads.to(self._torch_dtype).cpu().numpy()
-            finite = bool(rec.finite) if rec.finite is not None else bool(np.isfinite(grads).all())
+            grads = to_stored(rec.grads, self._storage_dtype)
+            finite = bool(rec.finite) if rec.finite is not None else _finite(grads, self._storage_dtype)
             if not finite:
                 if self._on_nonfinite == "raise":
                     raise NonFiniteGradientError(
                         f"step {rec.step}: recorded per-sample gradients contain NaN/inf (or exceed "
-                        f"the range of {self._np_dtype} storage: float16 overflows above 65504; "
+                        f"the range of {self._storage_dtype} storage: float16 overflows above 65504; "
                         "storage_dtype='float32' avoids that). Every "
                         f"earlier step is saved in {self.path}. Pass on_nonfinite='warn' to record "
                         "and flag such steps instead (aggregators skip flagged steps).")
                 warnings.warn(f"step {rec.step}: per-sample gradients contain NaN/inf (or overflow "
-                              f"{self._np_dtype} storage); the step is flagged in the run and skipped "
+                              f"{self._storage_dtype} storage); the step is flagged in the run and skipped "
                               "by aggregators.", RuntimeWarning)
             rec.grads, rec.finite = grads, torch.tensor(finite)
             rec.skipped = bool(rec.skipped) if rec.skipped is not None else False
@@ -457,8 +458,8 @@ class RunWriter:
         elif kind == "query":
             _, step, grads, ready = item
             _wait(ready)
-            arr = grads.to(self._torch_dtype).cpu().numpy()
-            bad = ~np.isfinite(arr.reshape(len(arr), -1)).all(axis=1)
+            arr = to_stored(grads, self._storage_dtype)
+            bad = ~torch.isfinite(from_stored(arr, self._storage_dtype).reshape(len(arr), -1)).all(dim=1).numpy()
             if bad.any():
                 self._warn_query_nonfinite(step, bad)
             self._buffer.query_steps.append(step)
@@ -478,7 +479,7 @@ class RunWriter:
         ids = self._query_ids[bad] if len(self._query_ids) == len(bad) else np.flatnonzero(bad)
         warnings.warn(
             f"step {step}: the query gradients of {int(bad.sum())} of {len(bad)} queries (ids {short_list(ids)}) "
-            f"contain NaN/inf (or overflow {self._np_dtype} storage). They are flagged in the run (later "
+            f"contain NaN/inf (or overflow {self._storage_dtype} storage). They are flagged in the run (later "
             "such steps without a further warning), and scores of those queries will be NaN; the "
             "aggregators say so. A diverged model or a query loss that is NaN for these samples is the "
             "usual cause.", RuntimeWarning)
@@ -522,7 +523,7 @@ class RunWriter:
         lr_groups = np.full((len(buf.steps), n_groups), np.nan)
         for j, r in enumerate(buf.steps):
             lr_groups[j, :len(r.lr_groups)] = r.lr_groups
-        write_array(f, fmt.ROWS_GRAD, grads)
+        write_checked_rows(f, fmt.ROWS_GRAD, fmt.ROWS_GRAD_SUMS, grads, self._storage_dtype)
         write_array(f, fmt.ROWS_STEP, np.repeat(np.array(steps, np.int64), counts))
         write_array(f, fmt.ROWS_SAMPLE_ID, np.concatenate([r.sample_ids for r in buf.steps]) if buf.steps
                     else np.zeros(0, np.int64))
@@ -546,6 +547,8 @@ class RunWriter:
         write_array(f, fmt.QUERY_STEP, np.array(buf.query_steps, np.int64))
         if buf.query_grads:
             write_array(f, fmt.QUERY_GRAD, np.stack(buf.query_grads))
+            if self._storage_dtype in fmt.RAW_BITS:
+                set_attrs(f[fmt.QUERY_GRAD], **{fmt.ATTR_DTYPE: self._storage_dtype})
             write_array(f, fmt.QUERY_NONFINITE, np.stack(buf.query_nonfinite))
 
     def _write_params(self, kind: str, step: int, params: dict[str, torch.Tensor],
@@ -588,6 +591,11 @@ def _to_numpy(t: torch.Tensor) -> np.ndarray:
     if t.dtype == torch.bfloat16:
         t = t.float()  # numpy has no bfloat16; the loader casts back to the model's dtype
     return t.numpy()
+
+
+def _finite(stored: np.ndarray, storage_dtype: str) -> bool:
+    """Whether every stored value is finite (torch: it reads bfloat16's raw bits as bfloat16)."""
+    return bool(torch.isfinite(from_stored(stored, storage_dtype)).all())
 
 
 def _wait(event: Any) -> None:
