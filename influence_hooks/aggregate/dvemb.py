@@ -154,9 +154,9 @@ def dvemb(run: Run, *, path: str | os.PathLike | None = None, window: Any = None
                     c = float(blk.coef[a])
                     for ca, cb, xa, xb, M in parts:  # M: rows [xa, xb) of the block's M
                         G = blk.grads[a:b, ca:cb]
-                        Eb = torch.addmm(G[:, xa - ca:xb - ca], G, M.T, alpha=-1.0).mul_(c)  # c (I - M) g, as rows
+                        # c (I - M) g, as rows, straight into the embeddings; then M += emb g^T
+                        Eb = torch.addmm(G[:, xa - ca:xb - ca], G, M.T, beta=c, alpha=-c, out=E[a:b, xa:xb])
                         M.addmm_(Eb.T, G)
-                        E[a:b, xa:xb] = Eb
                 sl = W.rows_slice(st, (s1, s2))
                 if sl is not None:
                     rows = E[sl, own] if split is None else split.gather_columns(E[sl, own], K)

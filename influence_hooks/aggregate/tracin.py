@@ -5,7 +5,7 @@
 
 Both are sums over rows, so one forward pass over the shards serves any number of windows: per
 block of rows, contributions are one GEMM (G @ U^T scaled by coef) scattered into result rows by
-sample id.
+sample id. Blocks are computed in parallel and scattered in order (rows.reduce_row_blocks).
 """
 
 from __future__ import annotations
@@ -17,12 +17,12 @@ import torch
 
 from .. import windows as W
 from ..errors import ConfigurationError, MissingDataError, short_list
-from ..storage.reader import Run
+from ..storage.reader import RowBlock, Run
 from .distributed import Split, first_process
 from .notes import query_notes, run_notes, score_notes, skipped_steps_notes, warn_nonfinite, window_notes
-from .queries import query_ids_of, require_queries
+from .queries import QueryCache, query_ids_of, require_queries
 from .results import InfluenceScores
-from .rows import DEFAULT_CHUNK_ROWS, SampleRows, iter_row_blocks, progress_bar, resolve_device, step_segments
+from .rows import DEFAULT_CHUNK_ROWS, SampleRows, progress_bar, reduce_row_blocks, resolve_device, step_segments
 from .scores import ScoreAccumulator
 
 
@@ -65,28 +65,26 @@ def tracin(run: Run, window: Any = None, *, epochs: Any = None, windows: Any = N
 
     q0 = run.query_gradients(int(qsteps[0]))
     acc = ScoreAccumulator(len(wins), rows_of.n, q0.shape[0], dtype=dtype, device=dev)
-    cache: dict[int, torch.Tensor] = {}
+    query = QueryCache(run, dtype, dev)
 
-    def query(step: int) -> torch.Tensor:
-        if step not in cache:
-            cache.clear()  # steps ascend, so an older query step is never needed again
-            cache[step] = run.query_gradients(step, dtype=dtype, device=dev)
-        return cache[step]
+    def compute(blk: RowBlock) -> tuple[torch.Tensor, torch.Tensor | None, list[tuple[int, int, torch.Tensor]]]:
+        rows, keep = rows_of.rows(blk.sample_ids)
+        coef = blk.coef_like(blk.grads)
+        qs = qstep_of(blk.steps)
+        return rows, keep, [(a, b, (blk.grads[a:b] @ query(int(qs[a])).T).mul_(coef[a:b, None]))
+                            for a, b in step_segments(qs)]
+
+    def commit(blk: RowBlock, out: Any) -> None:
+        rows, keep, parts = out
+        for a, b, contrib in parts:
+            acc.update_windows(wins, blk.steps[a:b], rows[a:b], None if keep is None else keep[a:b], contrib)
+        bar.update(len(blk.steps))
 
     split = Split.of(group)
     mine = spans if split is None else split.spans(run.table, spans)
     bar = progress_bar(sum(run.table.rows_between(*s) for s in mine), "tracin", progress and first_process(split))
     with bar:
-        for span in mine:
-            for blk in iter_row_blocks(run, span, chunk_rows=chunk_rows, dtype=dtype, device=dev):
-                st = blk.steps
-                rows, keep = rows_of.rows(blk.sample_ids)
-                coef = blk.coef_like(blk.grads)
-                qs = qstep_of(st)
-                for a, b in step_segments(qs):
-                    contrib = (blk.grads[a:b] @ query(int(qs[a])).T).mul_(coef[a:b, None])
-                    acc.update_windows(wins, st[a:b], rows[a:b], None if keep is None else keep[a:b], contrib)
-                bar.update(len(st))
+        reduce_row_blocks(run, mine, compute, commit, chunk_rows=chunk_rows, dtype=dtype, device=dev)
     if split is not None:
         acc.sync(split.group)
 
@@ -137,13 +135,16 @@ def self_influence(run: Run, window: Any = None, *, epochs: Any = None, windows:
     mine = spans if split is None else split.spans(run.table, spans)
     bar = progress_bar(sum(run.table.rows_between(*s) for s in mine), "self-influence",
                        progress and first_process(split))
+    def compute(blk: RowBlock) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        rows, keep = rows_of.rows(blk.sample_ids)
+        return rows, keep, torch.linalg.vecdot(blk.grads, blk.grads).mul_(blk.coef_like(blk.grads))
+
+    def commit(blk: RowBlock, out: Any) -> None:
+        acc.update_windows(wins, blk.steps, *out)
+        bar.update(len(blk.steps))
+
     with bar:
-        for span in mine:
-            for blk in iter_row_blocks(run, span, chunk_rows=chunk_rows, dtype=dtype, device=dev):
-                rows, keep = rows_of.rows(blk.sample_ids)
-                sq = torch.linalg.vecdot(blk.grads, blk.grads).mul_(blk.coef_like(blk.grads))
-                acc.update_windows(wins, blk.steps, rows, keep, sq)
-                bar.update(len(sq))
+        reduce_row_blocks(run, mine, compute, commit, chunk_rows=chunk_rows, dtype=dtype, device=dev)
     if split is not None:
         acc.sync(split.group)
     base = run_notes(run)
