@@ -51,7 +51,8 @@ class CurvatureOperator:
 
     def apply(self, batch: StepBatch, U: torch.Tensor, *, GU: torch.Tensor | None = None) -> torch.Tensor:
         """H_t U: [K, Q] for U [K, Q]. batch.grads: [B, K] g_t(z) of the step's samples;
-        GU: [B, Q] = batch.grads @ U when the caller already has it (saves one GEMM)."""
+        GU: [B, Q] = batch.grads @ U when the caller already has it (saves one GEMM; read only:
+        the caller scores the step with it afterwards)."""
         raise NotImplementedError
 
     def propagate(self, batch: StepBatch, U: torch.Tensor, lr: float, *, GU: torch.Tensor | None = None) -> None:

@@ -25,13 +25,13 @@ import torch
 
 from .. import windows as W
 from ..errors import ConfigurationError
-from ..storage.reader import Run, StepBatch
+from ..storage.reader import RowBlock, Run, StepBatch
 from .curvature import CurvatureOperator, FullSpaceCurvature, make_curvature
 from .distributed import Split, first_process
 from .notes import query_notes, run_notes, score_notes, skipped_steps_notes, warn_nonfinite, window_notes
 from .queries import check_query_grads, query_ids_of, require_queries, require_query_step
 from .results import InfluenceScores
-from .rows import DEFAULT_CHUNK_ROWS, SampleRows, resolve_device, step_segments, stream
+from .rows import DEFAULT_CHUNK_ROWS, SampleRows, iter_row_blocks, progress_bar, reduce_rows, resolve_device, step_segments
 from .scores import ScoreAccumulator
 from .tasks import MODES, Task, TaskPlan
 
@@ -143,32 +143,45 @@ def _fixed_query_pass(run: Run, plan: TaskPlan, u0: dict[int, torch.Tensor], op:
                       rows_of: SampleRows, acc: ScoreAccumulator, chunk_rows: int, dtype: torch.dtype,
                       dev: torch.device, progress: bool, split: Split | None) -> None:
     """H_t = 0: u stays u_q(t_e), so each task is a sum over its own rows. Per block and evaluation
-    step, one GEMM over the rows of the tasks evaluated there."""
+    step, one GEMM over the rows of the tasks evaluated there (blocks in parallel, scattered in
+    order: rows.reduce_row_blocks)."""
     by_eval: dict[int, list[int]] = {}
     for j, t in enumerate(plan.tasks):
         by_eval.setdefault(t.eval_step, []).append(j)
     spans = W.merge([(t.start, t.end) for t in plan.tasks])
-    for blk in stream(run, spans, desc=f"dit ({op.name})", progress=progress, split=split, chunk_rows=chunk_rows,
-                      dtype=dtype, device=dev):
+
+    def compute(blk: RowBlock) -> tuple[torch.Tensor, torch.Tensor | None, list[tuple[list[int], slice, torch.Tensor]]]:
         st = blk.steps
         rows, keep = rows_of.rows(blk.sample_ids)
         coef = blk.coef_like(blk.grads)
+        parts = []
         for e, js in by_eval.items():
             cover = W.rows_slice(st, (min(plan.tasks[j].start for j in js), max(plan.tasks[j].end for j in js)))
-            if cover is None:
-                continue
-            contrib = (blk.grads[cover] @ u0[e].T).mul_(coef[cover, None])
+            if cover is not None:
+                parts.append((js, cover, (blk.grads[cover] @ u0[e].T).mul_(coef[cover, None])))
+        return rows, keep, parts
+
+    def commit(blk: RowBlock, out: Any) -> None:
+        rows, keep, parts = out
+        for js, cover, contrib in parts:
             for j in js:
                 t = plan.tasks[j]
-                sl = W.rows_slice(st[cover], (t.start, t.end))
+                sl = W.rows_slice(blk.steps[cover], (t.start, t.end))
                 if sl is not None:
                     acc.update(j, rows[cover][sl], None if keep is None else keep[cover][sl], contrib[sl])
+
+    reduce_rows(run, spans, compute, commit, desc=f"dit ({op.name})", progress=progress, split=split,
+                chunk_rows=chunk_rows, dtype=dtype, device=dev)
 
 
 def _propagating_pass(run: Run, plan: TaskPlan, u0: dict[int, torch.Tensor], op: CurvatureOperator,
                       rows_of: SampleRows, acc: ScoreAccumulator, chunk_rows: int, dtype: torch.dtype,
                       dev: torch.device, progress: bool) -> None:
-    """The backward recursion over [lo, hi) with the query directions of every task side by side."""
+    """The backward recursion over [lo, hi) with the query directions of every task side by side.
+
+    Per step only what the recursion needs: GU = G_t U (written into a block buffer) and the
+    curvature's update of U. Scores are scattered once per block: GU scaled by each row's
+    eta_t w_t, per task over the rows of the steps it scores."""
     tasks: list[Task] = plan.tasks
     Q = next(iter(u0.values())).shape[0]
     nt = len(tasks)
@@ -190,27 +203,46 @@ def _propagating_pass(run: Run, plan: TaskPlan, u0: dict[int, torch.Tensor], op:
             layouts[key] = (cols, {int(j): k * Q for k, j in enumerate(js)})
         return layouts[key]
 
-    for blk in stream(run, [(lo, hi)], desc=f"dit ({op.name})", progress=progress, reverse=True,
-                      chunk_rows=chunk_rows, dtype=dtype, device=dev):
-        st = blk.steps
-        rows, keep = rows_of.rows(blk.sample_ids)
-        for a, b in step_segments(st):
-            t = int(st[a])
-            active = (starts <= t) & (t < evals)
-            if not active.any():
-                continue
-            cols, offset = layout(active)
-            i = run.step_position(t)
-            lr, uw = float(run.lrs[i]), float(run.update_weights[i])
-            G = blk.grads[a:b]
-            Ua = U if cols is None else U.index_select(1, cols)
-            GU = G @ Ua  # [B, active * Q]
-            k = None if keep is None else keep[a:b]
-            for j in np.flatnonzero(active & (t < ends)):
-                o = offset[int(j)]
-                acc.update(int(j), rows[a:b], k, GU[:, o:o + Q], alpha=lr * uw)
-            batch = StepBatch(step=t, epoch=int(run.epochs[i]), lr=lr, update_weight=uw,
-                              batch_size=int(run.batch_sizes[i]), sample_ids=blk.sample_ids[a:b], grads=G)
-            op.propagate(batch, Ua, lr, GU=GU)  # Ua is U itself, or a copy of its active columns
-            if cols is not None:
+    GU_block: torch.Tensor | None = None  # [rows, nt * Q]: G_t U of each row's step, the tasks side by side
+    bar = progress_bar(run.table.rows_between(lo, hi), f"dit ({op.name})", progress)
+    with bar:
+        for blk in iter_row_blocks(run, (lo, hi), reverse=True, chunk_rows=chunk_rows, dtype=dtype, device=dev):
+            st = blk.steps
+            R = len(st)
+            if GU_block is None or GU_block.shape[0] < R:
+                GU_block = torch.empty(max(R, chunk_rows), nt * Q, dtype=dtype, device=dev)
+            segments = step_segments(st)
+            seg_steps = st[[a for a, _ in segments]]
+            pos = np.searchsorted(run.steps, seg_steps)
+            lrs, uws = run.lrs[pos], run.update_weights[pos]
+            active = (starts <= seg_steps[:, None]) & (seg_steps[:, None] < evals)  # [steps, tasks]
+            scored = active & (seg_steps[:, None] < ends)
+            for s, (a, b) in enumerate(segments):
+                if not active[s].any():
+                    continue
+                cols, offset = layout(active[s])
+                lr, uw = float(lrs[s]), float(uws[s])
+                G = blk.grads[a:b]
+                batch = StepBatch(step=int(seg_steps[s]), epoch=int(run.epochs[pos[s]]), lr=lr, update_weight=uw,
+                                  batch_size=int(run.batch_sizes[pos[s]]), sample_ids=blk.sample_ids[a:b], grads=G)
+                if cols is None:
+                    GU = torch.mm(G, U, out=GU_block[a:b])
+                    op.propagate(batch, U, lr, GU=GU)
+                    continue
+                Ua = U.index_select(1, cols)
+                GU = G @ Ua  # [B, active * Q]
+                for j in np.flatnonzero(scored[s]):
+                    GU_block[a:b, j * Q:(j + 1) * Q] = GU[:, offset[int(j)]:offset[int(j)] + Q]
+                op.propagate(batch, Ua, lr, GU=GU)  # Ua is a copy of U's active columns
                 U.index_copy_(1, cols, Ua)
+            # the scores: (eta_t w_t) g_t(i) . U_t, per task over the rows of the steps it scores
+            rows, keep = rows_of.rows(blk.sample_ids)
+            GU_rows = GU_block[:R].mul_(blk.coef_like(GU_block)[:, None])
+            counts = np.array([b - a for a, b in segments])
+            for j in range(nt):
+                if scored[:, j].all():
+                    acc.update(j, rows, keep, GU_rows[:, j * Q:(j + 1) * Q])
+                elif scored[:, j].any():
+                    m = torch.from_numpy(np.repeat(scored[:, j], counts)).to(dev)
+                    acc.update(j, rows[m], None if keep is None else keep[m], GU_rows[m, j * Q:(j + 1) * Q])
+            bar.update(R)

@@ -67,7 +67,7 @@ def dvemb(run: Run, *, path: str | os.PathLike | None = None, window: Any = None
     layer, False one full K x K M, None chooses full when it fits in memory_budget_mb; M must fit
     the budget in every case (ConfigurationError otherwise).
     storage_dtype: 'float16' | 'float32' | 'float64' for the stored embeddings; default float32
-    (float64 when the run stores float64). float16 halves the file, but the embeddings carry the
+    (float64 when the run stores float64, float32 for bfloat16). float16 halves the file, but the embeddings carry the
     factor lr/|B| (often ~1e-3 or less), so most entries fall into float16's subnormal range
     (below 6e-5) and scores lose up to ~1e-2 relative precision; choose it only when that is fine.
     group: a torch.distributed process group: each rank keeps its share of the rows of M and
@@ -97,8 +97,9 @@ def dvemb(run: Run, *, path: str | os.PathLike | None = None, window: Any = None
         raise ConfigurationError(
             f"dvemb: {what} needs {need_mb:.1f} MB > memory_budget_mb={memory_budget_mb}. Use {fixes}a larger "
             "memory_budget_mb=, record with a smaller projection, or record fewer layers.")
-    run_dtype = np.dtype(run.manifest.get("storage_dtype") or "float32")
-    sdtype = np.dtype(storage_dtype) if storage_dtype else np.promote_types(np.float32, run_dtype)
+    run_dtype = run.manifest.get("storage_dtype") or "float32"
+    sdtype = (np.dtype(storage_dtype) if storage_dtype
+              else np.promote_types(np.float32, "float32" if run_dtype == "bfloat16" else run_dtype))
     if sdtype.name not in ("float16", "float32", "float64"):
         raise ConfigurationError(f"storage_dtype must be float16, float32 or float64, got {storage_dtype!r}")
 
@@ -153,9 +154,9 @@ def dvemb(run: Run, *, path: str | os.PathLike | None = None, window: Any = None
                     c = float(blk.coef[a])
                     for ca, cb, xa, xb, M in parts:  # M: rows [xa, xb) of the block's M
                         G = blk.grads[a:b, ca:cb]
-                        Eb = torch.addmm(G[:, xa - ca:xb - ca], G, M.T, alpha=-1.0).mul_(c)  # c (I - M) g, as rows
+                        # c (I - M) g, as rows, straight into the embeddings; then M += emb g^T
+                        Eb = torch.addmm(G[:, xa - ca:xb - ca], G, M.T, beta=c, alpha=-c, out=E[a:b, xa:xb])
                         M.addmm_(Eb.T, G)
-                        E[a:b, xa:xb] = Eb
                 sl = W.rows_slice(st, (s1, s2))
                 if sl is not None:
                     rows = E[sl, own] if split is None else split.gather_columns(E[sl, own], K)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from typing import Any
 
 import numpy as np
@@ -61,3 +63,23 @@ def check_query_grads(run: Run, grads: Any, fingerprint: str | None, what: str =
             "dot products between different projections are meaningless. Recompute the query gradients "
             "with the run's projection.")
     return g
+
+
+class QueryCache:
+    """run.query_gradients(step) in the compute dtype and device, the latest few kept: blocks are
+    computed in step order, a few at a time (rows.reduce_row_blocks), and each needs the query
+    steps of its own rows. Safe to share between threads."""
+
+    def __init__(self, run: Run, dtype: torch.dtype, device: torch.device, keep: int = 8):
+        self.run, self.dtype, self.device, self.keep = run, dtype, device, keep
+        self._cache: OrderedDict[int, torch.Tensor] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __call__(self, step: int) -> torch.Tensor:
+        with self._lock:
+            u = self._cache.get(step)
+            if u is None:
+                u = self._cache[step] = self.run.query_gradients(step, dtype=self.dtype, device=self.device)
+                while len(self._cache) > self.keep:
+                    self._cache.popitem(last=False)
+            return u

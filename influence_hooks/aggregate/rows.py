@@ -1,21 +1,39 @@
 """Streaming a run's gradient rows into compute buffers: what every recorded-space aggregator reads.
 
-`iter_row_blocks(run, span)` yields `RowBlock`s (storage.reader) of whole steps whose gradients sit
-in reused [chunk_rows, K] buffers of the compute dtype on the compute device, read ahead on a
-thread; `SampleRows` maps sample ids to result rows.
+Two ways through the rows, both on `Run.block_plans` / `Run.fetch_block` (every byte verified,
+read into reused host buffers, converted by torch into reused [chunk_rows, K] compute buffers):
+
+- `reduce_row_blocks(run, spans, compute, commit)` (and `reduce_rows`, which adds the process
+  group's share and a progress bar), for sums over rows (TracIn, self-influence,
+  windowed influence without curvature): on the CPU, one worker thread per torch thread, each
+  reading, converting and computing whole blocks with a single torch thread; results are
+  committed in block order, so scores do not depend on thread timing.
+- `iter_row_blocks(run, span)`, for the step-by-step recursions (windowed influence with curvature,
+  data value embeddings): `RowBlock`s in step order or reversed, read inline on the CPU (with all
+  torch threads) or ahead on a thread for a GPU.
+
+Why no reader thread next to multi-threaded compute on the CPU: an OpenMP operation waits at its
+barrier for every one of its threads, so whenever a reader thread (or another process) holds one
+of them off its core, the whole operation stalls; the per-step GEMMs of the recursions are small
+enough for that to cost more than reading itself (measured: up to tens of times slower with 2
+cores). Workers with one torch thread each never wait on one another inside an operation.
+
+`SampleRows` maps sample ids to result rows.
 """
 
 from __future__ import annotations
 
+import itertools
 import queue
 import threading
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from ..storage.reader import RowBlock, Run
+from ..storage.rowio import FetchedBlock, Stage
 from ..windows import Window
 from .distributed import Split, first_process
 
@@ -24,39 +42,133 @@ PREFETCH_MIN_ELEMENTS = 1 << 18  # blocks smaller than this are read inline
 
 
 # ---------------------------------------------------------------------- reading
+def reduce_row_blocks(run: Run, spans: Sequence[Window], compute: Callable[[RowBlock], Any],
+                      commit: Callable[[RowBlock, Any], None], *, chunk_rows: int = DEFAULT_CHUNK_ROWS,
+                      dtype: torch.dtype = torch.float32, device: torch.device = torch.device("cpu"),
+                      workers: int | None = None) -> None:
+    """compute(blk) for every block of whole steps of the spans' rows, then commit(blk, result),
+    one commit at a time and in block order (forward step order).
+
+    compute may run on several threads at once and gets a block whose grads live in its worker's
+    buffer until it returns; commit gets the block's steps, sample_ids and coef (its grads may be
+    reused by then) and the result. On the CPU: `workers` threads (default torch.get_num_threads()),
+    each with a single torch thread. Elsewhere: one thread computes while another reads ahead.
+    """
+    plans = itertools.chain.from_iterable(run.block_plans(s, max_rows=chunk_rows) for s in spans)
+    n = workers or torch.get_num_threads()
+    if device.type != "cpu" or n <= 1 or sum(run.table.rows_between(*s) for s in spans) <= chunk_rows:
+        for blk in _row_blocks(run, plans, chunk_rows, dtype, device, prefetch=device.type != "cpu"):
+            commit(blk, compute(blk))
+        return
+
+    cond = threading.Condition()
+    ready: dict[int, tuple[RowBlock, Any]] = {}
+    state = {"taken": 0, "committed": 0, "error": None}
+    ahead = 2 * n  # blocks computed but not committed yet, at most
+
+    def take() -> tuple[int, Any] | None:
+        with cond:
+            while state["error"] is None and state["taken"] - state["committed"] >= ahead:
+                cond.wait(0.1)
+            if state["error"] is not None:
+                return None
+            plan = next(plans, None)
+            if plan is None:
+                return None
+            state["taken"] += 1
+            return state["taken"] - 1, plan
+
+    def deliver(i: int, blk: RowBlock, result: Any) -> None:
+        with cond:
+            ready[i] = (blk, result)
+            while state["committed"] in ready and state["error"] is None:
+                commit(*ready.pop(state["committed"]))
+                state["committed"] += 1
+            cond.notify_all()
+
+    def work() -> None:
+        torch.set_num_threads(1)  # this thread's own OpenMP/MKL setting
+        stage, buf = Stage(), None
+        try:
+            while (job := take()) is not None:
+                i, plan = job
+                fetched = run.fetch_block(plan, stage)
+                if buf is None or buf.shape[0] < fetched.n_rows:
+                    buf = torch.empty(max(fetched.n_rows, chunk_rows), run.dim, dtype=dtype)
+                blk = _as_block(run, fetched, buf, device)
+                deliver(i, blk, compute(blk))
+        except BaseException as e:  # noqa: BLE001 - re-raised by the calling thread
+            with cond:
+                state["error"] = state["error"] or e
+                cond.notify_all()
+
+    threads_before = torch.get_num_threads()
+    pool = [threading.Thread(target=work, name=f"influence-hooks-rows-{k}", daemon=True) for k in range(n)]
+    try:
+        for th in pool:
+            th.start()
+        for th in pool:
+            while th.is_alive():
+                th.join(0.1)
+    except BaseException as e:  # an interrupt: stop the workers, then let it through
+        with cond:
+            state["error"] = state["error"] or e
+            cond.notify_all()
+        for th in pool:
+            th.join()
+        raise
+    finally:
+        torch.set_num_threads(threads_before)  # new threads take their default from the last call
+    if state["error"] is not None:
+        raise state["error"]
+
+
 def iter_row_blocks(run: Run, span: Window, *, reverse: bool = False, chunk_rows: int = DEFAULT_CHUNK_ROWS,
                     dtype: torch.dtype = torch.float32, device: torch.device = torch.device("cpu"),
                     prefetch: bool | None = None) -> Iterator[RowBlock]:
-    """run.iter_blocks(span) converted into reused [chunk_rows, K] buffers of `dtype` on `device`.
+    """The rows of a window's steps in blocks of whole steps, converted into reused [chunk_rows, K]
+    buffers of `dtype` on `device`, in step order or reversed.
 
-    The shards are read in their storage dtype (no conversion there) and converted by copy_ into
-    the buffers: converting into freshly allocated memory costs several times more (page faults),
-    and moving float16 to a GPU moves half the bytes. With prefetch, a background thread reads and
-    converts the next block while the caller computes on this one (reading overlaps the GEMMs).
-    A block's grads stay valid until the caller asks for the block after the next one; its
-    sample_ids are on `device`, its steps and coef (float64) stay numpy arrays on the host.
-    prefetch=None: only when there are several blocks big enough to be worth a thread hand-off.
+    The shards are read as stored, every byte verified, into reused host buffers
+    (`Run.fetch_block`); torch converts them into the compute buffers (vectorized, multi-threaded;
+    moving float16 to a GPU moves half the bytes). Converting into freshly allocated memory costs
+    several times more (page faults). With prefetch, a thread reads and verifies the next blocks
+    (pread and numpy release the GIL) while the caller computes on this one.
+    A block's grads stay valid until the caller asks for the block after the next one (with
+    prefetch; without, until the next one); its sample_ids are on `device`, its steps and coef
+    (float64) stay numpy arrays on the host.
+    prefetch=None: for a GPU, when there are several blocks big enough to be worth a thread
+    hand-off; never on the CPU (see the module docstring).
     """
     if prefetch is None:
-        prefetch = chunk_rows * run.dim >= PREFETCH_MIN_ELEMENTS and run.table.rows_between(*span) > chunk_rows
-    n_bufs = 3 if prefetch else 1  # the caller's block, one queued, one being filled
-    bufs: list[torch.Tensor | None] = [None] * n_bufs
+        prefetch = (device.type != "cpu" and chunk_rows * run.dim >= PREFETCH_MIN_ELEMENTS
+                    and run.table.rows_between(*span) > chunk_rows)
+    yield from _row_blocks(run, run.block_plans(span, reverse=reverse, max_rows=chunk_rows), chunk_rows, dtype,
+                           device, prefetch)
 
-    def produce() -> Iterator[RowBlock]:
-        # read in the storage dtype (dtype=None): no conversion on the way
-        for i, blk in enumerate(run.iter_blocks(span, reverse=reverse, max_rows=chunk_rows, device="cpu")):
-            R = blk.grads.shape[0]
-            buf = bufs[i % n_bufs]
-            if buf is None or buf.shape[0] < R:
-                buf = bufs[i % n_bufs] = torch.empty(max(R, chunk_rows), run.dim, dtype=dtype, device=device)
-            G = buf[:R]
-            G.copy_(blk.grads)
-            yield RowBlock(steps=blk.steps, sample_ids=blk.sample_ids.to(device), coef=blk.coef, grads=G)
 
-    if not prefetch:
-        yield from produce()
-        return
-    yield from _background(produce(), depth=n_bufs - 2)
+def _row_blocks(run: Run, plans: Iterator[Any], chunk_rows: int, dtype: torch.dtype, device: torch.device,
+                prefetch: bool) -> Iterator[RowBlock]:
+    # raw buffers: the block being converted, one queued, one being read; compute buffers: the
+    # caller's block and the one before it
+    stages = [Stage() for _ in range(3 if prefetch else 1)]
+    bufs: list[torch.Tensor | None] = [None] * (2 if prefetch else 1)
+
+    def fetched() -> Iterator[FetchedBlock]:
+        for i, plan in enumerate(plans):
+            yield run.fetch_block(plan, stages[i % len(stages)])
+
+    source = _background(fetched(), depth=1) if prefetch else fetched()
+    for i, blk in enumerate(source):
+        buf = bufs[i % len(bufs)]
+        if buf is None or buf.shape[0] < blk.n_rows:
+            buf = bufs[i % len(bufs)] = torch.empty(max(blk.n_rows, chunk_rows), run.dim, dtype=dtype, device=device)
+        yield _as_block(run, blk, buf, device)
+
+
+def _as_block(run: Run, fetched: FetchedBlock, buf: torch.Tensor, device: torch.device) -> RowBlock:
+    return RowBlock(steps=fetched.steps, sample_ids=torch.from_numpy(fetched.sample_ids).to(device),
+                    coef=run.coef_of(fetched.steps), grads=fetched.into(buf))
 
 
 _END = object()
@@ -102,17 +214,19 @@ def _background(it: Iterator[Any], depth: int) -> Iterator[Any]:
         th.join()
 
 
-def stream(run: Run, spans: list[Window], *, desc: str, progress: bool, split: Split | None = None,
-           reverse: bool = False, chunk_rows: int = DEFAULT_CHUNK_ROWS, dtype: torch.dtype = torch.float32,
-           device: torch.device = torch.device("cpu")) -> Iterator[RowBlock]:
-    """The blocks of every span in turn (this process's share of them under a process group), with
-    a progress bar counted in rows (shown by the first process only)."""
+def reduce_rows(run: Run, spans: list[Window], compute: Callable[[RowBlock], Any],
+                commit: Callable[[RowBlock, Any], None], *, desc: str, progress: bool, split: Split | None = None,
+                chunk_rows: int = DEFAULT_CHUNK_ROWS, dtype: torch.dtype = torch.float32,
+                device: torch.device = torch.device("cpu")) -> None:
+    """reduce_row_blocks over this process's share of the spans (all of them without a process
+    group), with a progress bar counted in rows (shown by the first process only)."""
     mine = spans if split is None else split.spans(run.table, spans)
     with progress_bar(sum(run.table.rows_between(*s) for s in mine), desc, progress and first_process(split)) as bar:
-        for span in mine:
-            for blk in iter_row_blocks(run, span, reverse=reverse, chunk_rows=chunk_rows, dtype=dtype, device=device):
-                yield blk
-                bar.update(len(blk.steps))
+        def counted(blk: RowBlock, out: Any) -> None:
+            commit(blk, out)
+            bar.update(len(blk.steps))
+
+        reduce_row_blocks(run, mine, compute, counted, chunk_rows=chunk_rows, dtype=dtype, device=device)
 
 
 def step_segments(steps: np.ndarray) -> list[tuple[int, int]]:

@@ -5,7 +5,7 @@
 
 Both are sums over rows, so one forward pass over the shards serves any number of windows: per
 block of rows, contributions are one GEMM (G @ U^T scaled by coef) scattered into result rows by
-sample id.
+sample id. Blocks are computed in parallel and scattered in order (rows.reduce_row_blocks).
 """
 
 from __future__ import annotations
@@ -17,12 +17,12 @@ import torch
 
 from .. import windows as W
 from ..errors import ConfigurationError, MissingDataError, short_list
-from ..storage.reader import Run
+from ..storage.reader import RowBlock, Run
 from .distributed import Split
 from .notes import query_notes, run_notes, score_notes, skipped_steps_notes, warn_nonfinite, window_notes
-from .queries import query_ids_of, require_queries
+from .queries import QueryCache, query_ids_of, require_queries
 from .results import InfluenceScores
-from .rows import DEFAULT_CHUNK_ROWS, SampleRows, resolve_device, step_segments, stream
+from .rows import DEFAULT_CHUNK_ROWS, SampleRows, reduce_rows, resolve_device, step_segments
 from .scores import ScoreAccumulator
 
 
@@ -65,24 +65,23 @@ def tracin(run: Run, window: Any = None, *, epochs: Any = None, windows: Any = N
 
     q0 = run.query_gradients(int(qsteps[0]))
     acc = ScoreAccumulator(len(wins), rows_of.n, q0.shape[0], dtype=dtype, device=dev)
-    cache: dict[int, torch.Tensor] = {}
+    query = QueryCache(run, dtype, dev)
 
-    def query(step: int) -> torch.Tensor:
-        if step not in cache:
-            cache.clear()  # steps ascend, so an older query step is never needed again
-            cache[step] = run.query_gradients(step, dtype=dtype, device=dev)
-        return cache[step]
-
-    split = Split.of(group)
-    for blk in stream(run, spans, desc="tracin", progress=progress, split=split, chunk_rows=chunk_rows, dtype=dtype,
-                      device=dev):
-        st = blk.steps
+    def compute(blk: RowBlock) -> tuple[torch.Tensor, torch.Tensor | None, list[tuple[int, int, torch.Tensor]]]:
         rows, keep = rows_of.rows(blk.sample_ids)
         coef = blk.coef_like(blk.grads)
-        qs = qstep_of(st)
-        for a, b in step_segments(qs):
-            contrib = (blk.grads[a:b] @ query(int(qs[a])).T).mul_(coef[a:b, None])
-            acc.update_windows(wins, st[a:b], rows[a:b], None if keep is None else keep[a:b], contrib)
+        qs = qstep_of(blk.steps)
+        return rows, keep, [(a, b, (blk.grads[a:b] @ query(int(qs[a])).T).mul_(coef[a:b, None]))
+                            for a, b in step_segments(qs)]
+
+    def commit(blk: RowBlock, out: Any) -> None:
+        rows, keep, parts = out
+        for a, b, contrib in parts:
+            acc.update_windows(wins, blk.steps[a:b], rows[a:b], None if keep is None else keep[a:b], contrib)
+
+    split = Split.of(group)
+    reduce_rows(run, spans, compute, commit, desc="tracin", progress=progress, split=split, chunk_rows=chunk_rows,
+                dtype=dtype, device=dev)
     if split is not None:
         acc.sync(split.group)
 
@@ -130,11 +129,16 @@ def self_influence(run: Run, window: Any = None, *, epochs: Any = None, windows:
     spans = W.merge(wins)
     acc = ScoreAccumulator(len(wins), rows_of.n, None, dtype=dtype, device=dev)
     split = Split.of(group)
-    for blk in stream(run, spans, desc="self-influence", progress=progress, split=split, chunk_rows=chunk_rows,
-                      dtype=dtype, device=dev):
+
+    def compute(blk: RowBlock) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         rows, keep = rows_of.rows(blk.sample_ids)
-        sq = torch.linalg.vecdot(blk.grads, blk.grads).mul_(blk.coef_like(blk.grads))
-        acc.update_windows(wins, blk.steps, rows, keep, sq)
+        return rows, keep, torch.linalg.vecdot(blk.grads, blk.grads).mul_(blk.coef_like(blk.grads))
+
+    def commit(blk: RowBlock, out: Any) -> None:
+        acc.update_windows(wins, blk.steps, *out)
+
+    reduce_rows(run, spans, compute, commit, desc="self-influence", progress=progress, split=split,
+                chunk_rows=chunk_rows, dtype=dtype, device=dev)
     if split is not None:
         acc.sync(split.group)
     base = run_notes(run)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-import numpy as np
+from ..storage.format import storage_itemsize
 
 METRIC_PREFIX = "influence/"
 MAX_LISTED_LAYERS = 40
@@ -65,7 +65,7 @@ def plan_summary(run_dir: str, model_name: str, layers: Sequence[Any], left_out:
     """(text, dict) describing a recording: `layers` are the CapturedLayers kept after the first
     step's checks, `left_out` the layers dropped there, `projection` the budget (int, dict or
     None) and `allocation` how an int budget was shared."""
-    itemsize = np.dtype(storage_dtype).itemsize
+    itemsize = storage_itemsize(storage_dtype)
     dim = sum(l.spec.out_dim for l in layers)
     per_step = batch_size * dim * itemsize
     per_query_step = n_queries * dim * itemsize

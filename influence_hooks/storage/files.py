@@ -10,7 +10,9 @@ numbers, when the bytes cannot fit. The price is holding one file's bytes in mem
 arrays and their image) while it is written.
 
 Integrity. `write_array` chunks every dataset and adds HDF5's fletcher32 checksum to each chunk;
-scalars are compact (stored inside their object header). With the v1.10 file format
+scalars are compact (stored inside their object header). The gradient rows, the bulk of a shard,
+are written by `write_checked_rows` instead: unfiltered chunks whose sums (storage/checksum.py)
+sit in a dataset of their own, which `rowio` verifies on every read at memory speed. With the v1.10 file format
 (format.H5_LIBVER) the superblock, every object header and every chunk index carry checksums too.
 String attributes are stored with a fixed length (`set_attrs`), inside the checksummed object
 header: variable-length strings would live in the global heap, which has no checksum. A flipped
@@ -18,6 +20,10 @@ byte in a run file therefore makes reading fail instead of returning other numbe
 
 Reading. `open_h5(path)` opens a run file read-only and refuses anything that would make HDF5 read
 another file: external links, external raw-data storage, virtual datasets.
+
+Dtypes. bfloat16 values are stored as their raw 16 bits (numpy has no bfloat16): `to_stored` turns
+a tensor into the array to write, `stored_dtype` reads a dataset's real dtype back and
+`from_stored` views stored values as a tensor of it, without a copy.
 """
 
 from __future__ import annotations
@@ -31,8 +37,10 @@ from typing import Any, Callable
 
 import h5py
 import numpy as np
+import torch
 
 from ..errors import StorageError, UnsafeFileError
+from . import checksum
 from . import format as fmt
 
 _image_names = itertools.count()
@@ -122,6 +130,50 @@ def write_array(group: h5py.Group, name: str, data: np.ndarray, *, rows_per_chun
     # an empty dataset can only be chunked when it may grow
     maxshape = tuple(None for _ in data.shape) if 0 in data.shape else None
     group.create_dataset(name, data=data, chunks=chunks, maxshape=maxshape, fletcher32=True)
+
+
+def row_chunk_rows(n_rows: int, row_bytes: int) -> int:
+    """Rows per chunk of checked rows: about format.ROW_CHUNK_BYTES, a multiple of 4 rows where
+    that fits (so that a chunk of 16-bit values is a whole number of 64-bit words), at most n_rows."""
+    rows = max(1, fmt.ROW_CHUNK_BYTES // max(row_bytes, 1))
+    if rows >= 4:
+        rows -= rows % 4
+    return max(1, min(rows, n_rows))
+
+
+def write_checked_rows(group: h5py.Group, name: str, sums_name: str, data: np.ndarray,
+                       storage_dtype: str | None = None) -> None:
+    """A [rows, K] dataset checked by storage.checksum (format 3): unfiltered chunks of whole rows,
+    their sums in the fletcher32-checked dataset `sums_name`, the algorithm named in its attribute
+    format.ATTR_CHECKSUM. storage_dtype names the values' dtype when they are raw bits (bfloat16)."""
+    data = np.ascontiguousarray(data)
+    n, k = data.shape
+    rows = row_chunk_rows(n, k * data.dtype.itemsize)
+    maxshape = (None, None) if 0 in data.shape else None  # an empty dataset can only be chunked when it may grow
+    ds = group.create_dataset(name, data=data, chunks=(rows, max(k, 1)), maxshape=maxshape)
+    write_array(group, sums_name, checksum.as_stored(checksum.chunk_sums(data, rows * k * data.dtype.itemsize)))
+    set_attrs(ds, **{fmt.ATTR_CHECKSUM: checksum.NAME})
+    if storage_dtype in fmt.RAW_BITS:
+        set_attrs(ds, **{fmt.ATTR_DTYPE: storage_dtype})
+
+
+def to_stored(t: torch.Tensor, storage_dtype: str) -> np.ndarray:
+    """t (any dtype, any device) as the host array a dataset of `storage_dtype` stores."""
+    t = t.detach().to(getattr(torch, storage_dtype)).cpu()
+    raw = fmt.RAW_BITS.get(storage_dtype)
+    return t.view(getattr(torch, raw)).numpy() if raw else t.numpy()
+
+
+def stored_dtype(ds: h5py.Dataset) -> str:
+    """The dtype of a dataset's values: its ATTR_DTYPE for raw bits (bfloat16), else its own."""
+    name = get_attr(ds, fmt.ATTR_DTYPE)
+    return name if name in fmt.RAW_BITS else ds.dtype.name
+
+
+def from_stored(a: np.ndarray, storage_dtype: str) -> torch.Tensor:
+    """Stored values as a tensor of their real dtype (a view of `a`: bfloat16 from its raw bits)."""
+    t = torch.from_numpy(a)
+    return t.view(getattr(torch, storage_dtype)) if storage_dtype in fmt.RAW_BITS else t
 
 
 def set_attrs(obj: h5py.HLObject, **attrs: Any) -> None:

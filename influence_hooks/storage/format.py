@@ -11,11 +11,19 @@ A run directory holds
 Files are written under a temporary name and renamed when complete, so a crash leaves only whole
 files under the final names. Nothing in a run directory is pickled.
 
-Version 2 (this one) added, over version 1: fletcher32 checksums on every HDF5 dataset and the
-checksummed v1.10 HDF5 file format; the segment (resume) of each shard in the shard itself
-(SHARD_SEGMENT, SHARD_FROM_STEP); the list of finished shards and parameter files in the rank file
-(RANK_SHARDS, RANK_PARAMS); the per-query non-finite flags (QUERY_NONFINITE). Version 1 runs are
-still read: without checksums, and with supersession and gaps taken from the rank file alone.
+Version 2 added, over version 1: fletcher32 checksums on every HDF5 dataset and the checksummed
+v1.10 HDF5 file format; the segment (resume) of each shard in the shard itself (SHARD_SEGMENT,
+SHARD_FROM_STEP); the list of finished shards and parameter files in the rank file (RANK_SHARDS,
+RANK_PARAMS); the per-query non-finite flags (QUERY_NONFINITE).
+
+Version 3 (this one) checks the gradient rows (ROWS_GRAD) with the library's own checksum instead
+of fletcher32: unfiltered chunks of about ROW_CHUNK_BYTES, and per chunk two 64-bit sums in
+ROWS_GRAD_SUMS (storage/checksum.py), which numpy verifies at memory speed where fletcher32 is a
+serial loop; every other dataset keeps fletcher32. It also adds 'bfloat16' storage: numpy has no
+bfloat16, so such datasets hold the raw 16 bits as uint16 and say so in their ATTR_DTYPE attribute.
+Runs of versions 1 and 2 are still read: version 2 with fletcher32 on the gradient rows, version 1
+without checksums and with supersession and gaps taken from the rank file alone. A run resumed by a
+newer version holds shards of both; each shard is read as it was written.
 """
 
 from __future__ import annotations
@@ -23,15 +31,21 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import numpy as np
+
 FORMAT_NAME = "influence_hooks.run"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 
 MANIFEST = "manifest.json"
 SHARD_DIR = "shards"
 PARAM_DIR = "params"
 TMP_SUFFIX = ".tmp"
 
-STORAGE_DTYPES = ("float16", "float32", "float64")
+STORAGE_DTYPES = ("float16", "bfloat16", "float32", "float64")
+# storage dtypes numpy lacks: their datasets hold the raw bits in this numpy dtype, and name the
+# real dtype in the dataset attribute ATTR_DTYPE
+RAW_BITS = {"bfloat16": "uint16"}
+ATTR_DTYPE = "dtype"
 
 # every HDF5 file the library writes: the v1.10 format checksums its superblock, object headers
 # (attributes and compact datasets included) and chunk indexes
@@ -48,6 +62,12 @@ SHARD_FROM_STEP = "from_step"  # the step its segment started from (rows of an e
 ROWS_STEP = "rows/step"
 ROWS_SAMPLE_ID = "rows/sample_id"
 ROWS_GRAD = "rows/grad"
+# format 3: ROWS_GRAD is chunked without filters, about ROW_CHUNK_BYTES per chunk, and carries the
+# attribute ATTR_CHECKSUM naming the algorithm (storage.checksum.NAME); ROWS_GRAD_SUMS [chunks, 2]
+# int64 holds each chunk's sums (itself under fletcher32)
+ROWS_GRAD_SUMS = "rows/grad_sums"
+ATTR_CHECKSUM = "checksum"
+ROW_CHUNK_BYTES = 1 << 16
 STEPS = "steps"  # group of per-step columns, see STEP_COLUMNS
 STEP_COLUMNS = (
     "step", "epoch", "lr", "lr_groups", "batch_size", "update_weight", "micro_batches",
@@ -71,6 +91,11 @@ _SHARD_RE = re.compile(r"^grads-r(\d{3,})-(\d{6,})\.h5$")
 _PARAM_RE = re.compile(r"^(snapshot|checkpoint)-r(\d{3,})-s(\d{9,})\.h5$")
 _RANK_RE = re.compile(r"^rank-(\d{3,})\.json$")
 _LOCK_RE = re.compile(r"^rank-(\d{3,})\.lock$")
+
+
+def storage_itemsize(storage_dtype: str) -> int:
+    """Bytes per stored value of a storage dtype (one of STORAGE_DTYPES)."""
+    return np.dtype(RAW_BITS.get(storage_dtype, storage_dtype)).itemsize
 
 
 def shard_name(rank: int, index: int) -> str:

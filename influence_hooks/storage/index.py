@@ -21,6 +21,7 @@ only one for format-1 shards. Reading gradients is the reader's job (`reader.Run
 from __future__ import annotations
 
 import errno
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ from ..errors import CorruptShardError, RunDirectoryError, UnsafeFileError, shor
 from . import format as fmt
 from .files import get_attr, open_h5
 from .jsonio import read_json
+from .rowio import RowFile
 
 MAX_OPEN_FILES = 32
 
@@ -114,35 +116,53 @@ class StepTable:
 class FilePool:
     """Open HDF5 files, at most MAX_OPEN_FILES at once (least recently used closed first): a run may
     have thousands of shards, and file descriptors are limited. Every file is checked to be
-    self-contained (`files.open_h5`) the first time it is opened."""
+    self-contained (`files.open_h5`) the first time it is opened. `rows(path)` is the file's
+    `rowio.RowFile`, kept while the file is open (a reader thread and the caller share the pool)."""
 
     def __init__(self, limit: int = MAX_OPEN_FILES):
         self.limit = limit
         self._files: dict[Path, h5py.File] = {}
+        self._rows: dict[Path, RowFile] = {}
         self._checked: set[Path] = set()
+        self._lock = threading.RLock()
 
     def get(self, path: Path) -> h5py.File:
-        f = self._files.pop(path, None)
-        if f is None:
-            while len(self._files) >= self.limit:
-                self._files.pop(next(iter(self._files))).close()
-            f = open_h5(path, checked=path in self._checked)
-            self._checked.add(path)
-        self._files[path] = f  # most recently used last
-        return f
+        with self._lock:
+            f = self._files.pop(path, None)
+            if f is None:
+                while len(self._files) >= self.limit:
+                    self.drop(next(iter(self._files)))
+                f = open_h5(path, checked=path in self._checked)
+                self._checked.add(path)
+            self._files[path] = f  # most recently used last
+            return f
+
+    def rows(self, path: Path) -> RowFile:
+        """The gradient rows of the shard at `path` (a RowFile holds its own descriptor of the file,
+        so a read in progress survives the file being closed here)."""
+        with self._lock:
+            f = self.get(path)
+            rf = self._rows.get(path)
+            if rf is None:
+                rf = self._rows[path] = RowFile(f)
+            return rf
 
     def drop(self, path: Path) -> None:
-        f = self._files.pop(path, None)
-        if f is not None:
-            f.close()
+        with self._lock:
+            self._rows.pop(path, None)
+            f = self._files.pop(path, None)
+            if f is not None:
+                f.close()
 
     def close(self) -> None:
-        for f in self._files.values():
-            try:
-                f.close()
-            except Exception:  # noqa: BLE001 - closing is best effort
-                pass
-        self._files.clear()
+        with self._lock:
+            for f in self._files.values():
+                try:
+                    f.close()
+                except Exception:  # noqa: BLE001 - closing is best effort
+                    pass
+            self._files.clear()
+            self._rows.clear()
 
     def __len__(self) -> int:
         return len(self._files)

@@ -7,7 +7,8 @@ narrow read interface the aggregators use:
 - metadata: `manifest`, `layers`, `dim`, `run_id`, `complete`, `final_step`, `optimizer`;
 - the step table: `table` (and its columns as `steps`, `lrs`, ... for convenience);
 - gradients, streamed in bounded memory, forward or backward in step order, for any window:
-  `iter_steps` (one step at a time) and `iter_blocks` (`RowBlock`s of whole steps);
+  `iter_steps` (one step at a time) and `iter_blocks` (`RowBlock`s of whole steps), both on
+  `block_plans` and `fetch_block` (storage.rowio: verified reads into reusable buffers);
 - query gradients `query_gradients(step)`, parameters `load_parameters(step)`;
 - what is missing or damaged: `gaps` (finished files that are not there; open_run warns about
   them), `inconsistencies`, `skipped_shards`; reading a damaged chunk raises CorruptShardError.
@@ -31,8 +32,9 @@ import torch
 from .. import windows as W
 from ..errors import CorruptShardError, MissingDataError
 from . import format as fmt
-from .files import open_h5
+from .files import from_stored, open_h5, stored_dtype
 from .index import FilePool, Gap, ShardFile, ShardIndex, StepTable, describe_gaps, read_manifest
+from .rowio import BlockPlan, FetchedBlock, RowFile, RowsDamaged, Stage, fetch, plan_blocks
 
 
 @dataclass(frozen=True)
@@ -329,23 +331,27 @@ class Run:
         return np.concatenate([self._read(sh, fmt.ROWS_SAMPLE_ID, slice(r0, r1))
                                for sh, r0, r1 in self._index.step_rows[int(step)]])
 
+    @property
+    def storage_dtype(self) -> torch.dtype:
+        """The dtype the gradients are stored in."""
+        return getattr(torch, self.manifest.get("storage_dtype") or "float32")
+
     def iter_steps(self, window: Any = None, *, reverse: bool = False,
                    dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                    layers: Sequence[str] | None = None, skip_nonfinite: bool = True) -> Iterator[StepBatch]:
         """Yield one StepBatch per recorded step of the window, in step order (or reversed)."""
-        cols = self.columns(layers)
+        cols = self._columns_tensor(layers)
         steps = self.steps_in(window, skip_nonfinite=skip_nonfinite)
+        stage = Stage()
         for step in (steps[::-1] if reverse else steps):
             i = self.step_position(int(step))
-            ids, grads = [], []
-            for shard, r0, r1 in self._index.step_rows[int(step)]:
-                ids.append(self._read(shard, fmt.ROWS_SAMPLE_ID, slice(r0, r1)))
-                g = self._read(shard, fmt.ROWS_GRAD, slice(r0, r1))
-                grads.append(g if cols is None else g[:, cols])
+            fetched = self.fetch_block(next(plan_blocks(self._index.step_rows, np.array([step]), reverse=False,
+                                                        max_rows=1)), stage)
+            grads = fetched.into(torch.empty(fetched.n_rows, self.dim if cols is None else len(cols), dtype=dtype),
+                                 cols)
             yield StepBatch(step=int(step), epoch=int(self.epochs[i]), lr=float(self.lrs[i]),
                             update_weight=float(self.update_weights[i]), batch_size=int(self.batch_sizes[i]),
-                            sample_ids=torch.from_numpy(np.concatenate(ids)).to(device),
-                            grads=torch.from_numpy(np.concatenate(grads)).to(device=device, dtype=dtype))
+                            sample_ids=torch.from_numpy(fetched.sample_ids).to(device), grads=grads.to(device))
 
     def iter_blocks(self, window: Any = None, *, reverse: bool = False, max_rows: int = 65536,
                     dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
@@ -353,54 +359,42 @@ class Run:
         """Yield RowBlocks of whole steps, each at most max_rows rows (or one step if bigger).
 
         Memory is bounded by max_rows * K, whatever the size of the run. dtype None: the storage
-        dtype (no conversion).
+        dtype (no conversion). Each block's grads are a new tensor; aggregators stream through
+        reused buffers instead (aggregate.rows.iter_row_blocks, on block_plans and fetch_block).
         """
-        cols = self.columns(layers)
-        steps = self.steps_in(window, skip_nonfinite=skip_nonfinite)
-        pending: list[tuple[int, ShardFile, int, int]] = []
-        n = 0
-        for step in (steps[::-1] if reverse else steps):
-            parts = self._index.step_rows[int(step)]
-            rows = sum(r1 - r0 for _, r0, r1 in parts)
-            if pending and n + rows > max_rows:
-                yield self._read_block(pending, cols, dtype, device)
-                pending, n = [], 0
-            pending.extend((int(step), sh, r0, r1) for sh, r0, r1 in parts)
-            n += rows
-        if pending:
-            yield self._read_block(pending, cols, dtype, device)
+        cols = self._columns_tensor(layers)
+        stage = Stage()
+        for plan in self.block_plans(window, reverse=reverse, max_rows=max_rows, skip_nonfinite=skip_nonfinite):
+            fetched = self.fetch_block(plan, stage)
+            width = self.dim if cols is None else len(cols)
+            grads = fetched.into(torch.empty(fetched.n_rows, width, dtype=dtype or fetched.dtype), cols)
+            yield RowBlock(steps=fetched.steps, sample_ids=torch.from_numpy(fetched.sample_ids).to(device),
+                           coef=self.coef_of(fetched.steps), grads=grads.to(device))
 
-    def _read_block(self, parts, cols, dtype, device) -> RowBlock:
-        # merge row ranges that are contiguous in the same shard into one read
-        runs: list[list] = []
-        for step, sh, r0, r1 in parts:
-            if runs and runs[-1][0] is sh and runs[-1][2] == r0:
-                runs[-1][2] = r1
-                runs[-1][3].append((step, r1 - r0))
-            elif runs and runs[-1][0] is sh and runs[-1][1] == r1:  # backward order
-                runs[-1][1] = r0
-                runs[-1][3].insert(0, (step, r1 - r0))
-                runs[-1][4] = True
-            else:
-                runs.append([sh, r0, r1, [(step, r1 - r0)], False])
-        grads, ids, steps = [], [], []
-        for sh, r0, r1, members, backward in runs:
-            g = self._read(sh, fmt.ROWS_GRAD, slice(r0, r1))
-            s_ids = self._read(sh, fmt.ROWS_SAMPLE_ID, slice(r0, r1))
-            if cols is not None:
-                g = g[:, cols]
-            st = np.concatenate([np.full(c, s, np.int64) for s, c in members])
-            if backward:  # rows were read ascending; restore descending step order, steps kept whole
-                order = np.argsort(-st, kind="stable")
-                g, s_ids, st = g[order], s_ids[order], st[order]
-            grads.append(g)
-            ids.append(s_ids)
-            steps.append(st)
-        st = np.concatenate(steps)
-        coef = self.table.coef[np.searchsorted(self.steps, st)]
-        g = torch.from_numpy(np.concatenate(grads))
-        return RowBlock(steps=st, sample_ids=torch.from_numpy(np.concatenate(ids)).to(device), coef=coef,
-                        grads=g.to(device=device, dtype=dtype or g.dtype))
+    def block_plans(self, window: Any = None, *, reverse: bool = False, max_rows: int = 65536,
+                    skip_nonfinite: bool = True) -> Iterator[BlockPlan]:
+        """The blocks of whole steps of a window, each at most max_rows rows (or one step if
+        bigger), in step order or reversed: which rows of which shards each one reads."""
+        steps = self.steps_in(window, skip_nonfinite=skip_nonfinite)
+        return plan_blocks(self._index.step_rows, steps, reverse=reverse, max_rows=max_rows)
+
+    def fetch_block(self, plan: BlockPlan, stage: Stage) -> FetchedBlock:
+        """A planned block's gradient rows read into `stage` as stored, every byte verified, and
+        its sample ids; `.into(tensor)` converts the rows. A checksum that does not match (or any
+        damage) is a CorruptShardError naming the file. Safe to call from a reader thread."""
+        try:
+            return fetch(plan, stage, lambda sh: self._pool.rows(sh.path),
+                         lambda sh, r0, r1: self._read(sh, fmt.ROWS_SAMPLE_ID, slice(r0, r1)))
+        except RowsDamaged as e:
+            raise self._damaged(e.shard.path, fmt.ROWS_GRAD, e.cause) from e.cause
+
+    def coef_of(self, steps: np.ndarray) -> np.ndarray:
+        """eta_t * w_t of each row's step (steps [R] of recorded steps): float64 [R]."""
+        return self.table.coef[np.searchsorted(self.steps, steps)]
+
+    def _columns_tensor(self, layers: Sequence[str] | None) -> torch.Tensor | None:
+        cols = self.columns(layers)
+        return None if cols is None else torch.from_numpy(cols)
 
     # ------------------------------------------------------------------ queries
     @property
@@ -429,7 +423,8 @@ class Run:
         cols = self.columns(layers)
         if cols is not None:
             g = g[:, cols]
-        return torch.from_numpy(np.ascontiguousarray(g)).to(device=device, dtype=dtype)
+        g = from_stored(np.ascontiguousarray(g), stored_dtype(self._dataset(sh, fmt.QUERY_GRAD)))
+        return g.to(device=device, dtype=dtype)
 
     def query_nonfinite(self, step: int) -> np.ndarray:
         """[Q] bool: which queries' gradients u_q(step) hold NaN/inf, as flagged when recorded
@@ -512,6 +507,10 @@ class Run:
 
     def shard_files(self) -> list[ShardFile]:
         return list(self._index.shards)
+
+    def open_rows(self, shard: ShardFile) -> RowFile:
+        """The gradient rows of a shard, for verified reads (storage.rowio.RowFile)."""
+        return self._pool.rows(shard.path)
 
     def open_shard(self, shard: ShardFile) -> h5py.File:
         return self._pool.get(shard.path)

@@ -1,6 +1,7 @@
 """`verify_run(run)`: read every finished file of a run in full and list what is wrong with it.
 
-Reading every chunk checks every fletcher32 checksum (format 2); on top of that each shard's
+Reading every chunk checks every checksum (fletcher32, and from format 3 the gradient rows' own
+sums, storage/checksum.py); on top of that each shard's
 tables must agree with each other and with the manifest, and the run must be whole: no finished
 file the rank files list may be missing, and the shards and rank files must agree.
 """
@@ -11,9 +12,11 @@ from typing import TYPE_CHECKING
 
 import h5py
 import numpy as np
+import torch
 
 from . import format as fmt
-from .files import open_h5
+from .files import from_stored, open_h5, stored_dtype
+from .rowio import Stage
 
 if TYPE_CHECKING:
     from .index import ShardFile
@@ -67,9 +70,12 @@ def _check_shard(run: "Run", f: h5py.File, sh: "ShardFile") -> list[str]:
     if g.shape != (n_rows, run.dim) and not (n_rows == 0 and g.shape[0] == 0):
         out.append(f"rows/grad has shape {g.shape}, expected ({n_rows}, {run.dim})")
     nonfinite_rows = 0
-    for r in range(0, g.shape[0], _CHUNK_ROWS):
-        block = np.asarray(g[r:r + _CHUNK_ROWS])
-        nonfinite_rows += int((~np.isfinite(block)).any(axis=tuple(range(1, block.ndim))).sum())
+    rows = run.open_rows(sh)  # every chunk verified as it is read (fletcher32 by HDF5 in format 2)
+    stage = Stage()
+    for r in range(0, rows.n, _CHUNK_ROWS):
+        r1 = min(rows.n, r + _CHUNK_ROWS)
+        block = from_stored(rows.read(r, r1, stage.reserve(rows.stage_bytes(r, r1))), rows.dtype)
+        nonfinite_rows += int((~torch.isfinite(block)).any(dim=1).sum()) if block.ndim == 2 else 0
     if nonfinite_rows:
         flagged = int(counts[cols["nonfinite"].astype(bool)].sum())
         if nonfinite_rows > flagged:
@@ -77,7 +83,8 @@ def _check_shard(run: "Run", f: h5py.File, sh: "ShardFile") -> list[str]:
                        "are flagged")
     qsteps = f[fmt.QUERY_STEP][()]
     if len(qsteps):
-        q = f[fmt.QUERY_GRAD][()]
+        qt = from_stored(f[fmt.QUERY_GRAD][()], stored_dtype(f[fmt.QUERY_GRAD]))
+        q = (qt.float() if qt.dtype == torch.bfloat16 else qt).numpy()  # numpy has no bfloat16
         if q.ndim != 3 or q.shape[0] != len(qsteps) or q.shape[2] != run.dim:
             out.append(f"queries/grad has shape {q.shape}, expected ({len(qsteps)}, Q, {run.dim})")
         if fmt.QUERY_NONFINITE in f:

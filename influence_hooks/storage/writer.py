@@ -29,7 +29,8 @@ from .._version import __version__
 from ..errors import (ConfigurationError, NonFiniteGradientError, RunDirectoryError, SampleIdError, StorageError,
                       short_list)
 from . import format as fmt
-from .files import check_free_space, h5_image, set_attrs, writable_target, write_array, write_atomic
+from .files import (check_free_space, from_stored, h5_image, set_attrs, to_stored, writable_target, write_array,
+                    write_atomic, write_checked_rows)
 from .index import finished_shards, read_manifest, rebuild_rank_state
 from .jsonio import read_json, write_json_atomic
 from .lock import RunLock
@@ -137,8 +138,8 @@ class RunWriter:
         if storage_dtype not in fmt.STORAGE_DTYPES:
             raise ConfigurationError(
                 f"storage dtype must be one of {fmt.STORAGE_DTYPES}, got {storage_dtype!r}")
-        self._np_dtype = np.dtype(storage_dtype)
-        self._torch_dtype = getattr(torch, storage_dtype)
+        self._storage_dtype = storage_dtype
+        self._np_dtype = np.dtype(fmt.RAW_BITS.get(storage_dtype, storage_dtype))  # what the arrays hold
         self._steps_per_shard = options.steps_per_shard
         self._max_shard_bytes = int(options.max_shard_mb * 2**20)
         self._on_nonfinite = options.on_nonfinite
@@ -473,8 +474,8 @@ class RunWriter:
         elif kind == "query":
             _, step, grads, ready = item
             _wait(ready)
-            arr = grads.to(self._torch_dtype).cpu().numpy()
-            bad = ~np.isfinite(arr.reshape(len(arr), -1)).all(axis=1)
+            arr = to_stored(grads, self._storage_dtype)
+            bad = ~torch.isfinite(from_stored(arr, self._storage_dtype).reshape(len(arr), -1)).all(dim=1).numpy()
             if bad.any():
                 self._warn_query_nonfinite(step, bad)
             self._buffer.query_steps.append(step)
@@ -494,7 +495,7 @@ class RunWriter:
         ids = self._query_ids[bad] if len(self._query_ids) == len(bad) else np.flatnonzero(bad)
         warnings.warn(
             f"step {step}: the query gradients of {int(bad.sum())} of {len(bad)} queries (ids {short_list(ids)}) "
-            f"contain NaN/inf (or overflow {self._np_dtype} storage). They are flagged in the run (later "
+            f"contain NaN/inf (or overflow {self._storage_dtype} storage). They are flagged in the run (later "
             "such steps without a further warning), and scores of those queries will be NaN; the "
             "aggregators say so. A diverged model or a query loss that is NaN for these samples is the "
             "usual cause.", RuntimeWarning)
@@ -503,19 +504,20 @@ class RunWriter:
         _wait(rec.ready)
         rec.sample_ids = np.asarray(rec.sample_ids, np.int64)
         check_sample_ids(rec.sample_ids, rec.step, allow_repeated=self._allow_repeated_ids)
-        host = rec.grads.to(self._torch_dtype).cpu()
+        host = rec.grads.detach().to(getattr(torch, self._storage_dtype)).cpu()
         finite = bool(rec.finite) if rec.finite is not None else _all_finite(host)
-        grads = host.numpy()
+        raw = fmt.RAW_BITS.get(self._storage_dtype)
+        grads = host.view(getattr(torch, raw)).numpy() if raw else host.numpy()
         if not finite:
             if self._on_nonfinite == "raise":
                 raise NonFiniteGradientError(
                     f"step {rec.step}: recorded per-sample gradients contain NaN/inf (or exceed "
-                    f"the range of {self._np_dtype} storage: float16 overflows above 65504; "
+                    f"the range of {self._storage_dtype} storage: float16 overflows above 65504; "
                     "storage_dtype='float32' avoids that). Every "
                     f"earlier step is saved in {self.path}. Pass on_nonfinite='warn' to record "
                     "and flag such steps instead (aggregators skip flagged steps).")
             warnings.warn(f"step {rec.step}: per-sample gradients contain NaN/inf (or overflow "
-                          f"{self._np_dtype} storage); the step is flagged in the run and skipped "
+                          f"{self._storage_dtype} storage); the step is flagged in the run and skipped "
                           "by aggregators.", RuntimeWarning)
         rec.grads, rec.finite = grads, torch.tensor(finite)
         rec.skipped = bool(rec.skipped) if rec.skipped is not None else False
@@ -564,7 +566,7 @@ class RunWriter:
         lr_groups = np.full((len(buf.steps), n_groups), np.nan)
         for j, r in enumerate(buf.steps):
             lr_groups[j, :len(r.lr_groups)] = r.lr_groups
-        write_array(f, fmt.ROWS_GRAD, grads)
+        write_checked_rows(f, fmt.ROWS_GRAD, fmt.ROWS_GRAD_SUMS, grads, self._storage_dtype)
         write_array(f, fmt.ROWS_STEP, np.repeat(np.array(steps, np.int64), counts))
         write_array(f, fmt.ROWS_SAMPLE_ID, np.concatenate([r.sample_ids for r in buf.steps]) if buf.steps
                     else np.zeros(0, np.int64))
@@ -588,6 +590,8 @@ class RunWriter:
         write_array(f, fmt.QUERY_STEP, np.array(buf.query_steps, np.int64))
         if buf.query_grads:
             write_array(f, fmt.QUERY_GRAD, np.stack(buf.query_grads))
+            if self._storage_dtype in fmt.RAW_BITS:
+                set_attrs(f[fmt.QUERY_GRAD], **{fmt.ATTR_DTYPE: self._storage_dtype})
             write_array(f, fmt.QUERY_NONFINITE, np.stack(buf.query_nonfinite))
 
     def _write_params(self, kind: str, step: int, params: dict[str, torch.Tensor],
