@@ -152,7 +152,9 @@ class RunWriter:
         # queue, whose items are batches of steps
         self._queue: queue.Queue = queue.Queue()
         self._slots = threading.Semaphore(options.queue_size)
-        self._handoff_steps = min(HANDOFF_STEPS, options.queue_size)
+        # never more than a shard's steps: a shard is written as soon as its last step is taken
+        # (what a crash can lose stays the open shard)
+        self._handoff_steps = min(HANDOFF_STEPS, options.queue_size, options.steps_per_shard)
         self._pending: list[StepRecord] = []
         self._pending_since = 0.0
         self._error: BaseException | None = None
