@@ -177,7 +177,7 @@ def alternate(trainers: dict[str, Trainer], task: Task, steps: int, rounds: int,
     the same batches."""
     g = torch.Generator().manual_seed(seed)
     n = len(task.inputs)
-    batches = [torch.randint(0, n, (task.batch,), generator=g) for _ in range(warmup + steps * rounds)]
+    batches = [torch.randperm(n, generator=g)[:task.batch] for _ in range(warmup + steps * rounds)]  # no repeats in a batch
     times: dict[str, list[float]] = {name: [] for name in trainers}
     for name, tr in trainers.items():
         tr.run(batches[:warmup])
