@@ -9,7 +9,7 @@ regression, an MLP (64-32-10, tanh) and a small CNN (two 3x3 convolutions, tanh,
 Each model is trained once per recording, from the same initialization and batch order, so the
 three recordings share one trajectory: exact per-sample gradients (projection 'none', with a
 parameter snapshot at every step) and random projections to k = 1024 and k = 256 (stored as
-float32, so only the projection differs).
+float32, so only the projection differs; --storage float16 / bfloat16 shows what 16-bit storage adds).
 
 Ground truth, per training sample of a random subset (REFERENCE.md): the same training, with the
 sample's term dropped from the steps of the window and the denominator |B_t| kept, started from
@@ -147,11 +147,11 @@ def batch_order(n: int, epochs: int, seed: int) -> list[torch.Tensor]:
 
 # ---------------------------------------------------------------------- recording
 def record(path: str, prob: Problem, init: dict, ds: TensorDataset, queries, order, steps_per_epoch: int,
-           projection: Any) -> tuple[Run, nn.Module]:
+           projection: Any, storage: str = "float32") -> tuple[Run, nn.Module]:
     model = prob.build().to(DT)
     model.load_state_dict(init)
     exact = projection == "none"
-    rec = GradientRecorder(path, model, projection=projection, storage_dtype="float64" if exact else "float32",
+    rec = GradientRecorder(path, model, projection=projection, storage_dtype="float64" if exact else storage,
                            queries=queries, query_loss_fn=loss_fn, query_every_n_steps=1,
                            snapshot_every_n_steps=1 if exact else None, snapshot_scope="model", overwrite=True)
     X, Y = ds.tensors
@@ -339,37 +339,43 @@ def ours(runs: dict[str, Run], wins: dict[str, tuple[int, int]], subset, model, 
     wl = [wins[n] for n in names]
     early_mid = [wins["early"], wins["middle"]]
     wnames3 = ["early", "middle", "late"]
-    common = dict(train_ids=subset, dtype=DT, progress=False)
+    base = dict(train_ids=subset, dtype=DT, progress=False)
     rows = []
     for tag, run in runs.items():
-        r = Row("tracin", tag)
-        res = timed(r, lambda: tracin(run, windows=wl, **common))
-        for n, s in zip(names, res):
-            for notion in ("R@t2", "R@T", "A"):
-                r.cells[(notion, n)] = s.values
-        rows.append(r)
-        for curv in ("none", "fisher"):
-            r = Row(f"dit {curv}", tag)
-            res = timed(r, lambda: dit(run, windows=wl, mode="removal", curvature=curv, **common))
-            r.cells.update({("R@t2", n): s.values for n, s in zip(names, res)})
-            res = timed(r, lambda: dit(run, windows=early_mid, mode="removal", eval_step="final", curvature=curv,
-                                       **common))
-            r.cells.update({("R@T", n): s.values for n, s in zip(["early", "middle"], res)})
-            res = timed(r, lambda: dit(run, windows=[wins[n] for n in wnames3], mode="accrued", curvature=curv,
-                                       **common))
-            r.cells.update({("A", n): s.values for n, s in zip(wnames3, res)})
+        # an Adam run: the Adam form (the default there) and, below it, the SGD form for comparison
+        forms = ["adam", "sgd"] if run.table.layer_lrs is not None else ["sgd"]
+        for form in forms:
+            label = "" if len(forms) == 1 else f" ({form} form)"
+            common = dict(base, step_size=form)
+            r = Row("tracin" + label, tag)
+            res = timed(r, lambda: tracin(run, windows=wl, **common))
+            for n, s in zip(names, res):
+                for notion in ("R@t2", "R@T", "A"):
+                    r.cells[(notion, n)] = s.values
             rows.append(r)
-        r = Row("dvemb", tag, note="R@T only")
-        emb = timed(r, lambda: dvemb(run, path=os.path.join(tmp, f"dvemb_{tag}.h5"), progress=False,
-                                     dtype=DT, block_diagonal=False))
-        u = run.query_gradients(run.final_step, dtype=DT)
-        res = timed(r, lambda: emb.scores(u, windows=wl, **common))
-        emb.close()
-        for n, s in zip(names, res):
-            r.cells[("R@T", n)] = s.values
-            if wins[n][1] == run.final_step:
-                r.cells[("R@t2", n)] = s.values
-        rows.append(r)
+            for curv in ("none", "fisher"):
+                r = Row(f"dit {curv}" + label, tag)
+                res = timed(r, lambda: dit(run, windows=wl, mode="removal", curvature=curv, **common))
+                r.cells.update({("R@t2", n): s.values for n, s in zip(names, res)})
+                res = timed(r, lambda: dit(run, windows=early_mid, mode="removal", eval_step="final",
+                                           curvature=curv, **common))
+                r.cells.update({("R@T", n): s.values for n, s in zip(["early", "middle"], res)})
+                res = timed(r, lambda: dit(run, windows=[wins[n] for n in wnames3], mode="accrued", curvature=curv,
+                                           **common))
+                r.cells.update({("A", n): s.values for n, s in zip(wnames3, res)})
+                rows.append(r)
+            r = Row("dvemb" + label, tag, note="R@T only")
+            emb = timed(r, lambda: dvemb(run, path=os.path.join(tmp, f"dvemb_{tag}_{form}.h5"), progress=False,
+                                         dtype=DT, block_diagonal=False, step_size=form))
+            u = run.query_gradients(run.final_step, dtype=DT)
+            res = timed(r, lambda: emb.scores(u, windows=wl, **base))
+            emb.close()
+            for n, s in zip(names, res):
+                r.cells[("R@T", n)] = s.values
+                if wins[n][1] == run.final_step:
+                    r.cells[("R@t2", n)] = s.values
+            rows.append(r)
+    common = base
     run = runs["exact"]
     for curv in ("ggn", "exact"):
         r = Row(f"dit {curv}", "full space")
@@ -425,6 +431,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (tiny models: 1 is fastest)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "fidelity.md"))
+    ap.add_argument("--storage", default="float32", choices=("float32", "float16", "bfloat16"),
+                    help="storage dtype of the projected recordings (the exact one is float64)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     epochs = args.epochs or (4 if args.quick else 8)
@@ -453,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             runs, trained = {}, None
             for tag, proj in (("exact", "none"), ("k=1024", 1024), ("k=256", 256)):
-                runs[tag], m = record(os.path.join(tmp, tag), prob, init, ds, queries, order, spe, proj)
+                runs[tag], m = record(os.path.join(tmp, tag), prob, init, ds, queries, order, spe, proj, args.storage)
                 trained = trained or m
             projected = {tag: run.dim for tag, run in runs.items()}
             t_rec = time.perf_counter() - t0
@@ -499,7 +507,8 @@ def header(args, epochs, n_train, M, Q, wins) -> str:
         "# Fidelity against retraining\n\n"
         f"Generated by `python benchmarks/fidelity.py{' --quick' if args.quick else ''}` "
         f"(torch {torch.__version__}, {platform.machine()}, {args.threads} thread(s)). "
-        f"Digits: {n_train} training images, batch {BATCH}, {epochs} epochs; windows (steps): {w}. "
+        f"Digits: {n_train} training images, batch {BATCH}, {epochs} epochs; windows (steps): {w}; projected "
+        f"gradients stored as {args.storage}. "
         f"Each cell: Pearson / Spearman against retraining over {M} random training samples, averaged over "
         f"{Q} held-out queries. R@t2: window removal evaluated at the window end; R@T: evaluated at the end of "
         "training; A: accrued influence. For the late window and the whole run R@T equals R@t2, and A "

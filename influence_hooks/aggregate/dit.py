@@ -33,6 +33,7 @@ from .queries import check_query_grads, query_ids_of, require_queries, require_q
 from .results import InfluenceScores
 from .rows import DEFAULT_CHUNK_ROWS, SampleRows, iter_row_blocks, progress_bar, reduce_rows, resolve_device, step_segments
 from .scores import ScoreAccumulator
+from .stepsize import StepSizes, step_size_form
 from .tasks import MODES, Task, TaskPlan
 
 
@@ -40,7 +41,7 @@ def dit(run: Run, window: Any = None, *, epochs: Any = None, windows: Any = None
         curvature: str | CurvatureOperator | FullSpaceCurvature = "fisher", eval_step: int | str | None = None,
         query_grads: Any = None, query_ids: Any = None, projection_fingerprint: str | None = None,
         train_ids: Any = None, chunk_rows: int = DEFAULT_CHUNK_ROWS, dtype: torch.dtype | None = None,
-        device: Any = None, progress: bool = True, group: Any = None,
+        device: Any = None, progress: bool = True, group: Any = None, step_size: str = "auto",
         **kwargs: Any) -> InfluenceScores | list[InfluenceScores]:
     """Dynamic-influence scores [n_train, n_query] over a window of steps.
 
@@ -57,6 +58,9 @@ def dit(run: Run, window: Any = None, *, epochs: Any = None, windows: Any = None
         own dtype for 'exact'/'ggn'.
     group: a torch.distributed process group to split the work over: by rows without curvature, by
         queries with it (aggregate/distributed.py).
+    step_size: for 'none'/'fisher': 'auto' (on a run trained with Adam/AdamW, the per-layer step sizes
+        Adam applied, recorded in training; else the learning rate), 'adam' or 'sgd'
+        (aggregate/stepsize.py). 'exact'/'ggn' follow the optimizer itself.
     Positive score: removing i raises the query loss (i helped). Windows as in `tracin`.
     """
     if mode not in MODES:
@@ -72,6 +76,9 @@ def dit(run: Run, window: Any = None, *, epochs: Any = None, windows: Any = None
     if isinstance(op, FullSpaceCurvature):
         from .fullspace import exact_dit
 
+        if step_size != "auto":
+            raise ConfigurationError(f"step_size={step_size!r} applies to curvature 'none'/'fisher'; the full-space "
+                                     "curvatures linearize the run's own optimizer (SGD or Adam) instead.")
         if projection_fingerprint is not None:
             raise ConfigurationError("full-space curvature works in full parameter space; projection_fingerprint "
                                      "does not apply (query_grads= must be full-space gradients [Q, P]).")
@@ -81,14 +88,14 @@ def dit(run: Run, window: Any = None, *, epochs: Any = None, windows: Any = None
             raise ConfigurationError(f"dit got unexpected argument(s) {sorted(kwargs)}; they are only for "
                                      "curvature='exact'/'ggn' (the full-space curvatures).")
         results = _recorded_space(run, plan, op, projection_fingerprint=projection_fingerprint,
-                                  chunk_rows=chunk_rows, **common)
+                                  chunk_rows=chunk_rows, sizes=step_size_form(run, step_size), **common)
     return results if many else results[0]
 
 
 def _recorded_space(run: Run, plan: TaskPlan, op: CurvatureOperator, *, query_grads: Any, query_ids: Any,
                     projection_fingerprint: str | None, train_ids: Any, chunk_rows: int,
-                    dtype: torch.dtype | None, device: Any, progress: bool, split: Split | None
-                    ) -> list[InfluenceScores]:
+                    dtype: torch.dtype | None, device: Any, progress: bool, split: Split | None,
+                    sizes: StepSizes) -> list[InfluenceScores]:
     dtype = dtype or torch.float32
     dev = resolve_device(device)
     if query_grads is not None:
@@ -105,18 +112,18 @@ def _recorded_space(run: Run, plan: TaskPlan, op: CurvatureOperator, *, query_gr
     rows_of = SampleRows(run, train_ids, dev)
     if not op.propagates:  # sums over rows: split the rows
         acc = plan.accumulator(rows_of.n, Q, dtype=dtype, device=dev)
-        _fixed_query_pass(run, plan, u0, op, rows_of, acc, chunk_rows, dtype, dev, progress, split)
+        _fixed_query_pass(run, plan, u0, sizes, rows_of, acc, chunk_rows, dtype, dev, progress, split, op.name)
         if split is not None:
             acc.sync(split.group)
     else:  # a recursion through every step: split the queries
         cols = slice(0, Q) if split is None else split.columns(Q)
         acc = plan.accumulator(rows_of.n, cols.stop - cols.start, dtype=dtype, device=dev)
-        _propagating_pass(run, plan, {e: u[cols] for e, u in u0.items()}, op, rows_of, acc, chunk_rows, dtype, dev,
-                          progress and first_process(split))
+        _propagating_pass(run, plan, {e: u[cols] for e, u in u0.items()}, op, sizes, rows_of, acc, chunk_rows, dtype,
+                          dev, progress and first_process(split))
         if split is not None:
             acc.gather_columns(split, Q)
 
-    base = run_notes(run) + ([op.note] if op.note else [])
+    base = run_notes(run, sizes) + ([op.note] if op.note else [])
     results, nonfinite = [], []
     for w, (t1, t2) in enumerate(plan.windows):
         values, present = plan.result(w, acc)
@@ -134,14 +141,14 @@ def _recorded_space(run: Run, plan: TaskPlan, op: CurvatureOperator, *, query_gr
         results.append(InfluenceScores(
             values=values, train_ids=rows_of.ids, present=present, query_ids=qids, method=f"dit_{plan.mode}",
             window=(t1, t2), eval_step=te, curvature=op.name, approximations=notes, run_id=run.run_id,
-            meta=plan.meta(w)))
+            meta={**plan.meta(w), "step_size": sizes.form}))
     warn_nonfinite(f"dit(mode={plan.mode!r})", nonfinite, stacklevel=4)
     return results
 
 
-def _fixed_query_pass(run: Run, plan: TaskPlan, u0: dict[int, torch.Tensor], op: CurvatureOperator,
+def _fixed_query_pass(run: Run, plan: TaskPlan, u0: dict[int, torch.Tensor], sizes: StepSizes,
                       rows_of: SampleRows, acc: ScoreAccumulator, chunk_rows: int, dtype: torch.dtype,
-                      dev: torch.device, progress: bool, split: Split | None) -> None:
+                      dev: torch.device, progress: bool, split: Split | None, name: str) -> None:
     """H_t = 0: u stays u_q(t_e), so each task is a sum over its own rows. Per block and evaluation
     step, one GEMM over the rows of the tasks evaluated there (blocks in parallel, scattered in
     order: rows.reduce_row_blocks)."""
@@ -153,12 +160,20 @@ def _fixed_query_pass(run: Run, plan: TaskPlan, u0: dict[int, torch.Tensor], op:
     def compute(blk: RowBlock) -> tuple[torch.Tensor, torch.Tensor | None, list[tuple[list[int], slice, torch.Tensor]]]:
         st = blk.steps
         rows, keep = rows_of.rows(blk.sample_ids)
-        coef = blk.coef_like(blk.grads)
+        coef = sizes.row_coef(st, blk.grads)
         parts = []
         for e, js in by_eval.items():
             cover = W.rows_slice(st, (min(plan.tasks[j].start for j in js), max(plan.tasks[j].end for j in js)))
-            if cover is not None:
-                parts.append((js, cover, (blk.grads[cover] @ u0[e].T).mul_(coef[cover, None])))
+            if cover is None:
+                continue
+            G, u = blk.grads[cover], u0[e]
+            if sizes.adam:  # each step its own column scale: w_t g . (A_t u)
+                contrib = torch.empty(G.shape[0], u.shape[0], dtype=G.dtype, device=G.device)
+                for a, b in step_segments(st[cover]):
+                    torch.mm(G[a:b], (u * sizes.column_scale(int(st[cover][a]), u)).T, out=contrib[a:b])
+            else:
+                contrib = G @ u.T
+            parts.append((js, cover, contrib.mul_(coef[cover, None])))
         return rows, keep, parts
 
     def commit(blk: RowBlock, out: Any) -> None:
@@ -170,18 +185,19 @@ def _fixed_query_pass(run: Run, plan: TaskPlan, u0: dict[int, torch.Tensor], op:
                 if sl is not None:
                     acc.update(j, rows[cover][sl], None if keep is None else keep[cover][sl], contrib[sl])
 
-    reduce_rows(run, spans, compute, commit, desc=f"dit ({op.name})", progress=progress, split=split,
+    reduce_rows(run, spans, compute, commit, desc=f"dit ({name})", progress=progress, split=split,
                 chunk_rows=chunk_rows, dtype=dtype, device=dev)
 
 
 def _propagating_pass(run: Run, plan: TaskPlan, u0: dict[int, torch.Tensor], op: CurvatureOperator,
-                      rows_of: SampleRows, acc: ScoreAccumulator, chunk_rows: int, dtype: torch.dtype,
-                      dev: torch.device, progress: bool) -> None:
+                      sizes: StepSizes, rows_of: SampleRows, acc: ScoreAccumulator, chunk_rows: int,
+                      dtype: torch.dtype, dev: torch.device, progress: bool) -> None:
     """The backward recursion over [lo, hi) with the query directions of every task side by side.
 
     Per step only what the recursion needs: GU = G_t U (written into a block buffer) and the
-    curvature's update of U. Scores are scattered once per block: GU scaled by each row's
-    eta_t w_t, per task over the rows of the steps it scores."""
+    curvature's update of U <- U - eta_t H_t U. Scores are scattered once per block: GU scaled by
+    each row's eta_t w_t, per task over the rows of the steps it scores. In the Adam form
+    (stepsize.py) GU = G_t A_t U, the update U <- U - H_t A_t U and the row factor w_t."""
     tasks: list[Task] = plan.tasks
     Q = next(iter(u0.values())).shape[0]
     nt = len(tasks)
@@ -225,19 +241,24 @@ def _propagating_pass(run: Run, plan: TaskPlan, u0: dict[int, torch.Tensor], op:
                 G = blk.grads[a:b]
                 batch = StepBatch(step=int(seg_steps[s]), epoch=int(run.epochs[pos[s]]), lr=lr, update_weight=uw,
                                   batch_size=int(run.batch_sizes[pos[s]]), sample_ids=blk.sample_ids[a:b], grads=G)
+                scale = sizes.column_scale(batch.step, U)
+                Ua = U if cols is None else U.index_select(1, cols)  # a copy of U's active columns
+                AU = Ua if scale is None else Ua * scale[:, None]
                 if cols is None:
-                    GU = torch.mm(G, U, out=GU_block[a:b])
-                    op.propagate(batch, U, lr, GU=GU)
-                    continue
-                Ua = U.index_select(1, cols)
-                GU = G @ Ua  # [B, active * Q]
-                for j in np.flatnonzero(scored[s]):
-                    GU_block[a:b, j * Q:(j + 1) * Q] = GU[:, offset[int(j)]:offset[int(j)] + Q]
-                op.propagate(batch, Ua, lr, GU=GU)  # Ua is a copy of U's active columns
-                U.index_copy_(1, cols, Ua)
+                    GU = torch.mm(G, AU, out=GU_block[a:b])
+                else:
+                    GU = G @ AU  # [B, active * Q]
+                    for j in np.flatnonzero(scored[s]):
+                        GU_block[a:b, j * Q:(j + 1) * Q] = GU[:, offset[int(j)]:offset[int(j)] + Q]
+                if scale is None:
+                    op.propagate(batch, Ua, lr, GU=GU)
+                else:
+                    Ua.sub_(op.apply(batch, AU, GU=GU))
+                if cols is not None:
+                    U.index_copy_(1, cols, Ua)
             # the scores: (eta_t w_t) g_t(i) . U_t, per task over the rows of the steps it scores
             rows, keep = rows_of.rows(blk.sample_ids)
-            GU_rows = GU_block[:R].mul_(blk.coef_like(GU_block)[:, None])
+            GU_rows = GU_block[:R].mul_(sizes.row_coef(st, GU_block)[:, None])
             counts = np.array([b - a for a, b in segments])
             for j in range(nt):
                 if scored[:, j].all():

@@ -35,6 +35,7 @@ from .queries import check_query_grads, query_ids_of
 from .results import InfluenceScores
 from .rows import DEFAULT_CHUNK_ROWS, SampleRows, iter_row_blocks, progress_bar, resolve_device, step_segments
 from .scores import ScoreAccumulator
+from .stepsize import step_size_form
 
 EMB_FORMAT = "influence_hooks.dvemb"
 EMB_FORMAT_VERSION = 1
@@ -59,7 +60,7 @@ def dvemb(run: Run, *, path: str | os.PathLike | None = None, window: Any = None
           block_diagonal: bool | None = None, memory_budget_mb: float = 1024.0,
           storage_dtype: str | None = None, chunk_rows: int = DEFAULT_CHUNK_ROWS,
           dtype: torch.dtype = torch.float32, device: Any = None, progress: bool = True,
-          group: Any = None) -> "DataValueEmbeddings":
+          group: Any = None, step_size: str = "auto") -> "DataValueEmbeddings":
     """Compute data value embeddings of every row and write them to `path` (default <run>/dvemb.h5).
 
     window / epochs: store only the embeddings of these steps (the backward pass still starts at the
@@ -72,6 +73,9 @@ def dvemb(run: Run, *, path: str | os.PathLike | None = None, window: Any = None
     (below 6e-5) and scores lose up to ~1e-2 relative precision; choose it only when that is fine.
     group: a torch.distributed process group: each rank keeps its share of the rows of M and
         computes those columns of every embedding; rank 0 writes the file, every rank returns it.
+    step_size: 'auto' (on a run trained with Adam/AdamW, the per-layer step sizes Adam applied,
+        recorded in training: emb = w_t (I - M) A_t g; else the learning rate), 'adam' or 'sgd'
+        (aggregate/stepsize.py).
     Returns a DataValueEmbeddings; `.scores(u_q(T))` gives removal influence at the end of training.
     """
     split = Split.of(group)
@@ -116,7 +120,8 @@ def dvemb(run: Run, *, path: str | os.PathLike | None = None, window: Any = None
              for ca, cb, xa, xb in parts if xb > xa]
     writes = first_process(split)
 
-    notes = run_notes(run) + [FisherCurvature.note, "the query is evaluated at the end of training (u_q(T))"]
+    sizes = step_size_form(run, step_size)
+    notes = run_notes(run, sizes) + [FisherCurvature.note, "the query is evaluated at the end of training (u_q(T))"]
     if block_diagonal and len(blocks) > 1:
         notes.append(f"M kept block-diagonal: {len(blocks)} per-layer blocks, cross-layer curvature ignored")
     notes += window_notes(run, lo, hi)
@@ -136,7 +141,8 @@ def dvemb(run: Run, *, path: str | os.PathLike | None = None, window: Any = None
                 f.attrs.update(format=EMB_FORMAT, format_version=EMB_FORMAT_VERSION, run_id=run.run_id,
                                run_path=str(run.path.resolve()), dim=K, final_step=T, window=json.dumps([s1, s2]),
                                projection_fingerprint=run.projection_fingerprint, block_diagonal=bool(block_diagonal),
-                               blocks=json.dumps(blocks), approximations=json.dumps(notes), complete=False)
+                               blocks=json.dumps(blocks), approximations=json.dumps(notes), step_size=sizes.form,
+                               complete=False)
                 chunk = max(1, min(max(n_rows, 1), (1 << 20) // max(K * sdtype.itemsize, 1)))
                 emb_ds = f.create_dataset("rows/emb", shape=(n_rows, K), dtype=sdtype, chunks=(chunk, K))
                 sid_ds = f.create_dataset("rows/sample_id", shape=(n_rows,), dtype=np.int64)
@@ -150,12 +156,15 @@ def dvemb(run: Run, *, path: str | os.PathLike | None = None, window: Any = None
                 if E_buf is None or E_buf.shape[0] < len(st):
                     E_buf = torch.empty_like(blk.grads)
                 E = E_buf[:len(st)]
+                coef = sizes.row_coef(st, torch.empty(0, dtype=torch.float64))  # on the host
                 for a, b in step_segments(st):
-                    c = float(blk.coef[a])
+                    c = float(coef[a])
+                    scale = sizes.column_scale(int(st[a]), blk.grads)
                     for ca, cb, xa, xb, M in parts:  # M: rows [xa, xb) of the block's M
                         G = blk.grads[a:b, ca:cb]
-                        # c (I - M) g, as rows, straight into the embeddings; then M += emb g^T
-                        Eb = torch.addmm(G[:, xa - ca:xb - ca], G, M.T, beta=c, alpha=-c, out=E[a:b, xa:xb])
+                        Gs = G if scale is None else G * scale[ca:cb]  # A_t g in the Adam form
+                        # c (I - M) A_t g, as rows, straight into the embeddings; then M += emb g^T
+                        Eb = torch.addmm(Gs[:, xa - ca:xb - ca], Gs, M.T, beta=c, alpha=-c, out=E[a:b, xa:xb])
                         M.addmm_(Eb.T, G)
                 sl = W.rows_slice(st, (s1, s2))
                 if sl is not None:

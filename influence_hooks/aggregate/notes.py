@@ -11,7 +11,7 @@ warning as well.
 from __future__ import annotations
 
 import warnings
-from typing import Iterable
+from typing import Any, Iterable
 
 import numpy as np
 import torch
@@ -21,13 +21,16 @@ from ..storage.index import describe_gaps
 from ..storage.reader import Run
 
 
-def run_notes(run: Run) -> list[str]:
+def run_notes(run: Run, step_sizes: Any = None) -> list[str]:
+    """step_sizes: the estimator's stepsize.StepSizes (None: it uses no step size, or the SGD form)."""
     notes = []
     if run.projected:
         kinds = sorted({l.projection.get("kind") for l in run.layers if l.projected})
         notes.append(f"gradients randomly projected to {run.dim} dimensions ({', '.join(kinds)})")
     opt = run.optimizer
-    if opt and not opt.get("is_plain_sgd", False):
+    if step_sizes is not None and step_sizes.adam:
+        notes.append(f"optimizer {opt.get('name') if opt else 'Adam'}: {step_sizes.note}")
+    elif opt and not opt.get("is_plain_sgd", False):
         adam = opt.get("name") in ("Adam", "AdamW")
         notes.append(f"optimizer {opt.get('name')} is not plain SGD: the SGD form with the recorded "
                      "learning rate is used" + (" (under Adam it follows retraining poorly; "

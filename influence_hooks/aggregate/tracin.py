@@ -24,12 +24,14 @@ from .queries import QueryCache, query_ids_of, require_queries
 from .results import InfluenceScores
 from .rows import DEFAULT_CHUNK_ROWS, SampleRows, reduce_rows, resolve_device, step_segments
 from .scores import ScoreAccumulator
+from .stepsize import step_size_form
 
 
 def tracin(run: Run, window: Any = None, *, epochs: Any = None, windows: Any = None,
            train_ids: Any = None, before_first_query: str = "error",
            chunk_rows: int = DEFAULT_CHUNK_ROWS, dtype: torch.dtype = torch.float32,
-           device: Any = None, progress: bool = True, group: Any = None) -> InfluenceScores | list[InfluenceScores]:
+           device: Any = None, progress: bool = True, group: Any = None,
+           step_size: str = "auto") -> InfluenceScores | list[InfluenceScores]:
     """TracIn scores [n_train, n_query] of the run's recorded queries over a window of steps.
 
     Each step t uses u_q(t) recorded at w_t; where queries were recorded only every n steps, the
@@ -40,6 +42,8 @@ def tracin(run: Run, window: Any = None, *, epochs: Any = None, windows: Any = N
     window=(t1, t2) | epochs=(e1, e2) | windows=[...] | epochs=[...]: see `influence_hooks.windows.normalize`;
     a list of windows is computed in one pass and returns a list of results.
     group: a torch.distributed process group to split the rows over (aggregate/distributed.py).
+    step_size: 'auto' (on a run trained with Adam/AdamW, the step sizes Adam applied per layer,
+    recorded in training; else the learning rate), 'adam' or 'sgd': see aggregate/stepsize.py.
     Positive score: removing i would raise the query loss (i helped).
     """
     if before_first_query not in ("error", "use_first"):
@@ -48,6 +52,7 @@ def tracin(run: Run, window: Any = None, *, epochs: Any = None, windows: Any = N
     require_queries(run, "tracin")
     dev = resolve_device(device)
     rows_of = SampleRows(run, train_ids, dev)
+    sizes = step_size_form(run, step_size)
     qsteps = run.query_steps
     spans = W.merge(wins)
 
@@ -69,10 +74,15 @@ def tracin(run: Run, window: Any = None, *, epochs: Any = None, windows: Any = N
 
     def compute(blk: RowBlock) -> tuple[torch.Tensor, torch.Tensor | None, list[tuple[int, int, torch.Tensor]]]:
         rows, keep = rows_of.rows(blk.sample_ids)
-        coef = blk.coef_like(blk.grads)
+        coef = sizes.row_coef(blk.steps, blk.grads)
         qs = qstep_of(blk.steps)
-        return rows, keep, [(a, b, (blk.grads[a:b] @ query(int(qs[a])).T).mul_(coef[a:b, None]))
-                            for a, b in step_segments(qs)]
+        parts = []
+        # one GEMM per query step; per step in the Adam form (each step its own column scale)
+        for a, b in step_segments(blk.steps if sizes.adam else qs):
+            u = query(int(qs[a]))
+            scale = sizes.column_scale(int(blk.steps[a]), u)
+            parts.append((a, b, (blk.grads[a:b] @ (u if scale is None else u * scale).T).mul_(coef[a:b, None])))
+        return rows, keep, parts
 
     def commit(blk: RowBlock, out: Any) -> None:
         rows, keep, parts = out
@@ -85,7 +95,7 @@ def tracin(run: Run, window: Any = None, *, epochs: Any = None, windows: Any = N
     if split is not None:
         acc.sync(split.group)
 
-    base = run_notes(run)
+    base = run_notes(run, sizes)
     results, nonfinite = [], []
     for w, (t1, t2) in enumerate(wins):
         notes = list(base)
@@ -109,7 +119,7 @@ def tracin(run: Run, window: Any = None, *, epochs: Any = None, windows: Any = N
             method="tracin", window=(t1, t2), eval_step=None, curvature=None,
             approximations=notes, run_id=run.run_id,
             meta={"tracincp": bool((used != ws).any()), "query_steps_used": sorted(set(used.tolist())),
-                  "steps": int(len(ws))}))
+                  "steps": int(len(ws)), "step_size": sizes.form}))
     warn_nonfinite("tracin", nonfinite)
     return results if many else results[0]
 
@@ -117,22 +127,25 @@ def tracin(run: Run, window: Any = None, *, epochs: Any = None, windows: Any = N
 def self_influence(run: Run, window: Any = None, *, epochs: Any = None, windows: Any = None,
                    train_ids: Any = None, chunk_rows: int = DEFAULT_CHUNK_ROWS,
                    dtype: torch.dtype = torch.float32, device: Any = None,
-                   progress: bool = True, group: Any = None) -> InfluenceScores | list[InfluenceScores]:
+                   progress: bool = True, group: Any = None,
+                   step_size: str = "auto") -> InfluenceScores | list[InfluenceScores]:
     """TracIn self-influence SI(i; W) = sum_t (eta_t w_t) |g_t(i)|^2 per sample: [n_train].
 
     Large values flag samples the model fits with large gradients, e.g. mislabelled ones.
-    Needs no queries. Windows as in `tracin`.
+    Needs no queries. Windows and step_size as in `tracin` (Adam form: sum_t w_t g . A_t g).
     """
     wins, many = W.normalize(run.table, window, epochs, windows)
     dev = resolve_device(device)
     rows_of = SampleRows(run, train_ids, dev)
     spans = W.merge(wins)
     acc = ScoreAccumulator(len(wins), rows_of.n, None, dtype=dtype, device=dev)
+    sizes = step_size_form(run, step_size)
     split = Split.of(group)
 
     def compute(blk: RowBlock) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         rows, keep = rows_of.rows(blk.sample_ids)
-        return rows, keep, torch.linalg.vecdot(blk.grads, blk.grads).mul_(blk.coef_like(blk.grads))
+        scaled = sizes.scaled_rows(blk.steps, blk.grads)
+        return rows, keep, torch.linalg.vecdot(blk.grads, scaled).mul_(sizes.row_coef(blk.steps, blk.grads))
 
     def commit(blk: RowBlock, out: Any) -> None:
         acc.update_windows(wins, blk.steps, *out)
@@ -141,7 +154,7 @@ def self_influence(run: Run, window: Any = None, *, epochs: Any = None, windows:
                 chunk_rows=chunk_rows, dtype=dtype, device=dev)
     if split is not None:
         acc.sync(split.group)
-    base = run_notes(run)
+    base = run_notes(run, sizes)
     results = []
     for w, (t1, t2) in enumerate(wins):
         values, present = acc.compute(w)

@@ -59,6 +59,9 @@ def _command(subparsers: argparse._SubParsersAction, name: str, help: str,
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--device", default=None, help="e.g. cuda, cuda:1 (default cpu)")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    p.add_argument("--step-size", choices=("auto", "adam", "sgd"), default="auto",
+                   help="auto: on a run trained with Adam/AdamW, the per-layer step sizes Adam applied (recorded in "
+                        "training); else the learning rate")
     p.add_argument("--chunk-rows", type=int, default=None,
                    help="rows per block read, which bounds memory (default 4096)")
     p.add_argument("--top", type=int, default=5, help="proponents/opponents shown per query")
@@ -92,7 +95,7 @@ def _common(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     out = dict(dtype=getattr(torch, args.dtype), device=args.device, progress=not args.quiet,
-               group=getattr(args, "group", None))
+               group=getattr(args, "group", None), step_size=args.step_size)
     if args.chunk_rows is not None:
         out["chunk_rows"] = args.chunk_rows
     return out

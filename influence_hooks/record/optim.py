@@ -3,6 +3,7 @@ of the recorded layers at each step, and its per-parameter state in checkpoints.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Any
 
@@ -73,3 +74,73 @@ class RecordedLearningRate:
                 "so estimates weight the other layers' gradients by the wrong learning rate. Record "
                 "layers of a single param group (layers=... / exclude=...).", RuntimeWarning, stacklevel=3)
         return lrs[0]
+
+
+@functools.lru_cache(maxsize=4096)
+def momentum_spread(beta1: float, count: int) -> float:
+    """How much of a gradient that enters Adam's first moment at step count n reaches the
+    parameters over this and every later step, relative to one plain step:
+    (1 - b1) sum_k b1^k / (1 - b1^(n+k)) (step n+k sees it with weight (1 - b1) b1^k, divided by
+    its own bias correction). 1 once n is large; more in the first steps."""
+    if beta1 == 0.0:
+        return 1.0
+    total, k, w = 0.0, 0, 1.0 - beta1
+    while w > 1e-12 * (1.0 - beta1) and k < 100_000:
+        total += w / (1.0 - beta1 ** (count + k))
+        w *= beta1
+        k += 1
+    return total
+
+
+ADAM_SAMPLE = 1 << 16  # coordinates per parameter the step sizes are averaged over (evenly spaced)
+
+
+def adam_step_sizes(optimizer: torch.optim.Optimizer, layers: list, grad_factor: Any = None) -> torch.Tensor | None:
+    """Per recorded layer, the step size Adam applies to this step's gradient over its life in the
+    first moment, as one number: the mean over the layer's coordinates of
+    eta * momentum_spread(b1, n) / (sqrt(v / (1 - b2^n)) + eps), weighted by the squared gradient
+    (v: the second moment after this step's gradient, n: the step count; L2 weight decay of Adam
+    included in the gradient, AMSGrad's running maximum respected). [L] float32 on the gradients'
+    device, or None when the optimizer is not Adam/AdamW. Read before optimizer.step(), with .grad
+    set; grad_factor undoes a loss scale still in .grad. A parameter with more than ADAM_SAMPLE
+    coordinates is averaged over ADAM_SAMPLE evenly spaced ones.
+
+    The recorded-gradient estimators use it in place of the learning rate on an Adam run
+    (aggregate/stepsize.py): a per-layer scalar commutes with the random projection, Adam's
+    per-coordinate step sizes would not.
+    """
+    if not isinstance(optimizer, torch.optim.Adam):  # AdamW is a subclass
+        return None
+    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    out = []
+    for layer in layers:
+        num = den = None
+        for p in layer.module.parameters(recurse=False):
+            g, group = p.grad, group_of.get(id(p))
+            if g is None or group is None or g.is_sparse:
+                continue
+            b1, b2 = group["betas"]
+            state = optimizer.state.get(p, {})
+            count = int(state["step"]) + 1 if "step" in state else 1
+            stride = max(1, -(-g.numel() // ADAM_SAMPLE))
+            g = g.detach().reshape(-1)[::stride].float()
+            if grad_factor is not None:
+                g = g * grad_factor
+            if group["weight_decay"] and not group.get("decoupled_weight_decay", False) \
+                    and not isinstance(optimizer, torch.optim.AdamW):
+                g = g + group["weight_decay"] * p.detach().reshape(-1)[::stride].float()
+            g2 = g * g
+            v = g2 * (1 - b2)
+            if "exp_avg_sq" in state:
+                v = v.add_(state["exp_avg_sq"].reshape(-1)[::stride].float(), alpha=b2)
+            if group.get("amsgrad") and "max_exp_avg_sq" in state:
+                v = torch.maximum(state["max_exp_avg_sq"].reshape(-1)[::stride].float(), v)
+            size = v.div_(1 - b2 ** count).sqrt_().add_(group["eps"]).reciprocal_()
+            size = size.mul_(float(group["lr"]) * momentum_spread(float(b1), count))
+            n, d = torch.dot(size, g2), g2.sum()
+            num, den = (n, d) if num is None else (num + n, den + d)
+        if num is None:  # no gradient this step: the layer's rows are zero anyway
+            out.append(torch.zeros((), device=next(layer.module.parameters()).device))
+        else:
+            out.append(num / den.clamp_min(torch.finfo(den.dtype).tiny))
+    return torch.stack(out)

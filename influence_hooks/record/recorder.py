@@ -45,7 +45,7 @@ from .checks import check_first_step, warn_batch_mixing, warn_tied_parameters
 from .distributed import open_on_every_rank, process_position, refuse_sharded
 from .host import event_after, host_copy, loss_scale, scaler_found_inf
 from .ids import as_ids, concat_ids
-from .optim import RecordedLearningRate, describe_optimizer
+from .optim import RecordedLearningRate, adam_step_sizes, describe_optimizer
 from .options import RecordingConfig
 from .params import ParameterSaver
 from .queries import QueryLossFn, QuerySet
@@ -282,6 +282,8 @@ class GradientRecorder:
             micro_batches=n_micro, sample_ids=host_copy(ids), grads=None,
             skipped=self._found_inf(grad_scaler, optimizer),
             loss=float(loss) if loss is not None else float("nan"))
+        # the same on every rank (DDP averaged .grad); computed before the event the writer waits on
+        rec.layer_lr = adam_step_sizes(optimizer, self.layers, self._grad_factor(grad_scaler, optimizer))
         rec.grads, rec.finite = self._to_host(grads)
         rec.ready = event_after(grads)
         if query_grads is not None:
@@ -422,6 +424,14 @@ class GradientRecorder:
         if t.device.type == "cpu":
             return t, None
         return host_copy(t), torch.isfinite(t).all()
+
+    def _grad_factor(self, grad_scaler: Any, optimizer: torch.optim.Optimizer) -> Any:
+        """What turns .grad into the gradient the optimizer will apply: 1 / the AMP loss scale while
+        the scaler has not unscaled it yet, else None."""
+        amp = loss_scale(grad_scaler)
+        if amp is None or scaler_found_inf(grad_scaler, optimizer) is not False:
+            return None
+        return 1.0 / amp
 
     def _found_inf(self, grad_scaler: Any, optimizer: torch.optim.Optimizer) -> torch.Tensor | None:
         """Whether an AMP GradScaler will skip this step. Known once scaler.unscale_(optimizer)

@@ -73,6 +73,10 @@ STEP_COLUMNS = (
     "step", "epoch", "lr", "lr_groups", "batch_size", "update_weight", "micro_batches",
     "row_start", "row_count", "nonfinite", "skipped", "loss",
 )
+# per-step columns a shard holds only where they were recorded: layer_lr [steps, layers] float64 is
+# the step size Adam/AdamW applied to each recorded layer's gradient (record.optim.adam_step_sizes;
+# NaN where unknown), read by the estimators' Adam form (aggregate.stepsize)
+OPTIONAL_STEP_COLUMNS = ("layer_lr",)
 QUERY_STEP = "queries/step"
 QUERY_GRAD = "queries/grad"
 QUERY_NONFINITE = "queries/nonfinite"  # [query steps, Q] bool: u_q(step) holds NaN/inf

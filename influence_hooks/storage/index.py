@@ -80,7 +80,8 @@ class StepTable:
     rows: rows recorded for the step (all ranks); micro_batches; nonfinite: flagged non-finite
     gradients; skipped: the optimizer did not apply the step (AMP overflow); losses; uneven: the
     step's ranks weighted their samples differently (local batches of other sizes under DDP), and
-    update_weights holds the mean weight of its rows.
+    update_weights holds the mean weight of its rows; layer_lrs: [steps, layers] the step size
+    Adam/AdamW applied to each recorded layer (NaN where unknown), None when the run has none.
     """
 
     steps: np.ndarray
@@ -94,6 +95,7 @@ class StepTable:
     skipped: np.ndarray
     losses: np.ndarray
     uneven: np.ndarray
+    layer_lrs: np.ndarray | None = None
 
     @property
     def coef(self) -> np.ndarray:
@@ -392,6 +394,9 @@ def _read_step_columns(f: h5py.File, sh: ShardFile, run_id: str, dim: int | None
             f"says it is shard {attrs['shard_index']} of rank {attrs['rank']}, but its name says shard {sh.index} of "
             f"rank {sh.rank}: it was renamed. Give it back its own name ({fmt.shard_name(attrs['rank'], attrs['shard_index'])}).")
     cols = {name: f[fmt.STEPS][name][()] for name in fmt.STEP_COLUMNS}
+    for name in fmt.OPTIONAL_STEP_COLUMNS:
+        if name in f[fmt.STEPS]:
+            cols[name] = f[fmt.STEPS][name][()]
     qsteps = f[fmt.QUERY_STEP][()]
     qbad = None
     if len(qsteps):
@@ -432,6 +437,7 @@ def _merge_steps(read: list, seg_of: dict[Path, int], from_steps: dict[int, dict
         entry = per_step.get(step)
         if entry is None:
             per_step[step] = {**{name: cols[name][j] for name in fmt.STEP_COLUMNS}, "rows": n, "uneven": False,
+                              "layer_lr": cols["layer_lr"][j] if "layer_lr" in cols else None,
                               "weighted": n * float(cols["update_weight"][j])}
         else:  # another rank's part of the same step
             entry["uneven"] |= float(cols["update_weight"][j]) != float(entry["update_weight"])
@@ -453,8 +459,21 @@ def _merge_steps(read: list, seg_of: dict[Path, int], from_steps: dict[int, dict
         batch_sizes=col("batch_size", np.int64), rows=col("rows", np.int64),
         update_weights=col("update_weight", np.float64), micro_batches=col("micro_batches", np.int64),
         nonfinite=col("nonfinite", bool), skipped=col("skipped", bool), losses=col("loss", np.float64),
-        uneven=col("uneven", bool))
+        uneven=col("uneven", bool), layer_lrs=_layer_lrs([per_step[s]["layer_lr"] for s in order]))
     return table, step_rows, problems
+
+
+def _layer_lrs(per_step: list[Any]) -> np.ndarray | None:
+    """[steps, layers]: Adam's per-layer step sizes (NaN for steps without them), None if no step has them
+    (every rank computes the same ones from the same averaged gradients: the first rank's are used)."""
+    known = [v for v in per_step if v is not None]
+    if not known:
+        return None
+    out = np.full((len(per_step), len(known[0])), np.nan)
+    for i, v in enumerate(per_step):
+        if v is not None and len(v) == out.shape[1]:
+            out[i] = v
+    return out
 
 
 def _gaps(path: Path, rank_states: dict[int, dict[str, Any]], read: list, skipped: list[tuple[Path, str]],

@@ -60,6 +60,7 @@ class StepRecord:
     skipped: Any = None  # the optimizer did not apply this step (an AMP GradScaler found inf/NaN)
     loss: float = float("nan")
     ready: Any = None
+    layer_lr: Any = None  # [L]: Adam's step size per recorded layer (record.optim.adam_step_sizes), or None
 
 
 @dataclass(frozen=True)
@@ -523,6 +524,8 @@ class RunWriter:
                           "by aggregators.", RuntimeWarning)
         rec.grads, rec.finite = grads, torch.tensor(finite)
         rec.skipped = bool(rec.skipped) if rec.skipped is not None else False
+        if isinstance(rec.layer_lr, torch.Tensor):
+            rec.layer_lr = rec.layer_lr.detach().double().cpu().numpy()
         buf = self._buffer
         buf.steps.append(rec)
         buf.nbytes += grads.nbytes
@@ -589,6 +592,13 @@ class RunWriter:
         f.create_group(fmt.STEPS)
         for name in fmt.STEP_COLUMNS:
             write_array(f, f"{fmt.STEPS}/{name}", cols[name])
+        if any(r.layer_lr is not None for r in buf.steps):
+            n_layers = len(self.manifest["layers"])
+            layer_lr = np.full((len(buf.steps), n_layers), np.nan)
+            for j, r in enumerate(buf.steps):
+                if r.layer_lr is not None:
+                    layer_lr[j] = r.layer_lr
+            write_array(f, f"{fmt.STEPS}/layer_lr", layer_lr)
         write_array(f, fmt.QUERY_STEP, np.array(buf.query_steps, np.int64))
         if buf.query_grads:
             write_array(f, fmt.QUERY_GRAD, np.stack(buf.query_grads))

@@ -1,0 +1,177 @@
+"""The Adam form of the recorded-gradient estimators (aggregate/stepsize.py): the per-layer step
+sizes the recorder stores, checked against torch.optim.AdamW's own update, and every estimator
+in that form against a dense brute-force computation from the same recorded rows."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from influence_hooks import dit, dvemb, open_run, self_influence, tracin
+from influence_hooks.errors import ConfigurationError
+from influence_hooks.record.optim import adam_step_sizes, momentum_spread
+from influence_hooks.record.recorder import GradientRecorder
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_momentum_spread_sums_the_bias_corrected_momentum_weights():
+    b1 = 0.9
+    for n in (1, 2, 5, 40):
+        brute = sum((1 - b1) * b1**k / (1 - b1 ** (n + k)) for k in range(5000))
+        assert momentum_spread(b1, n) == pytest.approx(brute, rel=1e-9)
+    assert momentum_spread(b1, 1) > 2  # the first steps weigh a gradient several times
+    assert momentum_spread(b1, 10_000) == pytest.approx(1.0, rel=1e-9)
+    assert momentum_spread(0.0, 3) == 1.0
+
+
+@pytest.mark.parametrize("opt_cls", [torch.optim.Adam, torch.optim.AdamW])
+def test_the_first_step_size_is_what_adam_moves_per_unit_of_gradient(opt_cls):
+    """At step 1 Adam moves each coordinate by lr g / (|g| + eps): the recorded step size is the
+    squared-gradient-weighted mean of that ratio (times the momentum spread)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    opt = opt_cls(model.parameters(), lr=0.05, eps=1e-3, weight_decay=0.0)
+    F.cross_entropy(model(torch.randn(9, 4, dtype=torch.float64)), torch.randint(0, 3, (9,))).backward()
+
+    class Layer:  # what adam_step_sizes reads of a recorded layer
+        def __init__(self, module):
+            self.module = module
+
+    layers = [Layer(model[0]), Layer(model[2])]
+    sizes = adam_step_sizes(opt, layers)
+    grads = [[p.grad.clone() for p in l.module.parameters()] for l in layers]
+    before = [[p.detach().clone() for p in l.module.parameters()] for l in layers]
+    opt.step()
+    for j, layer in enumerate(layers):
+        moved = sum(((b - p.detach()) * g).sum() for p, b, g in zip(layer.module.parameters(), before[j], grads[j]))
+        g2 = sum((g * g).sum() for g in grads[j])
+        expected = moved / g2 * momentum_spread(0.9, 1)
+        assert sizes[j].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def _adamw_run(path, steps=6, projection="none"):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.02, weight_decay=0.01)
+    X, Y = torch.randn(48, 5, dtype=torch.float64), torch.randint(0, 3, (48,))
+    rec = GradientRecorder(path, model, projection=projection, storage_dtype="float64", overwrite=True,
+                           queries=(X[:3], Y[:3]), query_loss_fn=lambda m, b: F.cross_entropy(m(b[0]), b[1]),
+                           query_every_n_steps=1)
+    for t in range(steps):
+        ids = torch.arange(8) + 8 * t
+        rec.begin_micro_batch(ids)
+        F.cross_entropy(model(X[ids]), Y[ids]).backward()
+        rec.end_step(opt)
+        opt.step()
+        opt.zero_grad()
+    rec.finish()
+    return open_run(path)
+
+
+def _dense(run):
+    """Per step: (ids, G [B, K], w_t, A_t [K]) and u_q(t) [Q, K], read back without the estimators."""
+    cols = np.zeros(run.dim, np.int64)
+    for j, layer in enumerate(run.layers):
+        cols[layer.offset:layer.offset + layer.dim] = j
+    steps = []
+    for b in run.iter_steps(dtype=torch.float64):
+        i = run.step_position(b.step)
+        a = torch.from_numpy(run.table.layer_lrs[i][cols])
+        steps.append((b.step, b.sample_ids.numpy(), b.grads, float(run.update_weights[i]), a))
+    return steps
+
+
+def test_recorded_estimators_in_the_adam_form_equal_a_dense_computation(tmp_path):
+    run = _adamw_run(tmp_path / "run")
+    assert run.table.layer_lrs is not None and np.isfinite(run.table.layer_lrs).all()
+    steps = _dense(run)
+    n, Q, T = len(run.sample_ids), 3, run.final_step
+    pos = {int(s): k for k, s in enumerate(run.sample_ids)}
+
+    trac = torch.zeros(n, Q, dtype=torch.float64)
+    selfi = torch.zeros(n, dtype=torch.float64)
+    for t, ids, G, w, a in steps:
+        u = run.query_gradients(t, dtype=torch.float64)
+        for r, i in enumerate(ids):
+            trac[pos[int(i)]] += w * (u @ (a * G[r]))
+            selfi[pos[int(i)]] += w * (G[r] @ (a * G[r]))
+    got = tracin(run, progress=False, dtype=torch.float64)
+    assert got.meta["step_size"] == "adam" and any("Adam form" in n for n in got.approximations)
+    torch.testing.assert_close(got.values, trac, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(self_influence(run, progress=False, dtype=torch.float64).values, selfi,
+                               rtol=1e-10, atol=1e-14)
+
+    # removal at the end of training over [1, 5): u^T J_{T-1} ... J_{t+1} A_t w_t g_t(i), J = I - A H
+    K = run.dim
+    uT = run.query_gradients(T, dtype=torch.float64)
+    for curvature in ("none", "fisher"):
+        expected = torch.zeros(n, Q, dtype=torch.float64)
+        V = uT.T.clone()  # [K, Q]: J_{T-1}^T ... applied so far
+        for t, ids, G, w, a in reversed(steps):
+            if 1 <= t < 5:
+                for r, i in enumerate(ids):
+                    expected[pos[int(i)]] += w * ((a * G[r]) @ V)
+            if curvature == "fisher":
+                H = w * G.T @ G
+                V = (torch.eye(K, dtype=torch.float64) - torch.diag(a) @ H).T @ V
+        got = dit(run, window=(1, 5), eval_step="final", curvature=curvature, progress=False, dtype=torch.float64)
+        present = torch.from_numpy(np.isin(run.sample_ids, np.concatenate([s[1] for s in steps if 1 <= s[0] < 5])))
+        torch.testing.assert_close(got.values[present], expected[present], rtol=1e-9, atol=1e-14)
+        if curvature == "fisher":
+            emb = dvemb(run, window=(1, 5), progress=False, dtype=torch.float64, path=tmp_path / "emb.h5")
+            with emb:
+                scores = emb.scores(uT, dtype=torch.float64, progress=False)
+            torch.testing.assert_close(scores.values[present], expected[present], rtol=1e-9, atol=1e-14)
+
+    # the SGD form on the same run is what it was: eta_t w_t, no column scale
+    sgd = tracin(run, progress=False, dtype=torch.float64, step_size="sgd")
+    plain = torch.zeros(n, Q, dtype=torch.float64)
+    for t, ids, G, w, _a in steps:
+        u = run.query_gradients(t, dtype=torch.float64)
+        for r, i in enumerate(ids):
+            plain[pos[int(i)]] += float(run.lrs[run.step_position(t)]) * w * (u @ G[r])
+    torch.testing.assert_close(sgd.values, plain, rtol=1e-10, atol=1e-14)
+    assert sgd.meta["step_size"] == "sgd" and any("SGD form" in n for n in sgd.approximations)
+
+
+def test_projected_adam_runs_use_the_form_and_the_command_line_takes_it(tmp_path):
+    from influence_hooks.cli import main as cli
+
+    run = _adamw_run(tmp_path / "run", projection=8)
+    assert run.table.layer_lrs.shape == (6, 2)
+    a = dit(run, window=(0, 6), curvature="fisher", progress=False)
+    assert a.meta["step_size"] == "adam"
+    b = dit(run, window=(0, 6), curvature="fisher", progress=False, step_size="sgd")
+    assert not torch.allclose(a.values, b.values)
+    target = tmp_path / "sgd.h5"
+    assert cli(["dit", str(run.path), "--window", "0:6", "--step-size", "sgd", "--quiet", "--out", str(target)]) == 0
+    from influence_hooks.aggregate.results import InfluenceScores
+
+    torch.testing.assert_close(InfluenceScores.load(target).values, b.values)
+
+
+def test_the_adam_form_is_refused_where_it_cannot_apply(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = GradientRecorder(tmp_path / "sgd", model, projection="none", overwrite=True)
+    for t in range(2):
+        rec.begin_micro_batch(torch.arange(4) + 4 * t)
+        F.cross_entropy(model(torch.randn(4, 3)), torch.randint(0, 2, (4,))).backward()
+        rec.end_step(opt)
+        opt.step()
+        opt.zero_grad()
+    rec.finish()
+    run = open_run(tmp_path / "sgd")
+    assert run.table.layer_lrs is None
+    with pytest.raises(ConfigurationError, match="step_size='sgd'"):
+        self_influence(run, step_size="adam", progress=False)
+    with pytest.raises(ConfigurationError, match="step_size must be one of"):
+        self_influence(run, step_size="adamw", progress=False)
+    assert self_influence(run, progress=False).meta.get("step_size", "sgd") == "sgd"
+    with pytest.raises(ConfigurationError, match="full-space"):
+        dit(run, curvature="exact", step_size="sgd", model=model)
