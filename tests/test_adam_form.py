@@ -138,7 +138,7 @@ def test_recorded_estimators_in_the_adam_form_equal_a_dense_computation(tmp_path
     assert sgd.meta["step_size"] == "sgd" and any("SGD form" in n for n in sgd.approximations)
 
 
-def test_projected_adam_runs_use_the_form_and_the_command_line_takes_it(tmp_path):
+def test_projected_adam_runs_use_the_form_and_the_command_line_takes_it(tmp_path, capsys):
     from influence_hooks.cli import main as cli
 
     run = _adamw_run(tmp_path / "run", projection=8)
@@ -152,6 +152,16 @@ def test_projected_adam_runs_use_the_form_and_the_command_line_takes_it(tmp_path
     from influence_hooks.aggregate.results import InfluenceScores
 
     torch.testing.assert_close(InfluenceScores.load(target).values, b.values)
+    # embeddings computed in one form are not reused for the other
+    assert cli(["dvemb", str(run.path), "--quiet"]) == 0
+    from influence_hooks.aggregate import DataValueEmbeddings
+
+    with DataValueEmbeddings.load(run.path / "dvemb.h5", run=run) as emb:
+        assert emb.step_size == "adam"
+    capsys.readouterr()
+    assert cli(["dvemb", str(run.path), "--quiet", "--reuse", "--step-size", "sgd"]) != 0
+    assert "drop --reuse" in capsys.readouterr().err
+    assert cli(["dvemb", str(run.path), "--quiet", "--reuse"]) == 0
 
 
 def test_the_adam_form_is_refused_where_it_cannot_apply(tmp_path):

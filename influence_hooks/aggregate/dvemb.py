@@ -216,6 +216,7 @@ class DataValueEmbeddings:
         self.blocks = [tuple(b) for b in json.loads(a["blocks"])]
         self.projection_fingerprint = str(a["projection_fingerprint"])
         self.approximations = list(json.loads(a["approximations"]))
+        self.step_size = str(a.get("step_size", "sgd"))  # the form of the step size (stepsize.py)
         self.steps = self._f["steps/step"][()]
         self._row_start = self._f["steps/row_start"][()]
         self._row_count = self._f["steps/row_count"][()]

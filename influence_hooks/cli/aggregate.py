@@ -183,6 +183,7 @@ def _run_self_influence(args: argparse.Namespace) -> int:
 
 def _run_dvemb(args: argparse.Namespace) -> int:
     from ..aggregate import DataValueEmbeddings, dvemb
+    from ..aggregate.stepsize import StepSizes
 
     bd = {"auto": None, "true": True, "false": False}[args.block_diagonal]
     with _open(args) as run:
@@ -190,6 +191,12 @@ def _run_dvemb(args: argparse.Namespace) -> int:
         target = path or run.path / "dvemb.h5"
         if args.reuse and target.exists():
             emb = DataValueEmbeddings.load(target, run=run)
+            wanted = StepSizes(run, args.step_size).form
+            if emb.step_size != wanted:
+                emb.close()
+                raise ConfigurationError(
+                    f"{target} holds embeddings in the {emb.step_size} form, but --step-size {args.step_size} asks "
+                    f"for the {wanted} form: drop --reuse to compute them again (or pass --step-size {emb.step_size}).")
         else:
             emb = dvemb(run, path=path, block_diagonal=bd, memory_budget_mb=args.memory_budget_mb,
                         **_common(args))
@@ -204,4 +211,5 @@ def _run_dvemb(args: argparse.Namespace) -> int:
                       "Python: DataValueEmbeddings.load(path, run=run).scores(query_gradients(model, run, "
                       "queries, loss_fn)), with the trained model.")
                 return 0
-            return _emit(args, emb.scores(run.query_gradients(T), **window_args(args), **_common(args)), run.path)
+            scoring = {k: v for k, v in _common(args).items() if k != "step_size"}  # inside the embeddings
+            return _emit(args, emb.scores(run.query_gradients(T), **window_args(args), **scoring), run.path)
