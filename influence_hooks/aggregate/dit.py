@@ -58,9 +58,10 @@ def dit(run: Run, window: Any = None, *, epochs: Any = None, windows: Any = None
         own dtype for 'exact'/'ggn'.
     group: a torch.distributed process group to split the work over: by rows without curvature, by
         queries with it (aggregate/distributed.py).
-    step_size: for 'none'/'fisher': 'auto' (on a run trained with Adam/AdamW, the per-layer step sizes
-        Adam applied, recorded in training; else the learning rate), 'adam' or 'sgd'
-        (aggregate/stepsize.py). 'exact'/'ggn' follow the optimizer itself.
+    step_size: for 'none'/'fisher': 'auto', 'adam' (the per-layer step sizes Adam applied, recorded
+        in training on a run trained with Adam/AdamW) or 'sgd' (the learning rate); 'auto' is the
+        Adam form for 'none' and the SGD form for 'fisher' (aggregate/stepsize.py). 'exact'/'ggn'
+        follow the optimizer itself.
     Positive score: removing i raises the query loss (i helped). Windows as in `tracin`.
     """
     if mode not in MODES:
@@ -88,7 +89,8 @@ def dit(run: Run, window: Any = None, *, epochs: Any = None, windows: Any = None
             raise ConfigurationError(f"dit got unexpected argument(s) {sorted(kwargs)}; they are only for "
                                      "curvature='exact'/'ggn' (the full-space curvatures).")
         results = _recorded_space(run, plan, op, projection_fingerprint=projection_fingerprint,
-                                  chunk_rows=chunk_rows, sizes=step_size_form(run, step_size), **common)
+                                  chunk_rows=chunk_rows, sizes=step_size_form(run, step_size, curvature=op.propagates),
+                                  **common)
     return results if many else results[0]
 
 

@@ -73,9 +73,9 @@ def dvemb(run: Run, *, path: str | os.PathLike | None = None, window: Any = None
     (below 6e-5) and scores lose up to ~1e-2 relative precision; choose it only when that is fine.
     group: a torch.distributed process group: each rank keeps its share of the rows of M and
         computes those columns of every embedding; rank 0 writes the file, every rank returns it.
-    step_size: 'auto' (on a run trained with Adam/AdamW, the per-layer step sizes Adam applied,
-        recorded in training: emb = w_t (I - M) A_t g; else the learning rate), 'adam' or 'sgd'
-        (aggregate/stepsize.py).
+    step_size: 'auto' (the SGD form: the learning rate), 'adam' (on a run trained with Adam/AdamW,
+        the per-layer step sizes Adam applied, recorded in training: emb = w_t (I - M) A_t g) or
+        'sgd' (aggregate/stepsize.py).
     Returns a DataValueEmbeddings; `.scores(u_q(T))` gives removal influence at the end of training.
     """
     split = Split.of(group)
@@ -120,7 +120,7 @@ def dvemb(run: Run, *, path: str | os.PathLike | None = None, window: Any = None
              for ca, cb, xa, xb in parts if xb > xa]
     writes = first_process(split)
 
-    sizes = step_size_form(run, step_size)
+    sizes = step_size_form(run, step_size, curvature=True)
     notes = run_notes(run, sizes) + [FisherCurvature.note, "the query is evaluated at the end of training (u_q(T))"]
     if block_diagonal and len(blocks) > 1:
         notes.append(f"M kept block-diagonal: {len(blocks)} per-layer blocks, cross-layer curvature ignored")

@@ -28,7 +28,7 @@ def run_notes(run: Run, step_sizes: Any = None) -> list[str]:
         kinds = sorted({l.projection.get("kind") for l in run.layers if l.projected})
         notes.append(f"gradients randomly projected to {run.dim} dimensions ({', '.join(kinds)})")
     opt = run.optimizer
-    if step_sizes is not None and step_sizes.adam:
+    if step_sizes is not None and step_sizes.note:
         notes.append(f"optimizer {opt.get('name') if opt else 'Adam'}: {step_sizes.note}")
     elif opt and not opt.get("is_plain_sgd", False):
         adam = opt.get("name") in ("Adam", "AdamW")

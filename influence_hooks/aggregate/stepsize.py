@@ -39,10 +39,12 @@ ADAM_NOTE = ("Adam form: each layer's gradients weighted by the step size Adam a
 class StepSizes:
     """The step size of each step's rows and columns, in the SGD or the Adam form.
 
-    form: 'auto' (the Adam form where the run recorded Adam's step sizes, else SGD), 'adam' (an
-    error without them) or 'sgd'."""
+    form: 'auto', 'adam' (an error without Adam's recorded step sizes) or 'sgd'. 'auto' is the
+    Adam form where the run recorded Adam's step sizes and `curvature` is False; with curvature
+    (dit fisher, dvemb) it is the SGD form: on the fidelity benchmark the Adam form with Fisher
+    curvature fell behind on the early windows (README, "Benchmarks")."""
 
-    def __init__(self, run: Run, form: str = "auto"):
+    def __init__(self, run: Run, form: str = "auto", curvature: bool = False):
         if form not in FORMS:
             raise ConfigurationError(f"step_size must be one of {FORMS}, got {form!r}")
         sizes = run.table.layer_lrs
@@ -52,7 +54,8 @@ class StepSizes:
                 f"step_size='adam' needs the per-layer step sizes Adam applied, which {run.path} does not hold: it "
                 "was not trained with torch.optim.Adam/AdamW, or was recorded by an older influence_hooks. Use "
                 "step_size='sgd' (the recorded learning rate), or record the run again.")
-        self.adam = recorded and form != "sgd"
+        self.adam = recorded and (form == "adam" or (form == "auto" and not curvature))
+        self.recorded = recorded
         self.form = "adam" if self.adam else "sgd"
         self._run = run
         self._cache: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
@@ -63,7 +66,12 @@ class StepSizes:
 
     @property
     def note(self) -> str | None:
-        return ADAM_NOTE if self.adam else None
+        if self.adam:
+            return ADAM_NOTE
+        if self.recorded:
+            return ("the SGD form with the recorded learning rate (step_size='adam' uses the step sizes Adam applied, "
+                    "recorded in training; with Fisher curvature that measured worse on early windows)")
+        return None
 
     def row_coef(self, steps: np.ndarray, like: torch.Tensor) -> torch.Tensor:
         """The factor of each row (steps [R]) outside the column scale: eta_t w_t, or w_t (Adam form)."""
@@ -98,6 +106,9 @@ class StepSizes:
         return out
 
 
-def step_size_form(run: Run, form: Any) -> StepSizes:
-    """StepSizes of `run` for the estimators' step_size= argument (a StepSizes passes through)."""
-    return form if isinstance(form, StepSizes) else StepSizes(run, "auto" if form is None else str(form))
+def step_size_form(run: Run, form: Any, curvature: bool = False) -> StepSizes:
+    """StepSizes of `run` for the estimators' step_size= argument (a StepSizes passes through);
+    curvature: the estimator propagates through curvature (dit fisher, dvemb)."""
+    if isinstance(form, StepSizes):
+        return form
+    return StepSizes(run, "auto" if form is None else str(form), curvature=curvature)

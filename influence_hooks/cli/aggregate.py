@@ -60,8 +60,9 @@ def _command(subparsers: argparse._SubParsersAction, name: str, help: str,
     p.add_argument("--device", default=None, help="e.g. cuda, cuda:1 (default cpu)")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     p.add_argument("--step-size", choices=("auto", "adam", "sgd"), default="auto",
-                   help="auto: on a run trained with Adam/AdamW, the per-layer step sizes Adam applied (recorded in "
-                        "training); else the learning rate")
+                   help="adam: on a run trained with Adam/AdamW, the per-layer step sizes Adam applied (recorded "
+                        "in training); sgd: the learning rate; auto: adam for tracin, self-influence and dit without "
+                        "curvature, sgd with curvature (dit fisher, dvemb)")
     p.add_argument("--chunk-rows", type=int, default=None,
                    help="rows per block read, which bounds memory (default 4096)")
     p.add_argument("--top", type=int, default=5, help="proponents/opponents shown per query")
@@ -191,7 +192,7 @@ def _run_dvemb(args: argparse.Namespace) -> int:
         target = path or run.path / "dvemb.h5"
         if args.reuse and target.exists():
             emb = DataValueEmbeddings.load(target, run=run)
-            wanted = StepSizes(run, args.step_size).form
+            wanted = StepSizes(run, args.step_size, curvature=True).form
             if emb.step_size != wanted:
                 emb.close()
                 raise ConfigurationError(
