@@ -78,8 +78,10 @@ class QueryCache:
     def __call__(self, step: int) -> torch.Tensor:
         with self._lock:
             u = self._cache.get(step)
-            if u is None:
-                u = self._cache[step] = self.run.query_gradients(step, dtype=self.dtype, device=self.device)
-                while len(self._cache) > self.keep:
+            if u is None:  # the query steps of its shard come in one read
+                near = self.run.query_gradients_near(step, dtype=self.dtype, device=self.device)
+                self._cache.update(near)
+                u = near[step]
+                while len(self._cache) > max(self.keep, len(near)):
                     self._cache.popitem(last=False)
             return u

@@ -384,7 +384,7 @@ class Run:
         damage) is a CorruptShardError naming the file. Safe to call from a reader thread."""
         try:
             return fetch(plan, stage, lambda sh: self._pool.rows(sh.path),
-                         lambda sh, r0, r1: self._read(sh, fmt.ROWS_SAMPLE_ID, slice(r0, r1)))
+                         lambda sh, r0, r1: self._pool.rows(sh.path).sample_ids(r0, r1))
         except RowsDamaged as e:
             raise self._damaged(e.shard.path, fmt.ROWS_GRAD, e.cause) from e.cause
 
@@ -425,6 +425,19 @@ class Run:
             g = g[:, cols]
         g = from_stored(np.ascontiguousarray(g), stored_dtype(self._dataset(sh, fmt.QUERY_GRAD)))
         return g.to(device=device, dtype=dtype)
+
+    def query_gradients_near(self, step: int, *, dtype: torch.dtype = torch.float32,
+                             device: str | torch.device = "cpu") -> dict[int, torch.Tensor]:
+        """{s: u_q(s)} for every query step s stored in the same shard as `step` (one read of the
+        shard's query dataset, which HDF5 verifies whole anyway): what a pass in step order needs next."""
+        if int(step) not in self._index.query_index:  # query_gradients says what is missing
+            return {int(step): self.query_gradients(step, dtype=dtype, device=device)}
+        sh, _ = self._index.query_index[int(step)]
+        mine = sorted((s, j) for s, (other, j) in self._index.query_index.items() if other.path == sh.path)
+        block = self._read(sh, fmt.QUERY_GRAD, slice(mine[0][1], mine[-1][1] + 1))
+        g = from_stored(np.ascontiguousarray(block), stored_dtype(self._dataset(sh, fmt.QUERY_GRAD)))
+        g = g.to(device=device, dtype=dtype)
+        return {int(s): g[j - mine[0][1]] for s, j in mine}
 
     def query_nonfinite(self, step: int) -> np.ndarray:
         """[Q] bool: which queries' gradients u_q(step) hold NaN/inf, as flagged when recorded

@@ -44,6 +44,8 @@ class RowFile:
     reader names the file. Built once per open shard (storage.index.FilePool)."""
 
     def __init__(self, f: h5py.File):
+        self._file = f
+        self._sample_ids: np.ndarray | None = None
         ds = f[fmt.ROWS_GRAD]
         if ds.ndim != 2:
             raise CorruptShardError(f"{fmt.ROWS_GRAD} has shape {ds.shape}, not [rows, K]")
@@ -84,6 +86,16 @@ class RowFile:
         # our own descriptor of the file HDF5 opened (the same inode), closed with this object
         self._fd = os.dup(f.id.get_vfd_handle())
         weakref.finalize(self, os.close, self._fd)
+
+    def sample_ids(self, r0: int, r1: int) -> np.ndarray:
+        """The sample ids of rows [r0, r1): the shard's column is read once (HDF5 checks its
+        fletcher32) and kept while the shard is open (8 bytes a row), instead of a lookup per block."""
+        ids = self._sample_ids
+        if ids is None:
+            ids = self._sample_ids = np.asarray(self._file[fmt.ROWS_SAMPLE_ID][()], np.int64)
+            if len(ids) != self.n:
+                raise CorruptShardError(f"{fmt.ROWS_SAMPLE_ID} has {len(ids)} rows, {fmt.ROWS_GRAD} {self.n}")
+        return ids[r0:r1]
 
     def stage_bytes(self, r0: int, r1: int) -> int:
         """Bytes of stage that read(r0, r1, ...) needs."""
@@ -251,7 +263,7 @@ def fetch(plan: BlockPlan, stage: Stage, row_file: Any, read_ids: Any) -> Fetche
         t = from_stored(rows, rf.dtype)
         dtype = t.dtype
         pieces.append((t, run.segments))
-        run_ids = read_ids(run.shard, run.r0, run.r1)
+        run_ids = guarded(run, lambda: read_ids(run.shard, run.r0, run.r1))
         for a, n, d in run.segments:
             ids[d:d + n] = run_ids[a:a + n]
         at += size
