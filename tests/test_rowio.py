@@ -268,3 +268,44 @@ def test_streamed_blocks_hold_every_row_once_in_step_order_either_way(runs):
                 assert np.array_equal(np.concatenate([g[0] for g in got]), steps[order])
                 assert np.array_equal(torch.cat([g[1] for g in got]).numpy(), ids[order])
                 assert torch.equal(torch.cat([g[2] for g in got]), rows[order])
+
+
+def test_sample_rows_by_table_and_by_search_agree_with_a_dictionary():
+    """Dense ids take a lookup table, sparse ones a binary search; both map ids to rows as a dict does."""
+    import types
+
+    from influence_hooks.aggregate.rows import SampleRows
+
+    rng = np.random.default_rng(0)
+    for all_ids in (np.arange(50), np.sort(rng.choice(10**9, 50, replace=False))):
+        run = types.SimpleNamespace(sample_ids=all_ids)
+        seen = torch.from_numpy(rng.choice(all_ids, 200))
+        for subset in (None, all_ids[::3]):
+            rows_of = SampleRows(run, subset, torch.device("cpu"))
+            assert (rows_of._lut is not None) == (all_ids[-1] < 1000)
+            pos, keep = rows_of.rows(seen)
+            table = {int(i): r for r, i in enumerate(rows_of.ids)}
+            expect_keep = torch.tensor([int(i) in table for i in seen])
+            assert (keep is None and bool(expect_keep.all())) or torch.equal(keep, expect_keep)
+            got = pos if keep is None else pos[keep]
+            assert got.tolist() == [table[int(i)] for i in seen if int(i) in table]
+
+
+def test_query_gradients_near_are_those_of_each_step(tmp_path):
+    from influence_hooks.storage.writer import RunWriter, StepRecord, WriterOptions
+
+    manifest = {"dim": 2, "storage_dtype": "float32", "run_id": "near", "queries": {"ids": [0, 1]},
+                "layers": [{"name": "fc", "rule": "linear", "module_type": "Linear", "offset": 0, "dim": 2,
+                            "grad_dim": 2, "param_shapes": [["weight", [1, 2]]], "projection": {"kind": "none"}}]}
+    w = RunWriter.create(tmp_path, manifest, options=WriterOptions(steps_per_shard=3))
+    for t in range(7):
+        w.write_queries(t, torch.full((2, 2), float(t)))
+        w.write_step(StepRecord(step=t, epoch=0, lr=0.1, lr_groups=[0.1], batch_size=1, update_weight=1.0,
+                                micro_batches=1, sample_ids=np.array([t]), grads=torch.ones(1, 2)))
+    w.close(final_step=7)
+    run = open_run(tmp_path)
+    for t in range(7):
+        near = run.query_gradients_near(t)
+        assert t in near and len(near) == (3 if t < 6 else 1)  # shards of steps 0-2, 3-5, 6
+        for s, u in near.items():
+            assert torch.equal(u, run.query_gradients(s))
