@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -89,15 +90,19 @@ def _save(fig: Figure, path: Path) -> Path:
     return path
 
 
+def _panel_grid(rows: int, cols: int) -> tuple[Figure, Any]:
+    """A figure of rows x cols small panels (methods by windows or scopes)."""
+    fig = Figure(figsize=(2.6 * cols + 0.6, 2.3 * rows + 0.4), layout="constrained")
+    return fig, fig.subplots(rows, cols, squeeze=False)
+
+
 def plot_scatter(v: Validation, path: Path) -> Path | None:
     """Rows: methods; columns: windows. Each point a left-out sample: its truth and estimate,
     averaged over the queries (the mean query loss)."""
     wins = v.windows
     if not wins:
         return None
-    rows, cols = len(v.methods), len(wins)
-    fig = Figure(figsize=(2.6 * cols + 0.6, 2.3 * rows + 0.4), layout="constrained")
-    axes = fig.subplots(rows, cols, squeeze=False)
+    fig, axes = _panel_grid(len(v.methods), len(wins))
     for r, m in enumerate(v.methods):
         for c, s in enumerate(wins):
             ax = axes[r][c]
@@ -106,7 +111,7 @@ def plot_scatter(v: Validation, path: Path) -> Path | None:
                 ax.set_title(f"{s.name}\n", fontsize=9)
             if c == 0:
                 ax.set_ylabel(f"{method_label(m)}\nestimate", fontsize=8)
-            if r == rows - 1:
+            if r == len(v.methods) - 1:
                 ax.set_xlabel("retraining (truth)", fontsize=8)
     fig.suptitle("Leave-one-out: estimate vs retraining, mean over queries", fontsize=10)
     return _save(fig, path)
@@ -136,9 +141,7 @@ def plot_lds(v: Validation, path: Path) -> Path | None:
     scopes = [s for s in v.scopes if s.subset_change is not None]
     if not scopes:
         return None
-    rows, cols = len(v.methods), len(scopes)
-    fig = Figure(figsize=(2.6 * cols + 0.6, 2.3 * rows + 0.4), layout="constrained")
-    axes = fig.subplots(rows, cols, squeeze=False)
+    fig, axes = _panel_grid(len(v.methods), len(scopes))
     for r, m in enumerate(v.methods):
         for c, s in enumerate(scopes):
             ax = axes[r][c]
@@ -148,7 +151,7 @@ def plot_lds(v: Validation, path: Path) -> Path | None:
                 ax.set_title(s.name, fontsize=9)
             if c == 0:
                 ax.set_ylabel(f"{method_label(m)}\npredicted", fontsize=8)
-            if r == rows - 1:
+            if r == len(v.methods) - 1:
                 ax.set_xlabel("actual loss change", fontsize=8)
             if p is None:
                 ax.text(0.5, 0.5, "not estimated", ha="center", va="center", fontsize=8, transform=ax.transAxes)
