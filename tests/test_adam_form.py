@@ -26,6 +26,10 @@ def test_momentum_spread_sums_the_bias_corrected_momentum_weights():
     assert momentum_spread(b1, 1) > 2  # the first steps weigh a gradient several times
     assert momentum_spread(b1, 10_000) == pytest.approx(1.0, rel=1e-9)
     assert momentum_spread(0.0, 3) == 1.0
+    from influence_hooks.record.optim import _spread  # fused/capturable Adam: the count is a device tensor
+
+    for n in (1, 7, 300):
+        assert float(_spread(0.9, torch.tensor(float(n), dtype=torch.float64))) == pytest.approx(momentum_spread(0.9, n))
 
 
 @pytest.mark.parametrize("opt_cls", [torch.optim.Adam, torch.optim.AdamW])
@@ -190,3 +194,39 @@ def test_the_adam_form_is_refused_where_it_cannot_apply(tmp_path):
     assert self_influence(run, progress=False).meta.get("step_size", "sgd") == "sgd"
     with pytest.raises(ConfigurationError, match="full-space"):
         dit(run, curvature="exact", step_size="sgd", model=model)
+
+
+def test_steps_without_recorded_step_sizes_use_the_learning_rate_and_say_so(tmp_path):
+    from influence_hooks.aggregate.stepsize import StepSizes
+    from influence_hooks.storage.writer import RunWriter, StepRecord, WriterOptions
+
+    manifest = {"dim": 2, "storage_dtype": "float64", "run_id": "mixed",
+                "layers": [{"name": "fc", "rule": "linear", "module_type": "Linear", "offset": 0, "dim": 2,
+                            "grad_dim": 2, "param_shapes": [["weight", [1, 2]]], "projection": {"kind": "none"}}]}
+    w = RunWriter.create(tmp_path, manifest, options=WriterOptions(steps_per_shard=2))
+    for t in range(4):  # steps 0 and 1 recorded without Adam's step sizes (an older version)
+        w.write_step(StepRecord(step=t, epoch=0, lr=0.1, lr_groups=[0.1], batch_size=1, update_weight=1.0,
+                                micro_batches=1, sample_ids=np.array([t]), grads=torch.ones(1, 2, dtype=torch.float64),
+                                layer_lr=None if t < 2 else torch.tensor([2.0])))
+    w.close(final_step=4)
+    run = open_run(tmp_path)
+    assert np.isnan(run.table.layer_lrs[:2]).all() and (run.table.layer_lrs[2:] == 2.0).all()
+    sizes = StepSizes(run, "adam")
+    assert sizes.missing == 2 and "2 step(s) of the run have no recorded step sizes" in sizes.note
+    s = self_influence(run, progress=False, dtype=torch.float64, step_size="adam")
+    torch.testing.assert_close(s.values, torch.tensor([0.2, 0.2, 4.0, 4.0], dtype=torch.float64))  # |g|^2 * size
+
+
+def test_a_custom_curvature_without_apply_is_refused_in_the_adam_form(tmp_path):
+    from influence_hooks.aggregate.curvature import CurvatureOperator
+
+    class PropagateOnly(CurvatureOperator):
+        name = "propagate-only"
+
+        def propagate(self, batch, U, lr, *, GU=None):
+            U.mul_(0.5)
+
+    run = _adamw_run(tmp_path / "run", projection=8)
+    with pytest.raises(ConfigurationError, match="defines propagate\\(\\) only"):
+        dit(run, window=(0, 6), curvature=PropagateOnly(), step_size="adam", progress=False)
+    dit(run, window=(0, 6), curvature=PropagateOnly(), step_size="sgd", progress=False)

@@ -168,3 +168,35 @@ def test_finiteness_check_agrees_with_an_element_wise_test():
             cases.append(t)
     for t in cases:
         assert _all_finite(t) == bool(torch.isfinite(t).all()), t
+
+
+def test_a_shard_reaches_disk_as_soon_as_its_last_step_is_taken(tmp_path):
+    """Steps are handed to the writer in batches, but the step that completes a shard goes at once,
+    also after other hand-offs (queries) broke the batches' alignment: a crash loses the open shard only."""
+    import time
+
+    from influence_hooks.storage import format as fmt
+    from influence_hooks.storage.writer import RunWriter, WriterOptions
+
+    w = RunWriter.create(tmp_path, _one_layer_manifest("edge"), options=WriterOptions(steps_per_shard=3))
+
+    def shards(expected: int) -> int:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            n = len(list((tmp_path / fmt.SHARD_DIR).glob("*.h5")))
+            if n >= expected:
+                return n
+            time.sleep(0.01)
+        return n
+
+    w.write_step(_step(0))
+    w.write_queries(1, torch.zeros(2, 2, dtype=torch.float64))  # hands the pending step over
+    w.write_step(_step(1))
+    time.sleep(0.3)
+    assert shards(0) == 0  # two of three steps: nothing finished yet
+    w.write_step(_step(2))
+    assert shards(1) == 1
+    for t in range(3, 6):
+        w.write_step(_step(t))
+    assert shards(2) == 2
+    w.close(final_step=6)

@@ -77,7 +77,7 @@ def dit(run: Run, window: Any = None, *, epochs: Any = None, windows: Any = None
     if isinstance(op, FullSpaceCurvature):
         from .fullspace import exact_dit
 
-        if step_size != "auto":
+        if step_size not in (None, "auto"):
             raise ConfigurationError(f"step_size={step_size!r} applies to curvature 'none'/'fisher'; the full-space "
                                      "curvatures linearize the run's own optimizer (SGD or Adam) instead.")
         if projection_fingerprint is not None:
@@ -191,6 +191,16 @@ def _fixed_query_pass(run: Run, plan: TaskPlan, u0: dict[int, torch.Tensor], siz
                 chunk_rows=chunk_rows, dtype=dtype, device=dev)
 
 
+def _apply(op: CurvatureOperator, batch: StepBatch, AU: torch.Tensor, GU: torch.Tensor) -> torch.Tensor:
+    """H_t (A_t U) for the Adam form, which needs the operator's apply(), not only its propagate()."""
+    try:
+        return op.apply(batch, AU, GU=GU)
+    except NotImplementedError:
+        raise ConfigurationError(
+            f"curvature {op.name!r} defines propagate() only; the Adam form (step_size='adam') needs its "
+            "apply(batch, U) = H_t U. Define apply(), or pass step_size='sgd'.") from None
+
+
 def _propagating_pass(run: Run, plan: TaskPlan, u0: dict[int, torch.Tensor], op: CurvatureOperator,
                       sizes: StepSizes, rows_of: SampleRows, acc: ScoreAccumulator, chunk_rows: int,
                       dtype: torch.dtype, dev: torch.device, progress: bool) -> None:
@@ -255,7 +265,7 @@ def _propagating_pass(run: Run, plan: TaskPlan, u0: dict[int, torch.Tensor], op:
                 if scale is None:
                     op.propagate(batch, Ua, lr, GU=GU)
                 else:
-                    Ua.sub_(op.apply(batch, AU, GU=GU))
+                    Ua.sub_(_apply(op, batch, AU, GU))
                 if cols is not None:
                     U.index_copy_(1, cols, Ua)
             # the scores: (eta_t w_t) g_t(i) . U_t, per task over the rows of the steps it scores

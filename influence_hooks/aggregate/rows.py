@@ -256,7 +256,8 @@ class SampleRows:
     def rows(self, sample_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(row of each id, keep mask or None when every id has a row)."""
         if self._lut is not None:
-            pos = self._lut[sample_ids.clamp(0, len(self._lut) - 1)]
+            last = len(self._lut) - 1  # the sentinel (-1): ids beyond the table, and negative ones
+            pos = self._lut[torch.where(sample_ids < 0, last, sample_ids.clamp(max=last))]
             if not self.subset:
                 return pos, None
             keep = pos >= 0

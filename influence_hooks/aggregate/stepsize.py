@@ -56,21 +56,28 @@ class StepSizes:
                 "step_size='sgd' (the recorded learning rate), or record the run again.")
         self.adam = recorded and (form == "adam" or (form == "auto" and not curvature))
         self.recorded = recorded
+        self.missing = 0
         self.form = "adam" if self.adam else "sgd"
         self._run = run
         self._cache: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
         if self.adam:
             self._offsets = [(l.offset, l.offset + l.dim) for l in run.layers]
-            # a step without them (recorded before the optimizer had Adam state, or non-finite): the lr
-            self._sizes = np.where(np.isfinite(sizes), sizes, run.table.lrs[:, None])
+            # a step without them (recorded by an older version, or non-finite): the lr, and a note
+            known = np.isfinite(sizes)
+            self.missing = int((~known.all(axis=1)).sum())
+            self._sizes = np.where(known, sizes, run.table.lrs[:, None])
 
     @property
     def note(self) -> str | None:
         if self.adam:
+            if self.missing:
+                return (f"{ADAM_NOTE}; {self.missing} step(s) of the run have no recorded step sizes and use the "
+                        "learning rate instead")
             return ADAM_NOTE
         if self.recorded:
-            return ("the SGD form with the recorded learning rate (step_size='adam' uses the step sizes Adam applied, "
-                    "recorded in training; with Fisher curvature that measured worse on early windows)")
+            return ("the SGD form with the recorded learning rate, which under Adam follows retraining poorly "
+                    "(step_size='adam' uses the step sizes Adam applied, recorded in training; "
+                    "dit(curvature='exact') linearizes Adam itself)")
         return None
 
     def row_coef(self, steps: np.ndarray, like: torch.Tensor) -> torch.Tensor:

@@ -4,6 +4,7 @@ of the recorded layers at each step, and its per-parameter state in checkpoints.
 from __future__ import annotations
 
 import functools
+import math
 import warnings
 from typing import Any
 
@@ -92,6 +93,27 @@ def momentum_spread(beta1: float, count: int) -> float:
     return total
 
 
+def _step_count(step: Any) -> Any:
+    """This step's count n (the state's count + 1): a float, or a float tensor where the state keeps
+    it on a device (fused / capturable Adam), so that reading it never waits for the GPU."""
+    if step is None:
+        return 1.0
+    if isinstance(step, torch.Tensor):
+        return step.float() + 1 if step.device.type != "cpu" else float(step) + 1
+    return float(step) + 1
+
+
+def _spread(beta1: float, count: Any) -> Any:
+    """momentum_spread(beta1, count) for a float count, or as tensor operations for a device one."""
+    if not isinstance(count, torch.Tensor):
+        return momentum_spread(beta1, int(count))
+    if beta1 == 0.0:
+        return torch.ones_like(count)
+    terms = int(math.ceil(math.log(1e-12) / math.log(beta1))) + 1
+    k = torch.arange(terms, device=count.device, dtype=count.dtype)
+    return ((1 - beta1) * beta1 ** k / (1 - beta1 ** (count + k))).sum()
+
+
 ADAM_SAMPLE = 1 << 16  # coordinates per parameter the step sizes are averaged over (evenly spaced)
 
 
@@ -109,7 +131,7 @@ def adam_step_sizes(optimizer: torch.optim.Optimizer, layers: list, grad_factor:
     (aggregate/stepsize.py): a per-layer scalar commutes with the random projection, Adam's
     per-coordinate step sizes would not.
     """
-    if not isinstance(optimizer, torch.optim.Adam):  # AdamW is a subclass
+    if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):  # AdamW subclasses Adam in newer torch
         return None
     group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
     out = []
@@ -119,9 +141,9 @@ def adam_step_sizes(optimizer: torch.optim.Optimizer, layers: list, grad_factor:
             g, group = p.grad, group_of.get(id(p))
             if g is None or group is None or g.is_sparse:
                 continue
-            b1, b2 = group["betas"]
+            b1, b2 = (float(b) for b in group["betas"])
             state = optimizer.state.get(p, {})
-            count = int(state["step"]) + 1 if "step" in state else 1
+            count = _step_count(state.get("step"))
             stride = max(1, -(-g.numel() // ADAM_SAMPLE))
             g = g.detach().reshape(-1)[::stride].float()
             if grad_factor is not None:
@@ -136,7 +158,7 @@ def adam_step_sizes(optimizer: torch.optim.Optimizer, layers: list, grad_factor:
             if group.get("amsgrad") and "max_exp_avg_sq" in state:
                 v = torch.maximum(state["max_exp_avg_sq"].reshape(-1)[::stride].float(), v)
             size = v.div_(1 - b2 ** count).sqrt_().add_(group["eps"]).reciprocal_()
-            size = size.mul_(float(group["lr"]) * momentum_spread(float(b1), count))
+            size = size.mul_(group["lr"]).mul_(_spread(b1, count))  # lr and count may be device tensors
             n, d = torch.dot(size, g2), g2.sum()
             num, den = (n, d) if num is None else (num + n, den + d)
         if num is None:  # no gradient this step: the layer's rows are zero anyway

@@ -283,7 +283,8 @@ class GradientRecorder:
             skipped=self._found_inf(grad_scaler, optimizer),
             loss=float(loss) if loss is not None else float("nan"))
         # the same on every rank (DDP averaged .grad); computed before the event the writer waits on
-        rec.layer_lr = adam_step_sizes(optimizer, self.layers, self._grad_factor(grad_scaler, optimizer))
+        sizes = adam_step_sizes(optimizer, self.layers, self._grad_factor(grad_scaler, optimizer))
+        rec.layer_lr = None if sizes is None else host_copy(sizes)  # asynchronous from a GPU, like the rows
         rec.grads, rec.finite = self._to_host(grads)
         rec.ready = event_after(grads)
         if query_grads is not None:

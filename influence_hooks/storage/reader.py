@@ -433,11 +433,12 @@ class Run:
         if int(step) not in self._index.query_index:  # query_gradients says what is missing
             return {int(step): self.query_gradients(step, dtype=dtype, device=device)}
         sh, _ = self._index.query_index[int(step)]
-        mine = sorted((s, j) for s, (other, j) in self._index.query_index.items() if other.path == sh.path)
-        block = self._read(sh, fmt.QUERY_GRAD, slice(mine[0][1], mine[-1][1] + 1))
+        mine = [(s, j) for s, (other, j) in self._index.query_index.items() if other.path == sh.path]
+        lo, hi = min(j for _, j in mine), max(j for _, j in mine)
+        block = self._read(sh, fmt.QUERY_GRAD, slice(lo, hi + 1))
         g = from_stored(np.ascontiguousarray(block), stored_dtype(self._dataset(sh, fmt.QUERY_GRAD)))
         g = g.to(device=device, dtype=dtype)
-        return {int(s): g[j - mine[0][1]] for s, j in mine}
+        return {int(s): g[j - lo] for s, j in mine}
 
     def query_nonfinite(self, step: int) -> np.ndarray:
         """[Q] bool: which queries' gradients u_q(step) hold NaN/inf, as flagged when recorded

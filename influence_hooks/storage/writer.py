@@ -111,8 +111,9 @@ class _ShardBuffer:
 _STOP = object()
 
 # Steps reach the writer thread in batches: waking it for every step costs a fast training step
-# (a few ms on a CPU) about 0.1 ms. A batch is handed over once it holds HANDOFF_STEPS steps or
-# its first step is HANDOFF_SECONDS old (so slow steps go one by one), and before anything else.
+# (a few ms on a CPU) about 0.1 ms. A batch is handed over once it holds HANDOFF_STEPS steps, its
+# first step is HANDOFF_SECONDS old, it completes a shard, or the step came HANDOFF_SECONDS or
+# more after the one before (slow steps go one by one); and before anything else.
 HANDOFF_STEPS = 16
 HANDOFF_SECONDS = 0.05
 
@@ -154,11 +155,13 @@ class RunWriter:
         # queue, whose items are batches of steps
         self._queue: queue.Queue = queue.Queue()
         self._slots = threading.Semaphore(options.queue_size)
-        # never more than a shard's steps: a shard is written as soon as its last step is taken
-        # (what a crash can lose stays the open shard)
-        self._handoff_steps = min(HANDOFF_STEPS, options.queue_size, options.steps_per_shard)
+        self._handoff_steps = min(HANDOFF_STEPS, options.queue_size)
         self._pending: list[StepRecord] = []
-        self._pending_since = 0.0
+        self._pending_since = self._last_step_at = 0.0
+        # the writer's shard edges, mirrored here, so that the step that completes a shard is handed
+        # over at once and the shard is written (what a crash can lose stays the open shard)
+        self._edge_steps = self._edge_bytes = 0
+        self._itemsize = np.dtype(fmt.RAW_BITS.get(storage_dtype, storage_dtype)).itemsize
         self._error: BaseException | None = None
         self._bytes_written = 0
         self._shards_written = 0
@@ -314,11 +317,19 @@ class RunWriter:
         if self._closed:
             raise StorageError(f"the writer of {self.path} is closed; nothing more can be recorded.")
         self._take_slot()
+        now = time.perf_counter()
+        slow = now - self._last_step_at >= HANDOFF_SECONDS  # slow steps go one by one
+        self._last_step_at = now
         if not self._pending:
-            self._pending_since = time.perf_counter()
+            self._pending_since = now
         self._pending.append(record)
-        if (len(self._pending) >= self._handoff_steps
-                or time.perf_counter() - self._pending_since >= HANDOFF_SECONDS):
+        self._edge_steps += 1
+        self._edge_bytes += record.grads.nelement() * self._itemsize
+        edge = self._edge_steps >= self._steps_per_shard or self._edge_bytes >= self._max_shard_bytes
+        if edge:
+            self._edge_steps = self._edge_bytes = 0
+        if (edge or slow or len(self._pending) >= self._handoff_steps
+                or now - self._pending_since >= HANDOFF_SECONDS):
             self._hand_off()
 
     def write_queries(self, step: int, grads: torch.Tensor, ready: Any = None) -> None:
@@ -349,6 +360,7 @@ class RunWriter:
         """Block until everything queued is on disk as finished shards."""
         done = threading.Event()
         self._hand_off()
+        self._edge_steps = self._edge_bytes = 0  # the writer finishes its open shard
         self._put(("flush", done))
         while not done.wait(0.1):
             self._raise_pending()
