@@ -98,6 +98,8 @@ def gpt2_task(n: int = 4096) -> Task:
                 "GPT-2 4 layers, width 256, sequence 64, batch 16")
 
 
+OPTIMIZER = "sgd"  # the hand-written loop's (--optimizer)
+
 LOOP_TASKS = {
     "small": lambda: mlp_task("small", [784, 512, 512, 10], 64),
     "wide": lambda: mlp_task("wide", [1024, 2048, 2048, 100], 64),
@@ -113,7 +115,8 @@ class Trainer:
     def __init__(self, task: Task, kind: str, run_dir: str, k: int = PROJECTION):
         self.task, self.kind = task, kind
         self.model = task.make_model()
-        self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01)
+        self.opt = (torch.optim.AdamW(self.model.parameters(), lr=1e-3) if OPTIMIZER == "adamw"
+                    else torch.optim.SGD(self.model.parameters(), lr=0.01))
         self.rec = None
         self.dattri = None
         if kind == "record":
@@ -194,10 +197,11 @@ def ms(ts: list[float]) -> float:
 
 
 def loop_part(models: list[str], steps: int, rounds: int, with_dattri: bool, tmp: str) -> list[str]:
-    lines = [f"Hand-written loop: GradientRecorder(projection={PROJECTION}), shards written; "
+    lines = [f"Hand-written loop: GradientRecorder(projection={PROJECTION}), shards written, optimizer "
+             f"{'AdamW (the recorder also stores Adam' + chr(39) + 's step sizes)' if OPTIMIZER == 'adamw' else 'SGD'}; "
              f"{steps} steps x {rounds} rounds per configuration, alternating",
              ("dattri: DVEmbAttributor.cache_gradients (factorization 'kronecker', proj_dim "
-              f"{PROJECTION}) before each step" if with_dattri else "dattri: not installed"), "",
+              f"{PROJECTION}) before each step" if with_dattri else "dattri: not run (not installed, or --no-dattri)"), "",
              f"{'model':<6} {'plain ms':>9} {'recorded ms':>12} {'ratio':>6} {'target':>7} {'met':>4}"
              + (f" {'dattri ms':>10} {'ratio':>6}" if with_dattri else "") + "  description"]
     for name in models:
@@ -348,8 +352,12 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=None, help="blocks per configuration")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--no-dattri", action="store_true", help="leave out dattri's column")
+    ap.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd",
+                    help="the hand-written loop's optimizer (adamw: the recorder also stores Adam's step sizes)")
     ap.add_argument("--out", default=None, help="also write the tables to this markdown file")
     args = ap.parse_args()
+    global OPTIMIZER
+    OPTIMIZER = args.optimizer
     if args.threads:
         torch.set_num_threads(args.threads)
     parts = args.parts.split(",")
