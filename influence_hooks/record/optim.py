@@ -104,14 +104,15 @@ def _step_count(step: Any) -> Any:
 
 
 def _spread(beta1: float, count: Any) -> Any:
-    """momentum_spread(beta1, count) for a float count, or as tensor operations for a device one."""
+    """momentum_spread(beta1, count) for a float count, or elementwise as tensor operations for a
+    tensor of counts (on a device: no sync)."""
     if not isinstance(count, torch.Tensor):
         return momentum_spread(beta1, int(count))
     if beta1 == 0.0:
         return torch.ones_like(count)
     terms = int(math.ceil(math.log(1e-12) / math.log(beta1))) + 1
     k = torch.arange(terms, device=count.device, dtype=count.dtype)
-    return ((1 - beta1) * beta1 ** k / (1 - beta1 ** (count + k))).sum()
+    return ((1 - beta1) * beta1 ** k / (1 - beta1 ** (count.unsqueeze(-1) + k))).sum(-1)
 
 
 ADAM_SAMPLE = 1 << 16  # coordinates per parameter the step sizes are averaged over (evenly spaced)
@@ -133,36 +134,74 @@ def adam_step_sizes(optimizer: torch.optim.Optimizer, layers: list, grad_factor:
     """
     if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):  # AdamW subclasses Adam in newer torch
         return None
-    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
-    out = []
-    for layer in layers:
-        num = den = None
+    group_of = {id(p): j for j, g in enumerate(optimizer.param_groups) for p in g["params"]}
+    members: dict[int, list[tuple[int, nn.Parameter]]] = {}  # per param group: (layer, parameter)
+    device = None
+    for li, layer in enumerate(layers):
         for p in layer.module.parameters(recurse=False):
-            g, group = p.grad, group_of.get(id(p))
-            if g is None or group is None or g.is_sparse:
+            if p.grad is None or p.grad.is_sparse or id(p) not in group_of:
                 continue
-            b1, b2 = (float(b) for b in group["betas"])
-            state = optimizer.state.get(p, {})
-            count = _step_count(state.get("step"))
-            stride = max(1, -(-g.numel() // ADAM_SAMPLE))
-            g = g.detach().reshape(-1)[::stride].float()
-            if grad_factor is not None:
-                g = g * grad_factor
-            if group["weight_decay"] and not group.get("decoupled_weight_decay", False) \
-                    and not isinstance(optimizer, torch.optim.AdamW):
-                g = g + group["weight_decay"] * p.detach().reshape(-1)[::stride].float()
-            g2 = g * g
-            v = g2 * (1 - b2)
-            if "exp_avg_sq" in state:
-                v = v.add_(state["exp_avg_sq"].reshape(-1)[::stride].float(), alpha=b2)
-            if group.get("amsgrad") and "max_exp_avg_sq" in state:
-                v = torch.maximum(state["max_exp_avg_sq"].reshape(-1)[::stride].float(), v)
-            size = v.div_(1 - b2 ** count).sqrt_().add_(group["eps"]).reciprocal_()
-            size = size.mul_(group["lr"]).mul_(_spread(b1, count))  # lr and count may be device tensors
-            n, d = torch.dot(size, g2), g2.sum()
-            num, den = (n, d) if num is None else (num + n, den + d)
-        if num is None:  # no gradient this step: the layer's rows are zero anyway
-            out.append(torch.zeros((), device=next(layer.module.parameters()).device))
+            members.setdefault(group_of[id(p)], []).append((li, p))
+            device = device or p.grad.device
+    if device is None:
+        device = next(layers[0].module.parameters()).device if layers else torch.device("cpu")
+    num = torch.zeros(len(layers), device=device)
+    den = torch.zeros(len(layers), device=device)
+    for j, items in members.items():  # one set of vector operations per param group, not per parameter
+        _accumulate(optimizer, optimizer.param_groups[j], items, grad_factor, num, den)
+    return num / den.clamp_min(torch.finfo(den.dtype).tiny)  # a layer without gradient: 0 (its rows are zero)
+
+
+def _accumulate(optimizer: torch.optim.Optimizer, group: dict, items: list, grad_factor: Any,
+                num: torch.Tensor, den: torch.Tensor) -> None:
+    """num[layer] += sum size * g^2 and den[layer] += sum g^2 over the sampled coordinates of a
+    param group's recorded parameters, all of them concatenated."""
+    b1, b2 = (float(b) for b in group["betas"])
+    device = num.device
+    strides = [max(1, -(-p.numel() // ADAM_SAMPLE)) for _, p in items]
+
+    def sampled(tensors: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat([t.detach().reshape(-1)[::k].float() for t, k in zip(tensors, strides)])
+
+    lengths = [-(-p.numel() // k) for (_, p), k in zip(items, strides)]
+    states = [optimizer.state.get(p, {}) for _, p in items]
+    g = sampled([p.grad for _, p in items])
+    if grad_factor is not None:
+        g = g * grad_factor
+    if group["weight_decay"] and not group.get("decoupled_weight_decay", False) \
+            and not isinstance(optimizer, torch.optim.AdamW):
+        g = g + group["weight_decay"] * sampled([p for _, p in items])
+    g2 = g * g
+    v = g2 * (1 - b2)
+    if all("exp_avg_sq" in st for st in states):
+        v = v.add_(sampled([st["exp_avg_sq"] for st in states]), alpha=b2)
+    elif any("exp_avg_sq" in st for st in states):
+        v = v.add_(sampled([st["exp_avg_sq"] if "exp_avg_sq" in st else torch.zeros_like(p)
+                            for st, (_, p) in zip(states, items)]), alpha=b2)
+    if group.get("amsgrad") and all("max_exp_avg_sq" in st for st in states):
+        v = torch.maximum(sampled([st["max_exp_avg_sq"] for st in states]), v)
+    counts = [_step_count(st.get("step")) for st in states]
+    # eta * spread / (sqrt(v / (1 - b2^n)) + eps) = eta * spread * s / (sqrt(v) + eps * s), s = sqrt(1 - b2^n)
+    if all(not isinstance(c, torch.Tensor) and c == counts[0] for c in counts):  # the usual case: scalars
+        root = math.sqrt(1 - b2 ** counts[0])
+        eps, factor = group["eps"] * root, momentum_spread(b1, int(counts[0])) * root
+    else:  # counts differ, or live on a device (fused / capturable: no sync): per parameter
+        repeat = torch.tensor(lengths, device=device)
+        if any(isinstance(c, torch.Tensor) for c in counts):
+            n = torch.stack([c if isinstance(c, torch.Tensor) else torch.tensor(c, device=device) for c in counts])
+            spread = _spread(b1, n.float())
         else:
-            out.append(num / den.clamp_min(torch.finfo(den.dtype).tiny))
-    return torch.stack(out)
+            n = torch.tensor(counts, device=device)
+            spread = torch.tensor([momentum_spread(b1, int(c)) for c in counts], device=device)
+        root = (1 - b2 ** n.float()).sqrt()
+        eps = (group["eps"] * root).repeat_interleave(repeat, output_size=len(g))
+        factor = (spread * root).repeat_interleave(repeat, output_size=len(g))
+    weighted = g2 / v.sqrt_().add_(eps) * factor * group["lr"]  # size * g^2
+    # the parameters come layer by layer: one segment per layer
+    per_layer: dict[int, int] = {}
+    for (li, _), n in zip(items, lengths):
+        per_layer[li] = per_layer.get(li, 0) + n
+    index = torch.tensor(list(per_layer), device=device)
+    per_layer = torch.tensor(list(per_layer.values()), device=device)
+    num.index_add_(0, index, torch.segment_reduce(weighted, "sum", lengths=per_layer))
+    den.index_add_(0, index, torch.segment_reduce(g2, "sum", lengths=per_layer))
