@@ -230,3 +230,34 @@ def test_a_custom_curvature_without_apply_is_refused_in_the_adam_form(tmp_path):
     with pytest.raises(ConfigurationError, match="defines propagate\\(\\) only"):
         dit(run, window=(0, 6), curvature=PropagateOnly(), step_size="adam", progress=False)
     dit(run, window=(0, 6), curvature=PropagateOnly(), step_size="sgd", progress=False)
+
+
+def test_step_sizes_with_parameters_at_different_step_counts_equal_a_per_coordinate_computation():
+    """Parameters of one group can be at different Adam step counts (one got no gradient for a while),
+    and some may have no state yet: the per-parameter path against the formula, coordinate by coordinate."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.05, betas=(0.8, 0.99), eps=1e-3)
+    for _ in range(3):
+        F.cross_entropy(model(torch.randn(9, 4, dtype=torch.float64)), torch.randint(0, 3, (9,))).backward()
+        opt.step()
+        opt.zero_grad()
+    opt.state[model[0].bias]["step"] = torch.tensor(1.0)  # behind the others
+    del opt.state[model[2].bias]  # no state yet
+    F.cross_entropy(model(torch.randn(9, 4, dtype=torch.float64)), torch.randint(0, 3, (9,))).backward()
+
+    class Layer:
+        def __init__(self, module):
+            self.module = module
+
+    got = adam_step_sizes(opt, [Layer(model[0]), Layer(model[2])])
+    for j, module in enumerate((model[0], model[2])):
+        num = den = 0.0
+        for p in module.parameters():
+            st = opt.state.get(p, {})
+            n = float(st["step"]) + 1 if "step" in st else 1.0
+            v = 0.01 * p.grad**2 + (0.99 * st["exp_avg_sq"] if "exp_avg_sq" in st else 0)
+            size = 0.05 * momentum_spread(0.8, int(n)) / ((v / (1 - 0.99**n)).sqrt() + 1e-3)
+            num += float((size * p.grad**2).sum())
+            den += float((p.grad**2).sum())
+        assert got[j].item() == pytest.approx(num / den, rel=1e-5)

@@ -198,10 +198,10 @@ def _accumulate(optimizer: torch.optim.Optimizer, group: dict, items: list, grad
         factor = (spread * root).repeat_interleave(repeat, output_size=len(g))
     weighted = g2 / v.sqrt_().add_(eps) * factor * group["lr"]  # size * g^2
     # the parameters come layer by layer: one segment per layer
-    per_layer: dict[int, int] = {}
-    for (li, _), n in zip(items, lengths):
-        per_layer[li] = per_layer.get(li, 0) + n
-    index = torch.tensor(list(per_layer), device=device)
-    per_layer = torch.tensor(list(per_layer.values()), device=device)
-    num.index_add_(0, index, torch.segment_reduce(weighted, "sum", lengths=per_layer))
-    den.index_add_(0, index, torch.segment_reduce(g2, "sum", lengths=per_layer))
+    width: dict[int, int] = {}  # sampled coordinates per layer, in order
+    for (li, _), length in zip(items, lengths):
+        width[li] = width.get(li, 0) + length
+    index = torch.tensor(list(width), device=device)
+    segments = torch.tensor(list(width.values()), device=device)
+    num.index_add_(0, index, torch.segment_reduce(weighted, "sum", lengths=segments))
+    den.index_add_(0, index, torch.segment_reduce(g2, "sum", lengths=segments))
