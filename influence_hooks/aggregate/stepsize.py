@@ -96,8 +96,9 @@ class StepSizes:
         if col is None:
             if len(self._cache) > 64:
                 self._cache.clear()
-            row = self._sizes[self._run.step_position(int(step))]
-            col = torch.ones(self._run.dim, dtype=torch.float64)
+            i = self._run.step_position(int(step))
+            row = self._sizes[i]
+            col = torch.full((self._run.dim,), float(self._run.table.lrs[i]), dtype=torch.float64)  # columns of no layer
             for j, (a, b) in enumerate(self._offsets):
                 col[a:b] = float(row[j])
             col = self._cache[key] = col.to(device=like.device, dtype=like.dtype)
