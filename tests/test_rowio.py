@@ -309,3 +309,39 @@ def test_query_gradients_near_are_those_of_each_step(tmp_path):
         assert t in near and len(near) == (3 if t < 6 else 1)  # shards of steps 0-2, 3-5, 6
         for s, u in near.items():
             assert torch.equal(u, run.query_gradients(s))
+
+
+def test_products_of_tiles_on_worker_threads_equal_those_of_the_converted_rows(runs, monkeypatch):
+    """reduce_row_blocks with two workers, products converted tile by tile (tiles smaller than a
+    step and crossing shard boundaries), commits in block order: the same as one converted block."""
+    from influence_hooks.aggregate import rows as R
+
+    monkeypatch.setattr(R, "TILE_ROWS", 7)
+    with open_run(runs["float32"]) as run:
+        ids, rows = all_rows(run)
+        rhs = torch.randn(run.dim, 3, dtype=torch.float64)
+        expected = rows @ rhs
+        got, order = [], []
+
+        def compute(blk):
+            a = blk.rows.matmul(0, len(blk.steps), rhs.float()).double()
+            b = blk.rows.matmul(3, len(blk.steps) - 2, rhs.float()).double()  # any row range
+            return a, b
+
+        def commit(blk, out):
+            got.append(out)
+            order.append(blk.steps.copy())
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(2)
+        try:
+            R.reduce_row_blocks(run, [(0, run.final_step)], compute, commit, chunk_rows=12, dtype=torch.float32,
+                                workers=2)
+        finally:
+            torch.set_num_threads(threads)
+        assert np.array_equal(np.concatenate(order), np.repeat(run.steps, run.batch_sizes_recorded))
+        torch.testing.assert_close(torch.cat([a for a, _ in got]), expected, rtol=1e-5, atol=1e-5)
+        at = 0
+        for (a, b), st in zip(got, order):
+            torch.testing.assert_close(b, expected[at + 3:at + len(st) - 2], rtol=1e-5, atol=1e-5)
+            at += len(st)

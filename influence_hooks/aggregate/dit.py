@@ -25,13 +25,14 @@ import torch
 
 from .. import windows as W
 from ..errors import ConfigurationError
-from ..storage.reader import RowBlock, Run, StepBatch
+from ..storage.reader import Run, StepBatch
 from .curvature import CurvatureOperator, FullSpaceCurvature, make_curvature
 from .distributed import Split, first_process
 from .notes import query_notes, run_notes, score_notes, skipped_steps_notes, warn_nonfinite, window_notes
 from .queries import check_query_grads, query_ids_of, require_queries, require_query_step
 from .results import InfluenceScores
-from .rows import DEFAULT_CHUNK_ROWS, SampleRows, iter_row_blocks, progress_bar, reduce_rows, resolve_device, step_segments
+from .rows import (DEFAULT_CHUNK_ROWS, SampleRows, SumBlock, iter_row_blocks, progress_bar, reduce_rows, resolve_device,
+                   step_segments)
 from .scores import ScoreAccumulator
 from .stepsize import StepSizes, step_size_form
 from .tasks import MODES, Task, TaskPlan
@@ -159,26 +160,25 @@ def _fixed_query_pass(run: Run, plan: TaskPlan, u0: dict[int, torch.Tensor], siz
         by_eval.setdefault(t.eval_step, []).append(j)
     spans = W.merge([(t.start, t.end) for t in plan.tasks])
 
-    def compute(blk: RowBlock) -> tuple[torch.Tensor, torch.Tensor | None, list[tuple[list[int], slice, torch.Tensor]]]:
+    def compute(blk: SumBlock) -> tuple[torch.Tensor, torch.Tensor | None, list[tuple[list[int], slice, torch.Tensor]]]:
         st = blk.steps
         rows, keep = rows_of.rows(blk.sample_ids)
-        coef = sizes.row_coef(st, blk.grads)
+        coef = sizes.row_coef(st, blk.rows.like)
         parts = []
         for e, js in by_eval.items():
             cover = W.rows_slice(st, (min(plan.tasks[j].start for j in js), max(plan.tasks[j].end for j in js)))
             if cover is None:
                 continue
-            G, u = blk.grads[cover], u0[e]
+            u, c0 = u0[e], cover.start
             if sizes.adam:  # each step its own column scale: w_t g . (A_t u)
-                contrib = torch.empty(G.shape[0], u.shape[0], dtype=G.dtype, device=G.device)
-                for a, b in step_segments(st[cover]):
-                    torch.mm(G[a:b], (u * sizes.column_scale(int(st[cover][a]), u)).T, out=contrib[a:b])
+                contrib = torch.cat([blk.rows.matmul(c0 + a, c0 + b, (u * sizes.column_scale(int(st[c0 + a]), u)).T)
+                                     for a, b in step_segments(st[cover])])
             else:
-                contrib = G @ u.T
+                contrib = blk.rows.matmul(cover.start, cover.stop, u.T)
             parts.append((js, cover, contrib.mul_(coef[cover, None])))
         return rows, keep, parts
 
-    def commit(blk: RowBlock, out: Any) -> None:
+    def commit(blk: SumBlock, out: Any) -> None:
         rows, keep, parts = out
         for js, cover, contrib in parts:
             for j in js:

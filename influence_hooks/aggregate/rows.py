@@ -6,8 +6,9 @@ read into reused host buffers, converted by torch into reused [chunk_rows, K] co
 - `reduce_row_blocks(run, spans, compute, commit)` (and `reduce_rows`, which adds the process
   group's share and a progress bar), for sums over rows (TracIn, self-influence,
   windowed influence without curvature): on the CPU, one worker thread per torch thread, each
-  reading, converting and computing whole blocks with a single torch thread; results are
-  committed in block order, so scores do not depend on thread timing.
+  reading and computing whole blocks with a single torch thread (`SumBlock`: products convert
+  the stored rows tile by tile, `BlockRows.matmul`); results are committed in block order, so
+  scores do not depend on thread timing.
 - `iter_row_blocks(run, span)`, for the step-by-step recursions (windowed influence with curvature,
   data value embeddings): `RowBlock`s in step order or reversed, read inline on the CPU (with all
   torch threads) or ahead on a thread for a GPU.
@@ -26,6 +27,7 @@ from __future__ import annotations
 import itertools
 import queue
 import threading
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
@@ -42,8 +44,57 @@ PREFETCH_MIN_ELEMENTS = 1 << 18  # blocks smaller than this are read inline
 
 
 # ---------------------------------------------------------------------- reading
-def reduce_row_blocks(run: Run, spans: Sequence[Window], compute: Callable[[RowBlock], Any],
-                      commit: Callable[[RowBlock, Any], None], *, chunk_rows: int = DEFAULT_CHUNK_ROWS,
+TILE_ROWS = 512  # rows converted at a time for a product: a float32 tile of k=1024 (2 MiB) stays in cache
+
+
+class BlockRows:
+    """A block's gradient rows for products: either converted already (`grads`), or as stored
+    (`fetched`), converted tile by tile into a small reused buffer by `matmul`, so that each
+    tile is multiplied while it is still in cache (on the CPU about 15% faster than converting
+    the whole block first, which writes and reads it back through memory)."""
+
+    def __init__(self, grads: torch.Tensor | None = None, fetched: FetchedBlock | None = None,
+                 tile: torch.Tensor | None = None, full: torch.Tensor | None = None):
+        self._grads, self._fetched, self._tile, self._full = grads, fetched, tile, full
+
+    @property
+    def like(self) -> torch.Tensor:
+        """A tensor of the rows' compute dtype and device."""
+        return self._grads if self._grads is not None else self._tile
+
+    def all(self) -> torch.Tensor:
+        """Every row, converted (into the worker's block buffer)."""
+        if self._grads is None:
+            self._grads = self._fetched.into(self._full)
+        return self._grads
+
+    def matmul(self, a: int, b: int, rhs: torch.Tensor) -> torch.Tensor:
+        """rows[a:b] @ rhs: [b - a, Q] for rhs [K, Q]."""
+        if self._grads is not None:
+            return self._grads[a:b] @ rhs
+        out = torch.empty(b - a, rhs.shape[1], dtype=self._tile.dtype, device=self._tile.device)
+        for t0 in range(a, b, len(self._tile)):
+            t1 = min(b, t0 + len(self._tile))
+            torch.mm(self._fetched.rows_into(self._tile, t0, t1), rhs, out=out[t0 - a:t1 - a])
+        return out
+
+
+@dataclass
+class SumBlock:
+    """What reduce_row_blocks hands to compute: a RowBlock whose rows come as BlockRows."""
+
+    steps: np.ndarray
+    sample_ids: torch.Tensor
+    coef: np.ndarray
+    rows: BlockRows
+
+    @property
+    def grads(self) -> torch.Tensor:
+        return self.rows.all()
+
+
+def reduce_row_blocks(run: Run, spans: Sequence[Window], compute: Callable[[SumBlock], Any],
+                      commit: Callable[[SumBlock, Any], None], *, chunk_rows: int = DEFAULT_CHUNK_ROWS,
                       dtype: torch.dtype = torch.float32, device: torch.device = torch.device("cpu"),
                       workers: int | None = None) -> None:
     """compute(blk) for every block of whole steps of the spans' rows, then commit(blk, result),
@@ -58,11 +109,12 @@ def reduce_row_blocks(run: Run, spans: Sequence[Window], compute: Callable[[RowB
     n = workers or torch.get_num_threads()
     if device.type != "cpu" or n <= 1 or sum(run.table.rows_between(*s) for s in spans) <= chunk_rows:
         for blk in _row_blocks(run, plans, chunk_rows, dtype, device, prefetch=device.type != "cpu"):
-            commit(blk, compute(blk))
+            sb = SumBlock(blk.steps, blk.sample_ids, blk.coef, BlockRows(grads=blk.grads))
+            commit(sb, compute(sb))
         return
 
     cond = threading.Condition()
-    ready: dict[int, tuple[RowBlock, Any]] = {}
+    ready: dict[int, tuple[SumBlock, Any]] = {}
     state = {"taken": 0, "committed": 0, "error": None}
     ahead = 2 * n  # blocks computed but not committed yet, at most
 
@@ -78,7 +130,7 @@ def reduce_row_blocks(run: Run, spans: Sequence[Window], compute: Callable[[RowB
             state["taken"] += 1
             return state["taken"] - 1, plan
 
-    def deliver(i: int, blk: RowBlock, result: Any) -> None:
+    def deliver(i: int, blk: SumBlock, result: Any) -> None:
         with cond:
             ready[i] = (blk, result)
             while state["committed"] in ready and state["error"] is None:
@@ -89,13 +141,15 @@ def reduce_row_blocks(run: Run, spans: Sequence[Window], compute: Callable[[RowB
     def work() -> None:
         torch.set_num_threads(1)  # this thread's own OpenMP/MKL setting
         stage, buf = Stage(), None
+        tile = torch.empty(TILE_ROWS, run.dim, dtype=dtype)
         try:
             while (job := take()) is not None:
                 i, plan = job
                 fetched = run.fetch_block(plan, stage)
                 if buf is None or buf.shape[0] < fetched.n_rows:
                     buf = torch.empty(max(fetched.n_rows, chunk_rows), run.dim, dtype=dtype)
-                blk = _as_block(run, fetched, buf, device)
+                blk = SumBlock(fetched.steps, torch.from_numpy(fetched.sample_ids), run.coef_of(fetched.steps),
+                               BlockRows(fetched=fetched, tile=tile, full=buf))
                 deliver(i, blk, compute(blk))
         except BaseException as e:  # noqa: BLE001 - re-raised by the calling thread
             with cond:

@@ -17,12 +17,12 @@ import torch
 
 from .. import windows as W
 from ..errors import ConfigurationError, MissingDataError, short_list
-from ..storage.reader import RowBlock, Run
+from ..storage.reader import Run
 from .distributed import Split
 from .notes import query_notes, run_notes, score_notes, skipped_steps_notes, warn_nonfinite, window_notes
 from .queries import QueryCache, query_ids_of, require_queries
 from .results import InfluenceScores
-from .rows import DEFAULT_CHUNK_ROWS, SampleRows, reduce_rows, resolve_device, step_segments
+from .rows import DEFAULT_CHUNK_ROWS, SampleRows, SumBlock, reduce_rows, resolve_device, step_segments
 from .scores import ScoreAccumulator
 from .stepsize import step_size_form
 
@@ -72,19 +72,19 @@ def tracin(run: Run, window: Any = None, *, epochs: Any = None, windows: Any = N
     acc = ScoreAccumulator(len(wins), rows_of.n, q0.shape[0], dtype=dtype, device=dev)
     query = QueryCache(run, dtype, dev)
 
-    def compute(blk: RowBlock) -> tuple[torch.Tensor, torch.Tensor | None, list[tuple[int, int, torch.Tensor]]]:
+    def compute(blk: SumBlock) -> tuple[torch.Tensor, torch.Tensor | None, list[tuple[int, int, torch.Tensor]]]:
         rows, keep = rows_of.rows(blk.sample_ids)
-        coef = sizes.row_coef(blk.steps, blk.grads)
+        coef = sizes.row_coef(blk.steps, blk.rows.like)
         qs = qstep_of(blk.steps)
         parts = []
         # one GEMM per query step; per step in the Adam form (each step its own column scale)
         for a, b in step_segments(blk.steps if sizes.adam else qs):
             u = query(int(qs[a]))
             scale = sizes.column_scale(int(blk.steps[a]), u)
-            parts.append((a, b, (blk.grads[a:b] @ (u if scale is None else u * scale).T).mul_(coef[a:b, None])))
+            parts.append((a, b, blk.rows.matmul(a, b, (u if scale is None else u * scale).T).mul_(coef[a:b, None])))
         return rows, keep, parts
 
-    def commit(blk: RowBlock, out: Any) -> None:
+    def commit(blk: SumBlock, out: Any) -> None:
         rows, keep, parts = out
         for a, b, contrib in parts:
             acc.update_windows(wins, blk.steps[a:b], rows[a:b], None if keep is None else keep[a:b], contrib)
@@ -142,12 +142,12 @@ def self_influence(run: Run, window: Any = None, *, epochs: Any = None, windows:
     sizes = step_size_form(run, step_size)
     split = Split.of(group)
 
-    def compute(blk: RowBlock) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    def compute(blk: SumBlock) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         rows, keep = rows_of.rows(blk.sample_ids)
         scaled = sizes.scaled_rows(blk.steps, blk.grads)
         return rows, keep, torch.linalg.vecdot(blk.grads, scaled).mul_(sizes.row_coef(blk.steps, blk.grads))
 
-    def commit(blk: RowBlock, out: Any) -> None:
+    def commit(blk: SumBlock, out: Any) -> None:
         acc.update_windows(wins, blk.steps, *out)
 
     reduce_rows(run, spans, compute, commit, desc="self-influence", progress=progress, split=split,

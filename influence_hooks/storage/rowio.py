@@ -225,6 +225,15 @@ class FetchedBlock:
     def n_rows(self) -> int:
         return len(self.steps)
 
+    def rows_into(self, out: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
+        """Block rows [r0, r1) converted into out[:r1 - r0] (any dtype and device)."""
+        for rows, segments in self.pieces:
+            for a, n, d in segments:
+                lo, hi = max(d, r0), min(d + n, r1)
+                if lo < hi:
+                    out[lo - r0:hi - r0].copy_(rows[a + lo - d:a + hi - d])
+        return out[:r1 - r0]
+
     def into(self, out: torch.Tensor, cols: torch.Tensor | None = None) -> torch.Tensor:
         """The rows in block order, converted into out[:R] (any dtype and device; torch converts,
         vectorized); cols: keep only these columns (out then has len(cols) columns)."""
