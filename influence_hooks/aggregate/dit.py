@@ -169,12 +169,7 @@ def _fixed_query_pass(run: Run, plan: TaskPlan, u0: dict[int, torch.Tensor], siz
             cover = W.rows_slice(st, (min(plan.tasks[j].start for j in js), max(plan.tasks[j].end for j in js)))
             if cover is None:
                 continue
-            u, c0 = u0[e], cover.start
-            if sizes.adam:  # each step its own column scale: w_t g . (A_t u)
-                contrib = torch.cat([blk.rows.matmul(c0 + a, c0 + b, (u * sizes.column_scale(int(st[c0 + a]), u)).T)
-                                     for a, b in step_segments(st[cover])])
-            else:
-                contrib = blk.rows.matmul(cover.start, cover.stop, u.T)
+            contrib = sizes.products(blk.rows, st, cover.start, cover.stop, u0[e])  # w_t g . (A_t u) in the Adam form
             parts.append((js, cover, contrib.mul_(coef[cover, None])))
         return rows, keep, parts
 

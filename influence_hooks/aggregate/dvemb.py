@@ -156,7 +156,7 @@ def dvemb(run: Run, *, path: str | os.PathLike | None = None, window: Any = None
                 if E_buf is None or E_buf.shape[0] < len(st):
                     E_buf = torch.empty_like(blk.grads)
                 E = E_buf[:len(st)]
-                coef = sizes.row_coef(st, torch.empty(0, dtype=torch.float64))  # on the host
+                coef = sizes.row_coef_np(st)
                 for a, b in step_segments(st):
                     c = float(coef[a])
                     scale = sizes.column_scale(int(st[a]), blk.grads)

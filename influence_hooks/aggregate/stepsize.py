@@ -15,7 +15,8 @@ moment, and Adam's curvature terms; dit(curvature='exact') linearizes Adam itsel
 What changes in the estimators: a score term (eta_t w_t) g . u becomes w_t g . (A_t u); the
 curvature recursion U <- U - eta_t H_t U becomes U <- U - H_t A_t U; data value embeddings
 emb = w_t (I - M) A_t g. `StepSizes` hands out the factors: `row_coef` (eta_t w_t, or w_t) and
-`column_scale` (None, or the diagonal of A_t).
+`column_scale` (None, or the diagonal of A_t), and `products` multiplies rows by query directions
+in either form.
 """
 
 from __future__ import annotations
@@ -80,12 +81,24 @@ class StepSizes:
                     "dit(curvature='exact') linearizes Adam itself)")
         return None
 
+    def row_coef_np(self, steps: np.ndarray) -> np.ndarray:
+        """The factor of each row (steps [R]) outside the column scale, float64 on the host:
+        eta_t w_t (Run.coef_of), or w_t (Adam form)."""
+        if not self.adam:
+            return self._run.coef_of(steps)
+        return self._run.table.update_weights[np.searchsorted(self._run.steps, steps)]
+
     def row_coef(self, steps: np.ndarray, like: torch.Tensor) -> torch.Tensor:
-        """The factor of each row (steps [R]) outside the column scale: eta_t w_t, or w_t (Adam form)."""
-        pos = np.searchsorted(self._run.steps, steps)
-        table = self._run.table
-        coef = table.update_weights[pos] if self.adam else table.coef[pos]
-        return torch.from_numpy(np.ascontiguousarray(coef)).to(device=like.device, dtype=like.dtype)
+        """row_coef_np as a tensor of like's dtype and device."""
+        return torch.from_numpy(np.ascontiguousarray(self.row_coef_np(steps))).to(device=like.device, dtype=like.dtype)
+
+    def products(self, rows: Any, steps: np.ndarray, a: int, b: int, u: torch.Tensor) -> torch.Tensor:
+        """[b - a, Q]: rows a..b (a block's `BlockRows`, steps [R] its rows' steps) times u^T, in the
+        Adam form times (A_t u)^T per step; one product for the whole range in the SGD form."""
+        if not self.adam:
+            return rows.matmul(a, b, u.T)
+        return torch.cat([rows.matmul(a + c, a + d, (u * self.column_scale(int(steps[a + c]), u)).T)
+                          for c, d in step_segments(steps[a:b])])
 
     def column_scale(self, step: int, like: torch.Tensor) -> torch.Tensor | None:
         """[K]: the diagonal of A_t for `step` (Adam form), else None."""

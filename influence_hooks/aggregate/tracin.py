@@ -76,13 +76,9 @@ def tracin(run: Run, window: Any = None, *, epochs: Any = None, windows: Any = N
         rows, keep = rows_of.rows(blk.sample_ids)
         coef = sizes.row_coef(blk.steps, blk.rows.like)
         qs = qstep_of(blk.steps)
-        parts = []
-        # one GEMM per query step; per step in the Adam form (each step its own column scale)
-        for a, b in step_segments(blk.steps if sizes.adam else qs):
-            u = query(int(qs[a]))
-            scale = sizes.column_scale(int(blk.steps[a]), u)
-            parts.append((a, b, blk.rows.matmul(a, b, (u if scale is None else u * scale).T).mul_(coef[a:b, None])))
-        return rows, keep, parts
+        # one product per query step (per step in the Adam form: each step its own column scale)
+        return rows, keep, [(a, b, sizes.products(blk.rows, blk.steps, a, b, query(int(qs[a]))).mul_(coef[a:b, None]))
+                            for a, b in step_segments(qs)]
 
     def commit(blk: SumBlock, out: Any) -> None:
         rows, keep, parts = out

@@ -103,11 +103,9 @@ def _step_count(step: Any) -> Any:
     return float(step) + 1
 
 
-def _spread(beta1: float, count: Any) -> Any:
-    """momentum_spread(beta1, count) for a float count, or elementwise as tensor operations for a
-    tensor of counts (on a device: no sync)."""
-    if not isinstance(count, torch.Tensor):
-        return momentum_spread(beta1, int(count))
+def _spread(beta1: float, count: torch.Tensor) -> torch.Tensor:
+    """momentum_spread elementwise for a tensor of step counts, as tensor operations (on a device:
+    no sync)."""
     if beta1 == 0.0:
         return torch.ones_like(count)
     terms = int(math.ceil(math.log(1e-12) / math.log(beta1))) + 1

@@ -161,7 +161,6 @@ class RunWriter:
         # the writer's shard edges, mirrored here, so that the step that completes a shard is handed
         # over at once and the shard is written (what a crash can lose stays the open shard)
         self._edge_steps = self._edge_bytes = 0
-        self._itemsize = np.dtype(fmt.RAW_BITS.get(storage_dtype, storage_dtype)).itemsize
         self._error: BaseException | None = None
         self._bytes_written = 0
         self._shards_written = 0
@@ -324,7 +323,7 @@ class RunWriter:
             self._pending_since = now
         self._pending.append(record)
         self._edge_steps += 1
-        self._edge_bytes += record.grads.nelement() * self._itemsize
+        self._edge_bytes += record.grads.nelement() * self._np_dtype.itemsize
         edge = self._edge_steps >= self._steps_per_shard or self._edge_bytes >= self._max_shard_bytes
         if edge:
             self._edge_steps = self._edge_bytes = 0

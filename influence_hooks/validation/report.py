@@ -96,6 +96,22 @@ def _panel_grid(rows: int, cols: int) -> tuple[Figure, Any]:
     return fig, fig.subplots(rows, cols, squeeze=False)
 
 
+def _label_edges(ax: Any, r: int, c: int, rows: int, title: str, ylabel: str, xlabel: str) -> None:
+    """Titles on the top row, y labels on the first column, x labels on the bottom row."""
+    if r == 0:
+        ax.set_title(title, fontsize=9)
+    if c == 0:
+        ax.set_ylabel(ylabel, fontsize=8)
+    if r == rows - 1:
+        ax.set_xlabel(xlabel, fontsize=8)
+
+
+def _not_estimated(ax: Any) -> None:
+    ax.text(0.5, 0.5, "not estimated", ha="center", va="center", fontsize=8, transform=ax.transAxes)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
 def plot_scatter(v: Validation, path: Path) -> Path | None:
     """Rows: methods; columns: windows. Each point a left-out sample: its truth and estimate,
     averaged over the queries (the mean query loss)."""
@@ -107,12 +123,7 @@ def plot_scatter(v: Validation, path: Path) -> Path | None:
         for c, s in enumerate(wins):
             ax = axes[r][c]
             _scatter_panel(ax, s, m)
-            if r == 0:
-                ax.set_title(f"{s.name}\n", fontsize=9)
-            if c == 0:
-                ax.set_ylabel(f"{method_label(m)}\nestimate", fontsize=8)
-            if r == len(v.methods) - 1:
-                ax.set_xlabel("retraining (truth)", fontsize=8)
+            _label_edges(ax, r, c, len(v.methods), f"{s.name}\n", f"{method_label(m)}\nestimate", "retraining (truth)")
     fig.suptitle("Leave-one-out: estimate vs retraining, mean over queries", fontsize=10)
     return _save(fig, path)
 
@@ -121,9 +132,7 @@ def _scatter_panel(ax, s: ScopeResult, m: str) -> None:
     ax.tick_params(labelsize=6)
     e = s.estimates.get(m)
     if e is None:
-        ax.text(0.5, 0.5, "not estimated", ha="center", va="center", fontsize=8, transform=ax.transAxes)
-        ax.set_xticks([])
-        ax.set_yticks([])
+        _not_estimated(ax)
         return
     x, y = s.truth.mean(1), e.mean(1)
     ax.scatter(x, y, s=7, alpha=0.7, color="#2166ac")
@@ -147,16 +156,9 @@ def plot_lds(v: Validation, path: Path) -> Path | None:
             ax = axes[r][c]
             ax.tick_params(labelsize=6)
             p = s.subset_predictions.get(m)
-            if r == 0:
-                ax.set_title(s.name, fontsize=9)
-            if c == 0:
-                ax.set_ylabel(f"{method_label(m)}\npredicted", fontsize=8)
-            if r == len(v.methods) - 1:
-                ax.set_xlabel("actual loss change", fontsize=8)
+            _label_edges(ax, r, c, len(v.methods), s.name, f"{method_label(m)}\npredicted", "actual loss change")
             if p is None:
-                ax.text(0.5, 0.5, "not estimated", ha="center", va="center", fontsize=8, transform=ax.transAxes)
-                ax.set_xticks([])
-                ax.set_yticks([])
+                _not_estimated(ax)
                 continue
             x, y = s.subset_change.mean(1), p.mean(1)
             ax.scatter(x, y, s=9, alpha=0.8, color="#1b7837")
