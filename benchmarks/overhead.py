@@ -140,6 +140,13 @@ class Trainer:
             self.opt.step()
             self.opt.zero_grad()
             times.append(time.perf_counter() - t0)
+        if self.rec is not None and self.rec.writer is not None:
+            # the writer thread's share: what it has not done by the end of the block is waited
+            # for here and spread over the block's steps, so that no writing is left for the next
+            # configuration's block to absorb
+            t0 = time.perf_counter()
+            self.rec.writer.drain()
+            times = [t + (time.perf_counter() - t0) / len(times) for t in times]
         return times
 
     def close(self) -> None:

@@ -156,18 +156,23 @@ def test_at_most_queue_size_steps_wait_for_a_slow_writer_and_all_arrive_in_order
 
 
 def test_finiteness_check_agrees_with_an_element_wise_test():
-    from influence_hooks.storage.writer import _all_finite
+    from influence_hooks.storage.files import all_finite, finite_rows, to_stored
 
     big = torch.finfo(torch.float64).max / 2
     cases = [torch.zeros(3, 4), torch.full((2, 2), big, dtype=torch.float64),  # the sum overflows, values don't
-             torch.full((2, 2), 6e4, dtype=torch.float16)]
-    for bad in (float("nan"), float("inf"), -float("inf")):
-        for dtype in (torch.float16, torch.float32, torch.float64):
+             torch.full((2, 2), 65504.0, dtype=torch.float16), torch.full((2, 2), -65504.0, dtype=torch.float16),
+             torch.full((2, 3), 5.96e-8, dtype=torch.float16),  # subnormal
+             torch.full((2, 2), -3.3e38, dtype=torch.bfloat16), torch.zeros(0, 4), torch.zeros(3, 0)]
+    for bad in (float("nan"), float("inf"), -float("inf"), -float("nan")):
+        for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
             t = torch.ones(5, 7, dtype=dtype)
             t[3, 2] = bad
             cases.append(t)
     for t in cases:
-        assert _all_finite(t) == bool(torch.isfinite(t).all()), t
+        stored = to_stored(t, str(t.dtype).replace("torch.", ""))
+        name = str(t.dtype).replace("torch.", "")
+        assert all_finite(stored, name) == bool(torch.isfinite(t).all()), t
+        assert finite_rows(stored, name).tolist() == torch.isfinite(t).all(dim=1).tolist(), t
 
 
 def test_a_shard_reaches_disk_as_soon_as_its_last_step_is_taken(tmp_path):

@@ -164,6 +164,37 @@ def to_stored(t: torch.Tensor, storage_dtype: str) -> np.ndarray:
     return t.view(getattr(torch, raw)).numpy() if raw else t.numpy()
 
 
+# float16 / bfloat16 bits with every exponent bit set (inf or NaN), sign bit cleared
+_NONFINITE_BITS = {"float16": 0x7C00, "bfloat16": 0x7F80}
+
+
+def finite_rows(a: np.ndarray, storage_dtype: str) -> np.ndarray:
+    """Whether each row of the stored values `a` (as `to_stored` returns them) is finite.
+
+    16-bit values are tested on their bits (the exponent all ones is inf or NaN), in numpy: this
+    runs on the writer thread, where a multi-threaded torch kernel would compete with training's
+    own threads, and float16 arithmetic in numpy is slow."""
+    if a.size == 0:
+        return np.ones(len(a), bool)
+    a = a.reshape(len(a), -1)
+    bits = _NONFINITE_BITS.get(storage_dtype)
+    if bits is None:
+        return np.isfinite(a).all(axis=1)
+    return (np.bitwise_and(a.view(np.uint16), 0x7FFF) < bits).all(axis=1)
+
+
+def all_finite(a: np.ndarray, storage_dtype: str) -> bool:
+    """Whether every stored value in `a` is finite: one vectorised single-threaded pass (the largest
+    magnitude's bits for 16-bit values; a sum for wider ones, which only a NaN or inf, or an
+    overflow of the sum alone, makes non-finite; then the values are checked one by one)."""
+    if a.size == 0:
+        return True
+    bits = _NONFINITE_BITS.get(storage_dtype)
+    if bits is not None:
+        return int(np.bitwise_and(a.view(np.uint16), 0x7FFF).max()) < bits
+    return bool(np.isfinite(a.sum(dtype=np.float64))) or bool(np.isfinite(a).all())
+
+
 def stored_dtype(ds: h5py.Dataset) -> str:
     """The dtype of a dataset's values: its ATTR_DTYPE for raw bits (bfloat16), else its own."""
     name = get_attr(ds, fmt.ATTR_DTYPE)

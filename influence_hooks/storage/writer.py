@@ -29,8 +29,8 @@ from .._version import __version__
 from ..errors import (ConfigurationError, NonFiniteGradientError, RunDirectoryError, SampleIdError, StorageError,
                       short_list)
 from . import format as fmt
-from .files import (check_free_space, from_stored, h5_image, set_attrs, to_stored, writable_target, write_array,
-                    write_atomic, write_checked_rows)
+from .files import (all_finite, check_free_space, finite_rows, h5_image, set_attrs, to_stored, writable_target,
+                    write_array, write_atomic, write_checked_rows)
 from .index import finished_shards, read_manifest, rebuild_rank_state
 from .jsonio import read_json, write_json_atomic
 from .lock import RunLock
@@ -357,10 +357,18 @@ class RunWriter:
 
     def flush(self) -> None:
         """Block until everything queued is on disk as finished shards."""
+        self._edge_steps = self._edge_bytes = 0  # the writer finishes its open shard
+        self._wait_for_writer("flush")
+
+    def drain(self) -> None:
+        """Block until the writer thread has taken in everything handed to it so far; the open
+        shard stays open (unlike `flush`). What recording costs, writing included, is then paid."""
+        self._wait_for_writer("drain")
+
+    def _wait_for_writer(self, kind: str) -> None:
         done = threading.Event()
         self._hand_off()
-        self._edge_steps = self._edge_bytes = 0  # the writer finishes its open shard
-        self._put(("flush", done))
+        self._put((kind, done))
         while not done.wait(0.1):
             self._raise_pending()
             if not self._thread.is_alive():
@@ -457,9 +465,9 @@ class RunWriter:
             except BaseException as e:  # noqa: BLE001 - re-raised on the training thread
                 self._error = self._describe(e)
             finally:
-                if item[0] == "flush":
+                if item[0] in ("flush", "drain"):
                     item[1].set()
-                slots = len(item[1]) if item[0] == "steps" else int(item[0] != "flush")
+                slots = len(item[1]) if item[0] == "steps" else int(item[0] not in ("flush", "drain"))
                 if slots:
                     self._slots.release(slots)
 
@@ -490,7 +498,7 @@ class RunWriter:
             _, step, grads, ready = item
             _wait(ready)
             arr = to_stored(grads, self._storage_dtype)
-            bad = ~torch.isfinite(from_stored(arr, self._storage_dtype).reshape(len(arr), -1)).all(dim=1).numpy()
+            bad = ~finite_rows(arr, self._storage_dtype)
             if bad.any():
                 self._warn_query_nonfinite(step, bad)
             self._buffer.query_steps.append(step)
@@ -501,7 +509,6 @@ class RunWriter:
             self._write_params(*item[1:])
         elif kind == "flush":
             self._finish_shard()
-            item[1].set()
 
     def _warn_query_nonfinite(self, step: int, bad: np.ndarray) -> None:
         if self._warned_query_nonfinite:
@@ -519,10 +526,9 @@ class RunWriter:
         _wait(rec.ready)
         rec.sample_ids = np.asarray(rec.sample_ids, np.int64)
         check_sample_ids(rec.sample_ids, rec.step, allow_repeated=self._allow_repeated_ids)
-        host = rec.grads.detach().to(getattr(torch, self._storage_dtype)).cpu()
-        finite = bool(rec.finite) if rec.finite is not None else _all_finite(host)
-        raw = fmt.RAW_BITS.get(self._storage_dtype)
-        grads = host.view(getattr(torch, raw)).numpy() if raw else host.numpy()
+        # in numpy from here: torch's multi-threaded kernels on this thread would compete with training's
+        grads = to_stored(rec.grads, self._storage_dtype)
+        finite = bool(rec.finite) if rec.finite is not None else all_finite(grads, self._storage_dtype)
         if not finite:
             if self._on_nonfinite == "raise":
                 raise NonFiniteGradientError(
@@ -658,14 +664,6 @@ def _to_numpy(t: torch.Tensor) -> np.ndarray:
     if t.dtype == torch.bfloat16:
         t = t.float()  # numpy has no bfloat16; the loader casts back to the model's dtype
     return t.numpy()
-
-
-def _all_finite(t: torch.Tensor) -> bool:
-    """Whether every value of `t` is finite. A NaN or inf makes the sum non-finite, so a finite sum
-    settles it in one vectorised pass (several times cheaper than an element-wise test); only a
-    non-finite sum, which might be an overflow of the sum alone, is checked element by element."""
-    acc = torch.float32 if t.element_size() <= 2 else torch.float64  # float16 rows cannot overflow it
-    return bool(torch.isfinite(t.sum(dtype=acc))) or bool(torch.isfinite(t).all())
 
 
 def _wait(event: Any) -> None:
