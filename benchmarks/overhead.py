@@ -47,6 +47,10 @@ warnings.filterwarnings("ignore")
 LOOP_TARGETS = {"small": 1.25, "wide": 1.10, "gpt2": 1.10}
 LIGHTNING_TARGET = 1.15
 PROJECTION = 1024
+LEGEND = ("ratio = median step time recording / plain, measured side by side in this process; a recorded\n"
+          "step's time includes the writer thread's work on it (waited for at the end of each block and spread\n"
+          "over the block's steps). writer cpu = the writer thread's CPU ms per recorded step over the whole\n"
+          "run, its shard file included: where training uses every core, the steps share that cost too.")
 
 
 # ---------------------------------------------------------------------------- models
@@ -203,13 +207,20 @@ def ms(ts: list[float]) -> float:
     return 1000 * statistics.median(ts)
 
 
+def writer_cpu_ms(rec: GradientRecorder) -> float:
+    """CPU milliseconds per step of the recorder's background writer over its whole (closed) run,
+    the shard written at the end included: on a machine whose cores training uses, a cost the
+    training thread shares."""
+    return 1000 * rec.stats.writer_cpu_s / max(rec.stats.steps, 1)
+
+
 def loop_part(models: list[str], steps: int, rounds: int, with_dattri: bool, tmp: str) -> list[str]:
     lines = [f"Hand-written loop: GradientRecorder(projection={PROJECTION}), shards written, optimizer "
              f"{'AdamW (the recorder also stores Adam' + chr(39) + 's step sizes)' if OPTIMIZER == 'adamw' else 'SGD'}; "
              f"{steps} steps x {rounds} rounds per configuration, alternating",
              ("dattri: DVEmbAttributor.cache_gradients (factorization 'kronecker', proj_dim "
               f"{PROJECTION}) before each step" if with_dattri else "dattri: not run (not installed, or --no-dattri)"), "",
-             f"{'model':<6} {'plain ms':>9} {'recorded ms':>12} {'ratio':>6} {'target':>7} {'met':>4}"
+             f"{'model':<6} {'plain ms':>9} {'recorded ms':>12} {'ratio':>6} {'target':>7} {'met':>4} {'writer cpu':>10}"
              + (f" {'dattri ms':>10} {'ratio':>6}" if with_dattri else "") + "  description"]
     for name in models:
         task = LOOP_TASKS[name]()
@@ -224,7 +235,8 @@ def loop_part(models: list[str], steps: int, rounds: int, with_dattri: bool, tmp
             tr.close()
         a, b = ms(times["plain"]), ms(times["record"])
         target = LOOP_TARGETS[name]
-        line = f"{name:<6} {a:>9.2f} {b:>12.2f} {b / a:>6.3f} {target:>7.2f} {'yes' if b / a <= target else 'NO':>4}"
+        line = (f"{name:<6} {a:>9.2f} {b:>12.2f} {b / a:>6.3f} {target:>7.2f} {'yes' if b / a <= target else 'NO':>4}"
+                f" {writer_cpu_ms(trainers['record'].rec):>10.2f}")
         if with_dattri:
             if "dattri" in times:
                 c = ms(times["dattri"])
@@ -251,12 +263,19 @@ def lightning_part(models: list[str], steps: int, rounds: int, tmp: str) -> list
 
         def __init__(self) -> None:
             self.times: list[float] = []
+            self.drain = 0.0
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             self._t0 = time.perf_counter()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             self.times.append(time.perf_counter() - self._t0)
+            if trainer.global_step >= trainer.max_steps:  # the last step: wait for the writer
+                rec = next((c.recorder for c in trainer.callbacks if isinstance(c, InfluenceCallback)), None)
+                if rec is not None and rec.writer is not None:
+                    t0 = time.perf_counter()
+                    rec.writer.drain()
+                    self.drain = time.perf_counter() - t0
 
     class Classifier(L.LightningModule):
         def __init__(self, net: nn.Module):
@@ -310,21 +329,29 @@ def lightning_part(models: list[str], steps: int, rounds: int, tmp: str) -> list
                             num_sanity_val_steps=0)
         with redirect_stdout(io.StringIO()):
             trainer.fit(make_module(), DataLoader(data, batch_size=batch_size, shuffle=True))
-        return timer.times[3:]  # the first steps warm up allocators and caches
+        # the writer thread's work on this run's steps, waited for after the last one, is spread
+        # over the timed steps (the shard written when training ends is not: a run writes one
+        # every steps_per_shard steps; its cost is in the writer cpu column)
+        times = timer.times[3:]  # the first steps warm up allocators and caches
+        if record:
+            writer_cpu.append(writer_cpu_ms(next(c for c in callbacks if isinstance(c, InfluenceCallback)).recorder))
+        return [t + timer.drain / len(times) for t in times]
 
     lines = [f"Lightning: InfluenceCallback(projection={PROJECTION}) versus none; {steps} steps x {rounds} "
              "rounds per configuration, alternating", "",
-             f"{'model':<6} {'plain ms':>9} {'recorded ms':>12} {'ratio':>6} {'target':>7} {'met':>4}  description"]
+             f"{'model':<6} {'plain ms':>9} {'recorded ms':>12} {'ratio':>6} {'target':>7} {'met':>4} {'writer cpu':>10}"
+             "  description"]
     for name in models:
         make_module, data, bs, describe = setup(name)
-        without, with_cb = [], []
+        without, with_cb, writer_cpu = [], [], []
         for r in range(rounds):
             for record in ((False, True) if r % 2 == 0 else (True, False)):
                 ts = time_training(make_module, data, bs, record, f"{tmp}/lightning-{name}")
                 (with_cb if record else without).extend(ts)
         a, b = ms(without), ms(with_cb)
         met = "yes" if b / a <= LIGHTNING_TARGET else "NO"
-        lines.append(f"{name:<6} {a:>9.2f} {b:>12.2f} {b / a:>6.3f} {LIGHTNING_TARGET:>7.2f} {met:>4}  {describe}")
+        lines.append(f"{name:<6} {a:>9.2f} {b:>12.2f} {b / a:>6.3f} {LIGHTNING_TARGET:>7.2f} {met:>4}"
+                     f" {statistics.median(writer_cpu):>10.2f}  {describe}")
         print(lines[-1], flush=True)
     return lines
 
@@ -393,15 +420,14 @@ def main() -> None:
     load = os.getloadavg()
     tail = f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} at the end"
     print(tail)
-    print("\nratio = median step time recording / plain, measured side by side in this process")
+    print("\n" + LEGEND)
     if args.out:
         with open(args.out, "w") as f:
             f.write(f"# benchmarks/overhead.py ({time.strftime('%Y-%m-%d')})\n\n")
             f.write(f"`python benchmarks/overhead.py {' '.join(sys.argv[1:])}`\n\n```\n{head}\n")
             for s in sections:
                 f.write("\n" + "\n".join(s) + "\n")
-            f.write(f"\n{tail}\nratio = median step time recording / plain, measured side by side in this "
-                    "process\n```\n")
+            f.write(f"\n{tail}\n{LEGEND}\n```\n")
 
 
 if __name__ == "__main__":

@@ -205,3 +205,21 @@ def test_a_shard_reaches_disk_as_soon_as_its_last_step_is_taken(tmp_path):
         w.write_step(_step(t))
     assert shards(2) == 2
     w.close(final_step=6)
+
+
+def test_drain_waits_for_the_writer_and_keeps_the_shard_open(tmp_path):
+    from influence_hooks.storage import format as fmt
+    from influence_hooks.storage.writer import RunWriter, WriterOptions
+
+    w = RunWriter.create(tmp_path, _one_layer_manifest("drain"), options=WriterOptions(steps_per_shard=100))
+    for t in range(5):
+        w.write_step(_step(t))
+    cpu_before = w.cpu_seconds
+    w.drain()
+    assert [r.step for r in w._buffer.steps] == list(range(5))  # taken in by the writer thread
+    assert not list((tmp_path / fmt.SHARD_DIR).glob("*.h5"))  # no shard finished
+    assert w.cpu_seconds > cpu_before
+    w.write_step(_step(5))
+    w.close(final_step=6)
+    with open_run(tmp_path) as run:
+        assert run.steps.tolist() == list(range(6))

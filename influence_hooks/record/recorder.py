@@ -205,6 +205,7 @@ class GradientRecorder:
         self.capture.detach()
         if self.writer is not None:
             self.writer.close(final_step=final_step, complete=complete)
+            self.stats.writer_cpu_s = self.writer.cpu_seconds  # the final shard's included
 
     def abort(self) -> None:
         """Training failed: keep every finished step on disk, mark the run incomplete."""
@@ -387,6 +388,7 @@ class GradientRecorder:
         s.queue_wait_s += time.perf_counter() - since
         s.steps, s.rows, s.query_rows, s.bytes = s.steps + steps, s.rows + rows, s.query_rows + query_rows, s.bytes + nbytes
         s.hook_s = self.capture.seconds
+        s.writer_cpu_s = self.writer.cpu_seconds if self.writer is not None else 0.0
 
     def _warn_late_start(self, step: int) -> None:
         """A new run whose first step is not 0 is usually a resume whose recording state was lost."""

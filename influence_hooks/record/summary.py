@@ -27,7 +27,9 @@ class RecordingStats:
     bytes: their size as stored (storage dtype; files add a little HDF5 overhead); queue_wait_s:
     seconds the training thread spent handing rows to the background writer (it blocks only when
     the writer's queue is full); hook_s: seconds spent inside the capture hooks (forward and
-    backward, queries included; on a GPU, the time to launch that work).
+    backward, queries included; on a GPU, the time to launch that work); writer_cpu_s: CPU seconds
+    of the background writer thread (checks, shard files), which compete with training for CPU
+    cores where training uses them all.
     """
 
     steps: int = 0
@@ -36,12 +38,14 @@ class RecordingStats:
     bytes: int = 0
     queue_wait_s: float = 0.0
     hook_s: float = 0.0
+    writer_cpu_s: float = 0.0
 
     def metrics(self, prefix: str = METRIC_PREFIX) -> dict[str, float]:
         """The figures as a flat dict of floats, names prefixed (for a logger)."""
         return {f"{prefix}steps": float(self.steps), f"{prefix}rows": float(self.rows),
                 f"{prefix}query_rows": float(self.query_rows), f"{prefix}mb_written": self.bytes / 2**20,
-                f"{prefix}queue_wait_s": float(self.queue_wait_s), f"{prefix}hook_s": float(self.hook_s)}
+                f"{prefix}queue_wait_s": float(self.queue_wait_s), f"{prefix}hook_s": float(self.hook_s),
+                f"{prefix}writer_cpu_s": float(self.writer_cpu_s)}
 
 
 def _kib(n: float) -> str:

@@ -164,6 +164,7 @@ class RunWriter:
         self._error: BaseException | None = None
         self._bytes_written = 0
         self._shards_written = 0
+        self.cpu_seconds = 0.0  # CPU time of the writer thread (its own work: shards, checks, files)
         self._params_written = 0
         self._writing = ""  # the file being written, for error messages
         self._closed = False
@@ -459,12 +460,14 @@ class RunWriter:
             item = self._queue.get()
             if item is _STOP:
                 return
+            cpu = time.thread_time()
             try:
                 if self._error is None:  # after a failure, drop work but keep unblocking the producer
                     self._handle(item)
             except BaseException as e:  # noqa: BLE001 - re-raised on the training thread
                 self._error = self._describe(e)
             finally:
+                self.cpu_seconds += time.thread_time() - cpu
                 if item[0] in ("flush", "drain"):
                     item[1].set()
                 slots = len(item[1]) if item[0] == "steps" else int(item[0] not in ("flush", "drain"))
