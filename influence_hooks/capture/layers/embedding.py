@@ -15,7 +15,7 @@ from influence_hooks.capture.rules import (
     BilinearRule,
     UnsupportedModuleError,
     compute_dtype,
-    project_rows,
+    row_projector,
     register_rule,
 )
 
@@ -62,11 +62,12 @@ class EmbeddingRule(BilinearRule):
         return g.reshape(n, -1)
 
     def bind(self, module, p_left, p_right, dtype):
-        rows_of = None if p_left is None else p_left.T  # onehot(i) P_L^T is row i of P_L^T
+        rows_of = None if p_left is None else p_left.T.contiguous()  # onehot(i) P_L^T is row i of P_L^T
+        right = row_projector(p_right)
 
         def factors(inputs, grad_output):
             ids, go = self._ids_and_grads(module, inputs, grad_output, dtype)
             left = F.one_hot(ids, module.num_embeddings).to(dtype) if rows_of is None else rows_of[ids]
-            return left, project_rows(go, p_right)
+            return left, right(go)
 
         return factors

@@ -12,7 +12,7 @@ from influence_hooks.capture.rules import (
     BilinearRule,
     affine_projector,
     input_side_index,
-    project_rows,
+    row_projector,
     register_rule,
     trainable,
 )
@@ -33,11 +33,12 @@ class GPT2Conv1DRule(BilinearRule):
     def bind(self, module, p_left, p_right, dtype):
         nx, nf = module.nx, module.nf
         left = affine_projector(p_left, trainable(module, "weight"), trainable(module, "bias"))
+        right = row_projector(p_right)
 
         def factors(inputs, grad_output):
             x, go = inputs[0], grad_output
             if go.dim() > 3:  # all positions in one dim
                 x, go = x.reshape(x.shape[0], -1, nx), go.reshape(go.shape[0], -1, nf)
-            return left(x.to(dtype)), project_rows(go.to(dtype), p_right)
+            return left(x.to(dtype)), right(go.to(dtype))
 
         return factors

@@ -9,7 +9,7 @@ from influence_hooks.capture.rules import (
     BilinearRule,
     affine_projector,
     input_side_index,
-    project_rows,
+    row_projector,
     register_rule,
     trainable,
 )
@@ -30,12 +30,13 @@ class LinearRule(BilinearRule):
 
     def bind(self, module: nn.Linear, p_left, p_right, dtype):
         d_out, d_in = module.out_features, module.in_features
+        left = row_projector(p_left)
         right = affine_projector(p_right, trainable(module, "weight"), trainable(module, "bias"))
 
         def factors(inputs, grad_output):
             go, x = grad_output, inputs[0]
             if go.dim() > 3:  # all positions in one dim
                 go, x = go.reshape(go.shape[0], -1, d_out), x.reshape(x.shape[0], -1, d_in)
-            return project_rows(go.to(dtype), p_left), right(x.to(dtype))
+            return left(go.to(dtype)), right(x.to(dtype))
 
         return factors
