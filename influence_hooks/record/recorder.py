@@ -252,7 +252,8 @@ class GradientRecorder:
         sizes = [len(i) for i in self._micro_ids]
         self._micro_ids = []
         self.capture.set_enabled(False)
-        if isinstance(ids, np.ndarray):  # ids on a GPU are checked by the writer thread instead
+        ids_checked = isinstance(ids, np.ndarray)  # ids on a GPU are checked by the writer thread instead
+        if ids_checked:
             check_sample_ids(ids, step, allow_repeated=self.config.allow_repeated_ids)
         if not self._first_step_checked:
             self._check_first_step(len(ids))
@@ -281,7 +282,7 @@ class GradientRecorder:
             lr_groups=[float(g["lr"]) for g in optimizer.param_groups], batch_size=len(ids),
             update_weight=per_rank / self.world_size,
             micro_batches=n_micro, sample_ids=host_copy(ids), grads=None,
-            skipped=self._found_inf(grad_scaler, optimizer),
+            skipped=self._found_inf(grad_scaler, optimizer), ids_checked=ids_checked,
             loss=float(loss) if loss is not None else float("nan"))
         # the same on every rank (DDP averaged .grad); computed before the event the writer waits on
         sizes = adam_step_sizes(optimizer, self.layers, self._grad_factor(grad_scaler, optimizer))

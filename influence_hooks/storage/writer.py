@@ -61,6 +61,7 @@ class StepRecord:
     loss: float = float("nan")
     ready: Any = None
     layer_lr: Any = None  # [L]: Adam's step size per recorded layer (record.optim.adam_step_sizes), or None
+    ids_checked: bool = False  # check_sample_ids already ran on the training thread (host ids)
 
 
 @dataclass(frozen=True)
@@ -528,7 +529,8 @@ class RunWriter:
     def _write_step(self, rec: StepRecord) -> None:
         _wait(rec.ready)
         rec.sample_ids = np.asarray(rec.sample_ids, np.int64)
-        check_sample_ids(rec.sample_ids, rec.step, allow_repeated=self._allow_repeated_ids)
+        if not rec.ids_checked:  # ids read from a GPU here, or a record built without the recorder
+            check_sample_ids(rec.sample_ids, rec.step, allow_repeated=self._allow_repeated_ids)
         # in numpy from here: torch's multi-threaded kernels on this thread would compete with training's
         grads = to_stored(rec.grads, self._storage_dtype)
         finite = bool(rec.finite) if rec.finite is not None else all_finite(grads, self._storage_dtype)
