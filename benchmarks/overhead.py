@@ -253,10 +253,14 @@ def loop_part(models: list[str], steps: int, rounds: int, with_dattri: bool, tmp
 
 # ---------------------------------------------------------------------------- Lightning
 def lightning_part(models: list[str], steps: int, rounds: int, tmp: str) -> list[str]:
+    import logging
+
     import lightning as L
     from torch.utils.data import DataLoader, TensorDataset
 
     from influence_hooks import InfluenceCallback
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no banner at each of the many fits
 
     class StepTimer(L.Callback):
         """Wall time of each training batch: forward, backward, hooks, optimizer step."""

@@ -71,6 +71,11 @@ BILINEAR = {
     "linear_3d_few_positions": (lambda: nn.Linear(7, 12), lambda: torch.randn(4, 3, 7), 20),
     "conv2d_few_positions": (lambda: nn.Conv2d(3, 16, 3), lambda: torch.randn(4, 3, 4, 4), 30),
     "gpt2_conv1d": (lambda: gpt2_conv1d(5, 7), lambda: torch.randn(4, 6, 7), 12),
+    # factors of 12 dims and more are projected row-major (rules.ROW_MAJOR_FROM_K), smaller ones transposed
+    "linear_2d_row_major": (lambda: nn.Linear(60, 50), lambda: torch.randn(4, 60), 400),
+    "linear_3d_row_major": (lambda: nn.Linear(60, 50), lambda: torch.randn(4, 3, 60), 400),
+    "gpt2_conv1d_row_major": (lambda: gpt2_conv1d(50, 60), lambda: torch.randn(4, 6, 60), 400),
+    "embedding_row_major": (lambda: nn.Embedding(60, 50), lambda: torch.randint(0, 60, (4, 9)), 400),
     "gpt2_conv1d_frozen_bias": (
         lambda: frozen(gpt2_conv1d(5, 7), "bias"),
         lambda: torch.randn(4, 6, 7),
