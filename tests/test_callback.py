@@ -197,3 +197,23 @@ def test_queries_from_a_missing_name_or_together_with_queries_is_refused(tmp_pat
     cb = InfluenceCallback(tmp_path / "b", queries_from="no_such_method", **EXACT)
     with pytest.raises(ConfigurationError, match="no_such_method"):
         make_trainer([cb], 1, tmp_path).fit(TinyClassifier(), datamodule=_QueryDataModule())
+
+
+def test_state_key_names_the_resolved_directory_and_is_resolved_once(tmp_path, monkeypatch):
+    import os
+
+    (tmp_path / "runs").mkdir()
+    os.symlink(tmp_path / "runs", tmp_path / "link")
+    keys = {InfluenceCallback(str(p)).state_key
+            for p in (tmp_path / "runs" / "r", tmp_path / "runs" / "x" / ".." / "r", tmp_path / "link" / "r")}
+    assert len(keys) == 1 and "r" in next(iter(keys))
+    assert InfluenceCallback(str(tmp_path / "runs" / "other")).state_key not in keys
+
+    cb = InfluenceCallback(str(tmp_path / "runs" / "r"))
+    calls = []
+    real = os.path.realpath
+    monkeypatch.setattr(os.path, "realpath", lambda p: calls.append(p) or real(p))
+    assert {cb.state_key for _ in range(6)} == keys  # Lightning asks at every hook call
+    assert len(calls) == 1
+    cb.run_dir = str(tmp_path / "runs" / "other")  # a changed directory is resolved again
+    assert cb.state_key not in keys

@@ -77,11 +77,17 @@ class InfluenceCallback(pl.Callback):
         self._orig_process_dataloader = None
         self._resume_state: dict[str, Any] | None = None
         self._last_batch_of_epoch = False
+        self._state_key: tuple[str, str] | None = None  # (run_dir, its key)
 
     @property
     def state_key(self) -> str:
-        # the resolved directory: a resume finds its recording state however the path is spelled
-        return self._generate_state_key(run_dir=os.path.realpath(self.run_dir))
+        # the resolved directory: a resume finds its recording state however the path is spelled.
+        # Lightning asks for it at every callback hook call (6 a step), and resolving the path
+        # costs about 0.1 ms of system calls, so it is resolved once per run_dir
+        if self._state_key is None or self._state_key[0] != self.run_dir:
+            key = self._generate_state_key(run_dir=os.path.realpath(self.run_dir))
+            self._state_key = (self.run_dir, key)
+        return self._state_key[1]
 
     # ------------------------------------------------------------------ setup
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
