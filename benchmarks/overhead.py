@@ -1,7 +1,11 @@
 """Training-step time with recording versus without, measured side by side in one process.
 
 Three parts, each a ratio of median step times (recording / plain) measured in the same process,
-with the configurations alternating in blocks of steps so that the machine's load falls on both:
+with the configurations alternating in blocks of steps (Lightning: whole short fits) so that the
+machine's load falls on both. A recorded step's time includes the background writer's work on it:
+at the end of each block (fit) the benchmark waits until the writer has taken in every step and
+spreads that wait over the block's steps. The writer's CPU time per step, its shard files
+included, is printed too: on a machine whose cores training uses, training shares that cost.
 
 - loop: a hand-written training loop (GradientRecorder, projection 1024, shards written) on
   an MLP 784-512-512-10 (batch 64), an MLP 1024-2048-2048-100 (batch 64) and a 4-layer GPT-2
@@ -15,7 +19,7 @@ with the configurations alternating in blocks of steps so that the machine's loa
 - scaling: the hand-written loop on MLPs 784-W-W-10 over width W x batch x projection k, with the
   added milliseconds per step, to show how the cost grows.
 
-    python benchmarks/overhead.py                          # everything (about 10 minutes on 2 cores)
+    python benchmarks/overhead.py                          # everything (about 15 minutes on 2 cores)
     python benchmarks/overhead.py --parts loop --models small,wide
     python benchmarks/overhead.py --quick                  # fewer steps, for a smoke run
     python benchmarks/overhead.py --out benchmarks/results/overhead.md
@@ -414,7 +418,7 @@ def main() -> None:
         if "lightning" in parts:
             models = args.models.split(",") if args.models else ["mlp", "cnn", "gpt2"]
             sections.append(lightning_part([m for m in models if m in ("mlp", "cnn", "gpt2")],
-                                           2 * steps, max(2, rounds // 2), tmp))
+                                           2 * steps, rounds, tmp))
         if "scaling" in parts:
             quick = args.quick
             sections.append(scaling_part([256, 1024] if quick else [256, 1024, 2048],
