@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import math
 import warnings
+import weakref
 from typing import Any
 
 import torch
@@ -128,11 +129,12 @@ def adam_step_sizes(optimizer: torch.optim.Optimizer, layers: list, grad_factor:
 
     The recorded-gradient estimators use it in place of the learning rate on an Adam run
     (aggregate/stepsize.py): a per-layer scalar commutes with the random projection, Adam's
-    per-coordinate step sizes would not.
+    per-coordinate step sizes would not. It runs at every step, so each param group is one set of
+    vector operations over all its recorded parameters (a few dozen kernel calls in all).
     """
     if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):  # AdamW subclasses Adam in newer torch
         return None
-    group_of = {id(p): j for j, g in enumerate(optimizer.param_groups) for p in g["params"]}
+    group_of = _group_index(optimizer)
     members: dict[int, list[tuple[int, nn.Parameter]]] = {}  # per param group: (layer, parameter)
     device = None
     for li, layer in enumerate(layers):
@@ -143,46 +145,64 @@ def adam_step_sizes(optimizer: torch.optim.Optimizer, layers: list, grad_factor:
             device = device or p.grad.device
     if device is None:
         device = next(layers[0].module.parameters()).device if layers else torch.device("cpu")
-    num = torch.zeros(len(layers), device=device)
-    den = torch.zeros(len(layers), device=device)
-    for j, items in members.items():  # one set of vector operations per param group, not per parameter
-        _accumulate(optimizer, optimizer.param_groups[j], items, grad_factor, num, den)
+    sums = torch.zeros(2, len(layers), device=device)  # per layer: sum size * g^2, sum g^2
+    with torch.no_grad():
+        for j, items in members.items():  # one set of vector operations per param group, not per parameter
+            _accumulate(optimizer, optimizer.param_groups[j], items, grad_factor, sums)
+    num, den = sums
     return num / den.clamp_min(torch.finfo(den.dtype).tiny)  # a layer without gradient: 0 (its rows are zero)
 
 
+_GROUPS: "weakref.WeakKeyDictionary[torch.optim.Optimizer, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _group_index(optimizer: torch.optim.Optimizer) -> dict[int, int]:
+    """{id(parameter): its param group}, rebuilt when the groups change (add_param_group)."""
+    key = tuple(id(p) for g in optimizer.param_groups for p in g["params"][:1]) + tuple(
+        len(g["params"]) for g in optimizer.param_groups)
+    cached = _GROUPS.get(optimizer)
+    if cached is None or cached[0] != key:
+        cached = _GROUPS[optimizer] = (key, {id(p): j for j, g in enumerate(optimizer.param_groups)
+                                             for p in g["params"]})
+    return cached[1]
+
+
 def _accumulate(optimizer: torch.optim.Optimizer, group: dict, items: list, grad_factor: Any,
-                num: torch.Tensor, den: torch.Tensor) -> None:
-    """num[layer] += sum size * g^2 and den[layer] += sum g^2 over the sampled coordinates of a
-    param group's recorded parameters, all of them concatenated."""
+                sums: torch.Tensor) -> None:
+    """sums[0, layer] += sum size * g^2 and sums[1, layer] += sum g^2 over the sampled coordinates
+    of a param group's recorded parameters, all of them concatenated."""
     b1, b2 = (float(b) for b in group["betas"])
-    device = num.device
+    device = sums.device
     strides = [max(1, -(-p.numel() // ADAM_SAMPLE)) for _, p in items]
 
-    def sampled(tensors: list[torch.Tensor]) -> torch.Tensor:
-        return torch.cat([t.detach().reshape(-1)[::k].float() for t, k in zip(tensors, strides)])
+    def sampled(tensors: list[torch.Tensor]) -> torch.Tensor:  # a fresh float32 vector (written in place below)
+        flat = torch.cat([t.reshape(-1) if k == 1 else t.reshape(-1)[::k] for t, k in zip(tensors, strides)])
+        return flat if flat.dtype == torch.float32 else flat.float()
 
     lengths = [-(-p.numel() // k) for (_, p), k in zip(items, strides)]
     states = [optimizer.state.get(p, {}) for _, p in items]
     g = sampled([p.grad for _, p in items])
     if grad_factor is not None:
-        g = g * grad_factor
+        g = g.mul_(grad_factor)
     if group["weight_decay"] and not group.get("decoupled_weight_decay", False) \
             and not isinstance(optimizer, torch.optim.AdamW):
-        g = g + group["weight_decay"] * sampled([p for _, p in items])
-    g2 = g * g
-    v = g2 * (1 - b2)
+        g = g.add_(sampled([p for _, p in items]), alpha=group["weight_decay"])
+    g2 = g.square()
     if all("exp_avg_sq" in st for st in states):
-        v = v.add_(sampled([st["exp_avg_sq"] for st in states]), alpha=b2)
+        v = torch.addcmul(sampled([st["exp_avg_sq"] for st in states]).mul_(b2), g, g, value=1 - b2)
     elif any("exp_avg_sq" in st for st in states):
-        v = v.add_(sampled([st["exp_avg_sq"] if "exp_avg_sq" in st else torch.zeros_like(p)
-                            for st, (_, p) in zip(states, items)]), alpha=b2)
+        v = torch.addcmul(sampled([st["exp_avg_sq"] if "exp_avg_sq" in st else torch.zeros_like(p)
+                                   for st, (_, p) in zip(states, items)]).mul_(b2), g, g, value=1 - b2)
+    else:
+        v = g2 * (1 - b2)
     if group.get("amsgrad") and all("max_exp_avg_sq" in st for st in states):
         v = torch.maximum(sampled([st["max_exp_avg_sq"] for st in states]), v)
     counts = [_step_count(st.get("step")) for st in states]
     # eta * spread / (sqrt(v / (1 - b2^n)) + eps) = eta * spread * s / (sqrt(v) + eps * s), s = sqrt(1 - b2^n)
-    if all(not isinstance(c, torch.Tensor) and c == counts[0] for c in counts):  # the usual case: scalars
+    scalar = all(not isinstance(c, torch.Tensor) and c == counts[0] for c in counts)  # the usual case
+    if scalar:
         root = math.sqrt(1 - b2 ** counts[0])
-        eps, factor = group["eps"] * root, momentum_spread(b1, int(counts[0])) * root
+        eps, factor = group["eps"] * root, momentum_spread(b1, int(counts[0])) * root * group["lr"]
     else:  # counts differ, or live on a device (fused / capturable: no sync): per parameter
         repeat = torch.tensor(lengths, device=device)
         if any(isinstance(c, torch.Tensor) for c in counts):
@@ -193,13 +213,16 @@ def _accumulate(optimizer: torch.optim.Optimizer, group: dict, items: list, grad
             spread = torch.tensor([momentum_spread(b1, int(c)) for c in counts], device=device)
         root = (1 - b2 ** n.float()).sqrt()
         eps = (group["eps"] * root).repeat_interleave(repeat, output_size=len(g))
-        factor = (spread * root).repeat_interleave(repeat, output_size=len(g))
-    weighted = g2 / v.sqrt_().add_(eps) * factor * group["lr"]  # size * g^2
+        factor = (spread * root * group["lr"]).repeat_interleave(repeat, output_size=len(g))
+    weighted = torch.div(g2, v.sqrt_().add_(eps))  # size * g^2, up to the scalar factor
+    if not scalar:
+        weighted.mul_(factor)
     # the parameters come layer by layer: one segment per layer
     width: dict[int, int] = {}  # sampled coordinates per layer, in order
     for (li, _), length in zip(items, lengths):
         width[li] = width.get(li, 0) + length
-    index = torch.tensor(list(width), device=device)
     segments = torch.tensor(list(width.values()), device=device)
-    num.index_add_(0, index, torch.segment_reduce(weighted, "sum", lengths=segments))
-    den.index_add_(0, index, torch.segment_reduce(g2, "sum", lengths=segments))
+    per_layer = torch.segment_reduce(torch.stack([weighted, g2], dim=1), "sum", lengths=segments).T  # [2, layers]
+    if scalar:
+        per_layer[0].mul_(factor)
+    sums.index_add_(1, torch.tensor(list(width), device=device), per_layer)
