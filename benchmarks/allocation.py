@@ -114,6 +114,9 @@ def main(argv=None) -> int:
     t_all = time.perf_counter()
     for key in args.models.split(","):
         prob = PROBLEMS[key]
+        if prob.optimizer != "sgd":  # record() below trains with plain SGD
+            raise SystemExit(f"allocation.py compares budgets under plain SGD; {key!r} is trained with "
+                             f"{prob.optimizer}: choose among {[k for k, p in PROBLEMS.items() if p.optimizer == 'sgd']}")
         torch.manual_seed(0)
         model = prob.build().to(fb.DT)
         init = copy.deepcopy(model.state_dict())
@@ -122,7 +125,7 @@ def main(argv=None) -> int:
         ds, queries = TensorDataset(xs, Y), (xq, Yq)
         order = fb.batch_order(n_train, epochs, 1)
         sizes = {n: rule_for(m).grad_dim(m) for n, m, _ in select_layers(model)}
-        truth = fb.ground_truth(prob.build().to(fb.DT), init, ds, queries, order, prob.lr, subset, wins)
+        truth = fb.ground_truth(prob.build().to(fb.DT), init, ds, queries, order, prob, subset, wins)
         lines += [f"## {prob.name}", "", f"Layer gradient sizes: {sizes}.", "",
                   "| k | allocation | dims per layer (recorded) | TracIn whole vs exact | DIT late vs exact | "
                   "DIT whole vs exact | DIT late vs retraining | DIT whole vs retraining |",
