@@ -261,3 +261,31 @@ def test_step_sizes_with_parameters_at_different_step_counts_equal_a_per_coordin
             num += float((size * p.grad**2).sum())
             den += float((p.grad**2).sum())
         assert got[j].item() == pytest.approx(num / den, rel=1e-5)
+
+
+def test_step_sizes_follow_changes_of_the_param_groups():
+    """The parameter-to-group index is cached per optimizer: a group added later, or a parameter
+    replaced inside a group, is seen at the next step."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+
+    class Layer:
+        def __init__(self, module):
+            self.module = module
+
+    layers = [Layer(model[0]), Layer(model[2])]
+    opt = torch.optim.AdamW(list(model[0].parameters()), lr=0.05)
+
+    def sizes():
+        opt.zero_grad()
+        model.zero_grad()
+        F.cross_entropy(model(torch.randn(9, 4)), torch.randint(0, 3, (9,))).backward()
+        return adam_step_sizes(opt, layers)
+
+    assert sizes()[1] == 0  # model[2] is not in the optimizer
+    opt.add_param_group({"params": list(model[2].parameters()), "lr": 0.05})
+    assert sizes()[1] > 0
+    opt.param_groups[1]["params"][0] = nn.Parameter(torch.zeros(3, 6))  # model[2].weight replaced
+    got = sizes()
+    opt2 = torch.optim.AdamW([{"params": list(model[0].parameters())}, {"params": [model[2].bias]}], lr=0.05)
+    assert got[1].item() == pytest.approx(adam_step_sizes(opt2, layers)[1].item(), rel=1e-6)

@@ -76,6 +76,10 @@ BILINEAR = {
     "linear_3d_row_major": (lambda: nn.Linear(60, 50), lambda: torch.randn(4, 3, 60), 400),
     "gpt2_conv1d_row_major": (lambda: gpt2_conv1d(50, 60), lambda: torch.randn(4, 6, 60), 400),
     "embedding_row_major": (lambda: nn.Embedding(60, 50), lambda: torch.randint(0, 60, (4, 9)), 400),
+    "gpt2_conv1d_frozen_bias_row_major": (lambda: frozen(gpt2_conv1d(50, 60), "bias"),
+                                          lambda: torch.randn(4, 6, 60), 400),
+    # more positions than output dims: the output-gradient side is summed over positions first
+    "linear_3d_many_positions_row_major": (lambda: nn.Linear(60, 50), lambda: torch.randn(4, 60, 60), 400),
     "gpt2_conv1d_frozen_bias": (
         lambda: frozen(gpt2_conv1d(5, 7), "bias"),
         lambda: torch.randn(4, 6, 7),

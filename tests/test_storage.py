@@ -1,5 +1,7 @@
 """Reader properties that estimators rely on: column layout and per-step metadata."""
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -168,10 +170,15 @@ def test_finiteness_check_agrees_with_an_element_wise_test():
             t = torch.ones(5, 7, dtype=dtype)
             t[3, 2] = bad
             cases.append(t)
+    mixed = torch.ones(2, 3, dtype=torch.float64)
+    mixed[0, 0], mixed[1, 1] = float("inf"), -float("inf")  # their sum is NaN
+    cases.append(mixed)
     for t in cases:
-        stored = to_stored(t, str(t.dtype).replace("torch.", ""))
         name = str(t.dtype).replace("torch.", "")
-        assert all_finite(stored, name) == bool(torch.isfinite(t).all()), t
+        stored = to_stored(t, name)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no numpy RuntimeWarning: the writer may run with warnings as errors
+            assert all_finite(stored, name) == bool(torch.isfinite(t).all()), t
         assert finite_rows(stored, name).tolist() == torch.isfinite(t).all(dim=1).tolist(), t
 
 
@@ -214,11 +221,9 @@ def test_drain_waits_for_the_writer_and_keeps_the_shard_open(tmp_path):
     w = RunWriter.create(tmp_path, _one_layer_manifest("drain"), options=WriterOptions(steps_per_shard=100))
     for t in range(5):
         w.write_step(_step(t))
-    cpu_before = w.cpu_seconds
     w.drain()
     assert [r.step for r in w._buffer.steps] == list(range(5))  # taken in by the writer thread
     assert not list((tmp_path / fmt.SHARD_DIR).glob("*.h5"))  # no shard finished
-    assert w.cpu_seconds > cpu_before
     w.write_step(_step(5))
     w.close(final_step=6)
     with open_run(tmp_path) as run:

@@ -300,6 +300,16 @@ def factor_product(left: Tensor, right: Tensor, out: Tensor | None = None) -> Te
 ROW_MAJOR_FROM_K = 12
 
 
+def _over_rows(product: Callable[[Tensor], Tensor], k: int) -> Callable[[Tensor], Tensor]:
+    """``product`` (``[M, d] -> [M, k]``) applied to the rows of ``a [..., d]``: ``[..., k]``."""
+    def apply(a: Tensor) -> Tensor:
+        if a.dim() == 2:
+            return product(a)
+        return product(a.reshape(-1, a.shape[-1])).view(*a.shape[:-1], k)
+
+    return apply
+
+
 def row_projector(p: Tensor | None) -> Callable[[Tensor], Tensor]:
     """``a -> a P^T`` for rows ``a [..., d]`` and ``p [k, d]``: ``[..., k]`` (``a`` itself if ``p``
     is None). The matrix is laid out once, at bind time; a call is one matrix product, row-major
@@ -309,29 +319,17 @@ def row_projector(p: Tensor | None) -> Callable[[Tensor], Tensor]:
     k = p.shape[0]
     if k < ROW_MAJOR_FROM_K:
         p = p.contiguous()
-
-        def transposed(a: Tensor) -> Tensor:
-            if a.dim() == 2:
-                return torch.mm(p, a.T).T
-            return torch.mm(p, a.reshape(-1, a.shape[-1]).T).T.view(*a.shape[:-1], k)
-
-        return transposed
+        return _over_rows(lambda m: torch.mm(p, m.T).T, k)
     p_t = p.T.contiguous()
-
-    def project(a: Tensor) -> Tensor:
-        if a.dim() == 2:
-            return torch.mm(a, p_t)
-        return torch.mm(a.reshape(-1, a.shape[-1]), p_t).view(*a.shape[:-1], k)
-
-    return project
+    return _over_rows(lambda m: torch.mm(m, p_t), k)
 
 
 def affine_projector(p: Tensor | None, use_x: bool, use_one: bool) -> Callable[[Tensor], Tensor]:
-    """``x -> [x, 1] P^T`` for ``x [..., d]`` (``[..., k]``, laid out as by ``row_projector``), with ``P [k, d + 1]``
-    split and laid out once; the constant-1 column carries the bias, and ``use_x`` / ``use_one``
-    leave out the frozen parts (``P`` then has only the others' columns). ``p`` None: ``[x, 1]``
-    itself. The bias row is added inside the matrix product (addmm), not in a second pass, and
-    ``[x, 1]`` is never concatenated."""
+    """``x -> [x, 1] P^T`` for ``x [..., d]`` (``[..., k]``, laid out as by ``row_projector``), with
+    ``P [k, d + 1]`` split and laid out once; the constant-1 column carries the bias, and ``use_x`` /
+    ``use_one`` leave out the frozen parts (``P`` then has only the others' columns). ``p`` None:
+    ``[x, 1]`` itself. The bias is added inside the matrix product (addmm), not in a second pass,
+    and ``[x, 1]`` is never concatenated."""
     if p is None:
         def concatenated(x: Tensor) -> Tensor:
             parts = [x] if use_x else []
@@ -348,21 +346,9 @@ def affine_projector(p: Tensor | None, use_x: bool, use_one: bool) -> Callable[[
         return row_projector(p[:, :d])
     if k < ROW_MAJOR_FROM_K:  # see row_projector
         p_x, p_one = p[:, :d].contiguous(), p[:, d:].contiguous()  # [k, d], [k, 1]
-
-        def transposed(x: Tensor) -> Tensor:
-            if x.dim() == 2:
-                return torch.addmm(p_one, p_x, x.T).T
-            return torch.addmm(p_one, p_x, x.reshape(-1, x.shape[-1]).T).T.view(*x.shape[:-1], k)
-
-        return transposed
+        return _over_rows(lambda m: torch.addmm(p_one, p_x, m.T).T, k)
     p_x_t, p_one = p[:, :d].T.contiguous(), p[:, d:].T.contiguous()  # [d, k], [1, k]
-
-    def affine(x: Tensor) -> Tensor:
-        if x.dim() == 2:
-            return torch.addmm(p_one, x, p_x_t)
-        return torch.addmm(p_one, x.reshape(-1, x.shape[-1]), p_x_t).view(*x.shape[:-1], k)
-
-    return affine
+    return _over_rows(lambda m: torch.addmm(p_one, m, p_x_t), k)
 
 
 class FuncRule(LayerRule):

@@ -157,9 +157,9 @@ _GROUPS: "weakref.WeakKeyDictionary[torch.optim.Optimizer, tuple]" = weakref.Wea
 
 
 def _group_index(optimizer: torch.optim.Optimizer) -> dict[int, int]:
-    """{id(parameter): its param group}, rebuilt when the groups change (add_param_group)."""
-    key = tuple(id(p) for g in optimizer.param_groups for p in g["params"][:1]) + tuple(
-        len(g["params"]) for g in optimizer.param_groups)
+    """{id(parameter): its param group}, rebuilt when the groups change (add_param_group, or a
+    parameter replaced in a group)."""
+    key = tuple(tuple(map(id, g["params"])) for g in optimizer.param_groups)
     cached = _GROUPS.get(optimizer)
     if cached is None or cached[0] != key:
         cached = _GROUPS[optimizer] = (key, {id(p): j for j, g in enumerate(optimizer.param_groups)

@@ -204,8 +204,10 @@ class GradientRecorder:
         """Flush what is queued and stop recording; hooks are removed."""
         self.capture.detach()
         if self.writer is not None:
-            self.writer.close(final_step=final_step, complete=complete)
-            self.stats.writer_cpu_s = self.writer.cpu_seconds  # the final shard's included
+            try:
+                self.writer.close(final_step=final_step, complete=complete)
+            finally:
+                self.stats.writer_cpu_s = self.writer.cpu_seconds  # the final shard's included
 
     def abort(self) -> None:
         """Training failed: keep every finished step on disk, mark the run incomplete."""
@@ -215,6 +217,8 @@ class GradientRecorder:
                 self.writer.close(complete=False)
             except InfluenceHooksError:
                 self.writer.abort()
+            finally:
+                self.stats.writer_cpu_s = self.writer.cpu_seconds
 
     def __enter__(self) -> "GradientRecorder":
         return self

@@ -192,7 +192,9 @@ def all_finite(a: np.ndarray, storage_dtype: str) -> bool:
     bits = _NONFINITE_BITS.get(storage_dtype)
     if bits is not None:
         return int(np.bitwise_and(a.view(np.uint16), 0x7FFF).max()) < bits
-    return bool(np.isfinite(a.sum(dtype=np.float64))) or bool(np.isfinite(a).all())
+    with np.errstate(over="ignore", invalid="ignore"):  # inf - inf or an overflowing sum: checked below
+        total = a.sum(dtype=np.float64)
+    return bool(np.isfinite(total)) or bool(np.isfinite(a).all())
 
 
 def stored_dtype(ds: h5py.Dataset) -> str:

@@ -166,6 +166,8 @@ class RunWriter:
         self._bytes_written = 0
         self._shards_written = 0
         self.cpu_seconds = 0.0  # CPU time of the writer thread (its own work: shards, checks, files)
+        self._waited_cpu = 0.0  # CPU time spent waiting for a GPU, left out of cpu_seconds
+        self.shard_cpu_seconds = 0.0  # the part of cpu_seconds spent building and writing shard files
         self._params_written = 0
         self._writing = ""  # the file being written, for error messages
         self._closed = False
@@ -363,8 +365,8 @@ class RunWriter:
         self._wait_for_writer("flush")
 
     def drain(self) -> None:
-        """Block until the writer thread has taken in everything handed to it so far; the open
-        shard stays open (unlike `flush`). What recording costs, writing included, is then paid."""
+        """Block until the writer thread has taken in everything handed to it so far (checked and
+        buffered each step); the open shard stays open and unwritten (unlike `flush`)."""
         self._wait_for_writer("drain")
 
     def _wait_for_writer(self, kind: str) -> None:
@@ -461,19 +463,27 @@ class RunWriter:
             item = self._queue.get()
             if item is _STOP:
                 return
-            cpu = time.thread_time()
+            cpu, waited = time.thread_time(), self._waited_cpu
             try:
                 if self._error is None:  # after a failure, drop work but keep unblocking the producer
                     self._handle(item)
             except BaseException as e:  # noqa: BLE001 - re-raised on the training thread
                 self._error = self._describe(e)
             finally:
-                self.cpu_seconds += time.thread_time() - cpu
+                self.cpu_seconds += time.thread_time() - cpu - (self._waited_cpu - waited)
                 if item[0] in ("flush", "drain"):
                     item[1].set()
                 slots = len(item[1]) if item[0] == "steps" else int(item[0] not in ("flush", "drain"))
                 if slots:
                     self._slots.release(slots)
+
+    def _wait(self, event: Any) -> None:
+        """Wait for a CUDA event (None on the CPU): time spent here, which a spinning wait would count
+        as CPU time, is kept out of cpu_seconds."""
+        if event is not None:
+            cpu = time.thread_time()
+            event.synchronize()
+            self._waited_cpu += time.thread_time() - cpu
 
     def _describe(self, e: BaseException) -> BaseException:
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -500,7 +510,7 @@ class RunWriter:
                 self._write_step(rec)
         elif kind == "query":
             _, step, grads, ready = item
-            _wait(ready)
+            self._wait(ready)
             arr = to_stored(grads, self._storage_dtype)
             bad = ~finite_rows(arr, self._storage_dtype)
             if bad.any():
@@ -527,7 +537,7 @@ class RunWriter:
             "usual cause.", RuntimeWarning)
 
     def _write_step(self, rec: StepRecord) -> None:
-        _wait(rec.ready)
+        self._wait(rec.ready)
         rec.sample_ids = np.asarray(rec.sample_ids, np.int64)
         if not rec.ids_checked:  # ids read from a GPU here, or a record built without the recorder
             check_sample_ids(rec.sample_ids, rec.step, allow_repeated=self._allow_repeated_ids)
@@ -556,6 +566,13 @@ class RunWriter:
             self._finish_shard()
 
     def _finish_shard(self) -> None:
+        cpu = time.thread_time()
+        try:
+            self._write_shard()
+        finally:
+            self.shard_cpu_seconds += time.thread_time() - cpu
+
+    def _write_shard(self) -> None:
         buf = self._buffer
         if not buf.steps and not buf.query_steps:
             return
@@ -631,7 +648,7 @@ class RunWriter:
 
     def _write_params(self, kind: str, step: int, params: dict[str, torch.Tensor],
                       optim: dict[str, dict[str, torch.Tensor]], attrs: dict[str, Any], ready: Any) -> None:
-        _wait(ready)
+        self._wait(ready)
         final = self.path / fmt.PARAM_DIR / fmt.param_file_name(kind, self.rank, step)
 
         def fill(f: h5py.File) -> None:
@@ -671,9 +688,6 @@ def _to_numpy(t: torch.Tensor) -> np.ndarray:
     return t.numpy()
 
 
-def _wait(event: Any) -> None:
-    if event is not None:
-        event.synchronize()
 
 
 def _start_error(path: Path, e: OSError) -> Exception:
