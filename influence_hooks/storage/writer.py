@@ -688,8 +688,6 @@ def _to_numpy(t: torch.Tensor) -> np.ndarray:
     return t.numpy()
 
 
-
-
 def _start_error(path: Path, e: OSError) -> Exception:
     """What a failure to write a run's first files means, as the library's own error."""
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
