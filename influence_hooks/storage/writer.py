@@ -86,17 +86,18 @@ def check_sample_ids(ids: np.ndarray, step: int, *, allow_repeated: bool = False
     allow_repeated, each at most once (a repeat means the ids do not match the batch, unless the
     sampler draws with replacement)."""
     ids = np.asarray(ids)
-    if len(ids) and ids.min() < 0:
+    if not len(ids):
+        return
+    ordered = np.sort(ids)  # its first entry is the smallest: one pass answers both questions
+    if ordered[0] < 0:
         raise SampleIdError(f"step {step}: negative sample ids {short_list(np.unique(ids[ids < 0]))}; sample ids "
                             "must be dataset indices (>= 0). Check what begin_micro_batch / sample_ids= receives.")
-    if not allow_repeated and len(ids) > 1:
-        ordered = np.sort(ids, kind="stable")
-        if (ordered[1:] == ordered[:-1]).any():  # a sort and a compare: np.unique costs ~10x more
-            uniq, counts = np.unique(ids, return_counts=True)
-            raise SampleIdError(
-                f"step {step}: sample ids {short_list(uniq[counts > 1])} occur more than once in one step. Either "
-                "the ids do not match the batch (check begin_micro_batch / sample_ids=), or the sampler draws "
-                "with replacement: then pass allow_repeated_ids=True, and each occurrence counts as a row.")
+    if not allow_repeated and (ordered[1:] == ordered[:-1]).any():  # a sort and a compare: np.unique costs ~10x more
+        uniq, counts = np.unique(ids, return_counts=True)
+        raise SampleIdError(
+            f"step {step}: sample ids {short_list(uniq[counts > 1])} occur more than once in one step. Either "
+            "the ids do not match the batch (check begin_micro_batch / sample_ids=), or the sampler draws "
+            "with replacement: then pass allow_repeated_ids=True, and each occurrence counts as a row.")
 
 
 @dataclass
