@@ -85,7 +85,6 @@ class SumBlock:
 
     steps: np.ndarray
     sample_ids: torch.Tensor
-    coef: np.ndarray
     rows: BlockRows
 
     @property
@@ -101,7 +100,7 @@ def reduce_row_blocks(run: Run, spans: Sequence[Window], compute: Callable[[SumB
     one commit at a time and in block order (forward step order).
 
     compute may run on several threads at once and gets a block whose grads live in its worker's
-    buffer until it returns; commit gets the block's steps, sample_ids and coef (its grads may be
+    buffer until it returns; commit gets the block's steps and sample_ids (its grads may be
     reused by then) and the result. On the CPU: `workers` threads (default torch.get_num_threads()),
     each with a single torch thread. Elsewhere: one thread computes while another reads ahead.
     """
@@ -109,7 +108,7 @@ def reduce_row_blocks(run: Run, spans: Sequence[Window], compute: Callable[[SumB
     n = workers or torch.get_num_threads()
     if device.type != "cpu" or n <= 1 or sum(run.table.rows_between(*s) for s in spans) <= chunk_rows:
         for blk in _row_blocks(run, plans, chunk_rows, dtype, device, prefetch=device.type != "cpu"):
-            sb = SumBlock(blk.steps, blk.sample_ids, blk.coef, BlockRows(grads=blk.grads))
+            sb = SumBlock(blk.steps, blk.sample_ids, BlockRows(grads=blk.grads))
             commit(sb, compute(sb))
         return
 
@@ -148,7 +147,7 @@ def reduce_row_blocks(run: Run, spans: Sequence[Window], compute: Callable[[SumB
                 fetched = run.fetch_block(plan, stage)
                 if buf is None or buf.shape[0] < fetched.n_rows:
                     buf = torch.empty(max(fetched.n_rows, chunk_rows), run.dim, dtype=dtype)
-                blk = SumBlock(fetched.steps, torch.from_numpy(fetched.sample_ids), run.coef_of(fetched.steps),
+                blk = SumBlock(fetched.steps, torch.from_numpy(fetched.sample_ids),
                                BlockRows(fetched=fetched, tile=tile, full=buf))
                 deliver(i, blk, compute(blk))
         except BaseException as e:  # noqa: BLE001 - re-raised by the calling thread

@@ -1,7 +1,7 @@
 """How a recorded row enters the parameter update: the step size of the recorded-gradient estimators.
 
 SGD form: step t moves the parameters by -eta_t w_t sum_i g_t(i), so every column of a row gets
-the factor eta_t w_t (RowBlock.coef).
+the factor eta_t w_t (Run.coef_of).
 
 Adam form, for runs trained with Adam or AdamW: the recorder stores, per step and recorded layer,
 the step size a_{t,l} Adam applied to that step's gradient (record/optim.py, adam_step_sizes: a
