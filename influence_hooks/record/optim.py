@@ -188,9 +188,7 @@ def _accumulate(optimizer: torch.optim.Optimizer, group: dict, items: list, grad
             and not isinstance(optimizer, torch.optim.AdamW):
         g = g.add_(sampled([p for _, p in items]), alpha=group["weight_decay"])
     g2 = g.square()
-    if all("exp_avg_sq" in st for st in states):
-        v = torch.addcmul(sampled([st["exp_avg_sq"] for st in states]).mul_(b2), g, g, value=1 - b2)
-    elif any("exp_avg_sq" in st for st in states):
+    if any("exp_avg_sq" in st for st in states):  # a parameter without state yet: zeros
         v = torch.addcmul(sampled([st["exp_avg_sq"] if "exp_avg_sq" in st else torch.zeros_like(p)
                                    for st, (_, p) in zip(states, items)]).mul_(b2), g, g, value=1 - b2)
     else:
