@@ -82,6 +82,31 @@ def test_exact_rows_equal_each_samples_own_gradient_at_w_t(tmp_path, reduction):
             assert b.lr == 0.1
 
 
+def test_rows_of_uneven_batches_over_many_shards_are_each_samples_own_gradient(tmp_path):
+    # the writer keeps one row store from shard to shard and grows it when a batch does not fit:
+    # batches that grow, shrink and grow again within and across shards (2 steps per shard)
+    model, (X, Y) = mlp(), tabular()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = GradientRecorder(tmp_path / "run", model, projection="none", storage_dtype="float64",
+                           steps_per_shard=2)
+    expected = {}
+    for t, ids in enumerate(batches_of([3, 7, 2, 6, 1, 4, 1])):
+        expected[t] = (ids, func_per_sample_grads(model, ce_sample, (X[ids], Y[ids]), ["0", "2"]))
+        rec.begin_micro_batch(ids)
+        F.cross_entropy(model(X[ids]), Y[ids]).backward()
+        rec.end_step(opt)
+        opt.step()
+        opt.zero_grad()
+    rec.finish()
+    with open_run(tmp_path / "run") as run:
+        assert run.steps.tolist() == list(range(7))
+        assert len(list((tmp_path / "run" / fmt.SHARD_DIR).glob("*.h5"))) == 4
+        for b in run.iter_steps(dtype=torch.float64):
+            ids, g = expected[b.step]
+            assert b.sample_ids.tolist() == ids.tolist()
+            assert_rows_close(b.grads, g)
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_gradient_accumulation_rows_are_each_samples_own_gradient(tmp_path, reduction):
     # three micro-batches of different sizes per step, each micro-batch loss divided by 3

@@ -228,3 +228,27 @@ def test_drain_waits_for_the_writer_and_keeps_the_shard_open(tmp_path):
     w.close(final_step=6)
     with open_run(tmp_path) as run:
         assert run.steps.tolist() == list(range(6))
+
+
+def test_a_reused_memory_file_builds_the_same_file_as_a_fresh_one(tmp_path):
+    # the writer builds every shard of a run in one MemoryFile: a smaller file after a larger one
+    # must not keep any of the larger file's bytes
+    import h5py
+    import numpy as np
+
+    from influence_hooks.storage import files
+
+    rng = np.random.default_rng(0)
+    big, small = (rng.standard_normal((n, 96)).astype(np.float16) for n in (3000, 50))
+    memory = files.MemoryFile()
+
+    def fill(rows):
+        return lambda f: files.write_checked_rows(f, "rows", "sums", rows)
+
+    files.h5_image(fill(big), into=memory)
+    reused = files.h5_image(fill(small), into=memory)
+    assert bytes(reused) == bytes(files.h5_image(fill(small)))
+    files.write_atomic(tmp_path / "small.h5", reused)
+    with files.open_h5(tmp_path / "small.h5") as f:
+        assert np.array_equal(f["rows"][:], small)
+        assert isinstance(f, h5py.File)

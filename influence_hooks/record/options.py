@@ -65,7 +65,10 @@ class RecordingConfig:
     checkpoint_every_n_steps: int | None = _help(
         "Save the whole model and optimizer state every n steps (replay starts there).", None)
     on_nonfinite: str = _help("'warn' (flag the step) or 'raise' on NaN/inf gradients.", _W.on_nonfinite)
-    steps_per_shard: int = _help("Optimizer steps per HDF5 shard.", _W.steps_per_shard)
+    steps_per_shard: int = _help(
+        "Optimizer steps per HDF5 shard. The writer keeps about two shards' size of memory for the "
+        "whole run (the open shard's rows and the file image it writes), reused from shard to shard.",
+        _W.steps_per_shard)
     queue_size: int = _help("Steps that may wait for the writer thread before training blocks.", _W.queue_size)
     allow_repeated_ids: bool = _help(
         "Accept a sample id more than once in one step (a sampler drawing with replacement); by default "

@@ -7,7 +7,10 @@ builds the complete HDF5 file in memory (HDF5's core driver; nothing touches the
 renames. A full disk is then an OSError raised in Python, before the rename, the temporary file is
 removed, and nothing already written is touched. `check_free_space` refuses up front, with the
 numbers, when the bytes cannot fit. The price is holding one file's bytes in memory twice (its
-arrays and their image) while it is written.
+arrays and their image) while it is written. The image lives in a `MemoryFile` (HDF5 writes it
+through h5py's file-object driver); a writer that makes many files of similar size, like the
+shards of a run, keeps one and reuses its memory: freshly allocated memory costs a page fault
+per 4 KiB on first touch, which was most of the CPU time of writing a shard.
 
 Integrity. `write_array` chunks every dataset and adds HDF5's fletcher32 checksum to each chunk;
 scalars are compact (stored inside their object header). The gradient rows, the bulk of a shard,
@@ -29,7 +32,6 @@ a tensor into the array to write, `stored_dtype` reads a dataset's real dtype ba
 from __future__ import annotations
 
 import errno
-import itertools
 import os
 import shutil
 from pathlib import Path
@@ -43,24 +45,92 @@ from ..errors import StorageError, UnsafeFileError
 from . import checksum
 from . import format as fmt
 
-_image_names = itertools.count()
-
 
 # ---------------------------------------------------------------------- writing
-def h5_image(fill: Callable[[h5py.File], None]) -> bytes:
-    """The bytes of an HDF5 file that `fill(f)` populates, built entirely in memory."""
-    # the name only identifies the in-memory file inside HDF5; backing_store=False writes nothing
-    name = f"influence-hooks-image-{os.getpid()}-{next(_image_names)}.h5"
-    f = h5py.File(name, "w", driver="core", backing_store=False, libver=fmt.H5_LIBVER)
-    try:
+class MemoryFile:
+    """A growable in-memory binary file for h5py's file-object driver, whose memory is kept when
+    it is emptied (`clear`) and filled again: only growth beyond the largest file so far
+    allocates. `view()` is its bytes, without a copy, valid until it is next written."""
+
+    def __init__(self) -> None:
+        self._mem = np.empty(0, np.uint8)
+        self._size = 0
+        self._pos = 0
+
+    def clear(self) -> None:
+        self._size = self._pos = 0
+
+    def release(self) -> None:
+        """Give the memory back."""
+        self._mem = np.empty(0, np.uint8)
+        self.clear()
+
+    def view(self) -> memoryview:
+        return memoryview(self._mem[:self._size])
+
+    # the file protocol, as h5py uses it
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._pos, os.SEEK_END: self._size}[whence]
+        self._pos = base + offset
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def _reserve(self, size: int) -> None:
+        """Room for `size` bytes (the contents kept)."""
+        if size > len(self._mem):
+            grown = np.empty(max(size, 2 * len(self._mem), 1 << 20), np.uint8)
+            grown[:self._size] = self._mem[:self._size]
+            self._mem = grown
+
+    def write(self, data) -> int:
+        data = np.frombuffer(data, np.uint8)
+        end = self._pos + len(data)
+        self._reserve(end)
+        if self._pos > self._size:  # a write past the end leaves zeros in the gap, as in a file
+            self._mem[self._size:self._pos] = 0
+        self._mem[self._pos:end] = data
+        self._size = max(self._size, end)
+        self._pos = end
+        return len(data)
+
+    def readinto(self, buffer) -> int:
+        out = np.frombuffer(buffer, np.uint8)
+        n = max(0, min(len(out), self._size - self._pos))
+        out[:n] = self._mem[self._pos:self._pos + n]
+        self._pos += n
+        return n
+
+    def read(self, n: int = -1) -> bytes:
+        n = self._size - self._pos if n is None or n < 0 else max(0, min(n, self._size - self._pos))
+        out = self._mem[self._pos:self._pos + n].tobytes()
+        self._pos += n
+        return out
+
+    def truncate(self, size: int | None = None) -> int:
+        size = self._pos if size is None else size
+        self._reserve(size)
+        if size > self._size:
+            self._mem[self._size:size] = 0
+        self._size = size
+        return size
+
+    def flush(self) -> None:
+        pass
+
+
+def h5_image(fill: Callable[[h5py.File], None], into: MemoryFile | None = None) -> memoryview:
+    """The bytes of an HDF5 file that `fill(f)` populates, built entirely in memory: in `into`
+    (emptied first; the bytes are valid until it is next used), or in a file of their own."""
+    into = MemoryFile() if into is None else into
+    into.clear()
+    with h5py.File(into, "w", libver=fmt.H5_LIBVER) as f:
         fill(f)
-        f.flush()
-        return f.id.get_file_image()
-    finally:
-        f.close()
+    return into.view()
 
 
-def write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes | memoryview) -> None:
     """Write `data` to `path` as a whole: under a temporary name, fsync'ed, then renamed over
     `path`. On any failure (ENOSPC included) the temporary file is removed and `path` is unchanged."""
     tmp = path.with_name(path.name + fmt.TMP_SUFFIX)

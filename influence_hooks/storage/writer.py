@@ -29,8 +29,8 @@ from .._version import __version__
 from ..errors import (ConfigurationError, NonFiniteGradientError, RunDirectoryError, SampleIdError, StorageError,
                       short_list)
 from . import format as fmt
-from .files import (all_finite, check_free_space, finite_rows, h5_image, set_attrs, to_stored, writable_target,
-                    write_array, write_atomic, write_checked_rows)
+from .files import (MemoryFile, all_finite, check_free_space, finite_rows, h5_image, set_attrs, to_stored,
+                    writable_target, write_array, write_atomic, write_checked_rows)
 from .index import finished_shards, read_manifest, rebuild_rank_state
 from .jsonio import read_json, write_json_atomic
 from .lock import RunLock
@@ -108,6 +108,7 @@ class _ShardBuffer:
     query_grads: list[np.ndarray] = field(default_factory=list)
     query_nonfinite: list[np.ndarray] = field(default_factory=list)
     nbytes: int = 0
+    n_rows: int = 0  # the steps' gradient rows are the first n_rows of the writer's row store
 
 
 _STOP = object()
@@ -152,6 +153,11 @@ class RunWriter:
         self._query_ids = np.asarray((manifest.get("queries") or {}).get("ids", []), np.int64)
         self._warned_query_nonfinite = False
         self._buffer = _ShardBuffer(next_shard)
+        # the open shard's gradient rows, and the image of the shard file being written: both
+        # kept from shard to shard, so that only the first shard's memory is freshly allocated
+        # (a page fault per 4 KiB, which was most of the CPU time of writing a shard)
+        self._rows = np.empty((0, int(manifest["dim"])), self._np_dtype)
+        self._image = MemoryFile()
         # what waits for the writer, the batch not yet handed over included, is bounded by
         # queue_size slots (a step, a query block or a parameter file takes one), not by the
         # queue, whose items are batches of steps
@@ -424,6 +430,9 @@ class RunWriter:
         self._release()
 
     def _release(self) -> None:
+        if not self._thread.is_alive():  # the shard memory goes with the thread that used it
+            self._rows = self._rows[:0].copy()
+            self._image.release()
         if self._lock is not None:
             self._lock.release()
 
@@ -556,15 +565,30 @@ class RunWriter:
             warnings.warn(f"step {rec.step}: per-sample gradients contain NaN/inf (or overflow "
                           f"{self._storage_dtype} storage); the step is flagged in the run and skipped "
                           "by aggregators.", RuntimeWarning)
-        rec.grads, rec.finite = grads, torch.tensor(finite)
+        buf = self._buffer
+        self._store_rows(buf, grads)
+        rec.grads, rec.finite = None, torch.tensor(finite)  # the rows are in the store now
         rec.skipped = bool(rec.skipped) if rec.skipped is not None else False
         if isinstance(rec.layer_lr, torch.Tensor):
             rec.layer_lr = rec.layer_lr.detach().double().cpu().numpy()
-        buf = self._buffer
         buf.steps.append(rec)
         buf.nbytes += grads.nbytes
         if len(buf.steps) >= self._steps_per_shard or buf.nbytes >= self._max_shard_bytes:
             self._finish_shard()
+
+    def _store_rows(self, buf: _ShardBuffer, grads: np.ndarray) -> None:
+        """Append a step's rows to the open shard's row store, growing it if they do not fit
+        (the first time to a whole shard's worth: steps_per_shard steps of this many rows, at most
+        max_shard_mb)."""
+        end = buf.n_rows + len(grads)
+        if end > len(self._rows):
+            row_bytes = max(grads.shape[1] * grads.itemsize, 1)
+            shard_rows = min(self._steps_per_shard * len(grads), self._max_shard_bytes // row_bytes + len(grads))
+            grown = np.empty((max(end, 2 * len(self._rows), shard_rows), self._rows.shape[1]), self._np_dtype)
+            grown[:buf.n_rows] = self._rows[:buf.n_rows]
+            self._rows = grown
+        self._rows[buf.n_rows:end] = grads
+        buf.n_rows = end
 
     def _finish_shard(self) -> None:
         cpu = time.thread_time()
@@ -579,7 +603,7 @@ class RunWriter:
             return
         final = self.path / fmt.SHARD_DIR / fmt.shard_name(self.rank, buf.index)
         self._writing = final.name
-        image = h5_image(lambda f: self._fill_shard(f, buf))
+        image = h5_image(lambda f: self._fill_shard(f, buf), into=self._image)
         check_free_space(final.parent, len(image), f"shard {final.name}")
         write_atomic(final, image)
         self._bytes_written += len(image)
@@ -603,11 +627,9 @@ class RunWriter:
                   **{fmt.SHARD_SEGMENT: self._segment, fmt.SHARD_FROM_STEP: self._from_step})
         if steps:
             set_attrs(f, first_step=min(steps), last_step=max(steps))
-        k = int(self.manifest["dim"])
         counts = np.array([len(r.sample_ids) for r in buf.steps], dtype=np.int64)
         starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64) if len(counts) else counts
-        grads = (np.concatenate([r.grads for r in buf.steps]) if buf.steps
-                 else np.zeros((0, k), self._np_dtype))
+        grads = self._rows[:buf.n_rows]
         n_groups = max((len(r.lr_groups) for r in buf.steps), default=1)
         lr_groups = np.full((len(buf.steps), n_groups), np.nan)
         for j, r in enumerate(buf.steps):
