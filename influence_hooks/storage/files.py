@@ -77,8 +77,16 @@ class MemoryFile:
     def tell(self) -> int:
         return self._pos
 
+    def reserve(self, size: int) -> None:
+        """Room for `size` bytes without growing (the contents kept): a file of about known size
+        is then built without copying it as it grows."""
+        if size > len(self._mem):
+            grown = np.empty(size, np.uint8)
+            grown[:self._size] = self._mem[:self._size]
+            self._mem = grown
+
     def _reserve(self, size: int) -> None:
-        """Room for `size` bytes (the contents kept)."""
+        """Room for `size` bytes, growing at least twofold (the contents kept)."""
         if size > len(self._mem):
             grown = np.empty(max(size, 2 * len(self._mem), 1 << 20), np.uint8)
             grown[:self._size] = self._mem[:self._size]

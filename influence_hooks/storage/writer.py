@@ -603,6 +603,8 @@ class RunWriter:
             return
         final = self.path / fmt.SHARD_DIR / fmt.shard_name(self.rank, buf.index)
         self._writing = final.name
+        # the file is its data (rows, their steps and ids, queries) and a little HDF5 metadata
+        self._image.reserve(buf.nbytes + 16 * buf.n_rows + (1 << 20))
         image = h5_image(lambda f: self._fill_shard(f, buf), into=self._image)
         check_free_space(final.parent, len(image), f"shard {final.name}")
         write_atomic(final, image)
