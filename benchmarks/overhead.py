@@ -56,7 +56,9 @@ LEGEND = ("recorded ms = median step time with recording, measured side by side 
           "the writer thread's work on the steps included (waited for at the end of each block and spread over\n"
           "its steps); shards ms = the writer's CPU ms per step on shard files over the whole run (one every 256\n"
           "steps and one at the end; not in the timed steps); ratio = (recorded + shards) / plain: on a machine\n"
-          "whose cores training uses, training shares the writer's time.")
+          "whose cores training uses, training shares the writer's time; rounds = the lowest and the highest\n"
+          "ratio of a single round (one block of each configuration, back to back), which shows how far the\n"
+          "machine's speed moved during the measurement.")
 
 
 # ---------------------------------------------------------------------------- models
@@ -214,6 +216,13 @@ def ms(ts: list[float]) -> float:
     return 1000 * statistics.median(ts)
 
 
+def round_range(plain: list[float], recorded: list[float], steps: int, extra_ms: float = 0.0) -> str:
+    """'lo-hi': the lowest and highest ratio (recorded + extra_ms) / plain of a single round, the
+    lists holding `steps` step times of each round in turn."""
+    ratios = [(ms(recorded[i:i + steps]) + extra_ms) / ms(plain[i:i + steps]) for i in range(0, len(plain), steps)]
+    return f"{min(ratios):.2f}-{max(ratios):.2f}"
+
+
 def shard_ms(rec: GradientRecorder) -> float:
     """CPU milliseconds per step the recorder's background writer spent on shard files over its whole
     (closed) run. The timed steps do not include it (a shard is written every 256 steps, and at the
@@ -228,8 +237,8 @@ def loop_part(models: list[str], steps: int, rounds: int, with_dattri: bool, tmp
              f"{steps} steps x {rounds} rounds per configuration, alternating",
              ("dattri: DVEmbAttributor.cache_gradients (factorization 'kronecker', proj_dim "
               f"{PROJECTION}) before each step" if with_dattri else "dattri: not run (not installed, or --no-dattri)"), "",
-             f"{'model':<6} {'plain ms':>9} {'recorded ms':>12} {'shards ms':>10} {'ratio':>6} {'target':>7} {'met':>4}"
-             + (f" {'dattri ms':>10} {'ratio':>6}" if with_dattri else "") + "  description"]
+             f"{'model':<6} {'plain ms':>9} {'recorded ms':>12} {'shards ms':>10} {'ratio':>6} {'rounds':>9} {'target':>7}"
+             f" {'met':>4}" + (f" {'dattri ms':>10} {'ratio':>6}" if with_dattri else "") + "  description"]
     for name in models:
         task = LOOP_TASKS[name]()
         trainers = {"plain": Trainer(task, "plain", ""),
@@ -243,7 +252,8 @@ def loop_part(models: list[str], steps: int, rounds: int, with_dattri: bool, tmp
             tr.close()
         a, b, sh = ms(times["plain"]), ms(times["record"]), shard_ms(trainers["record"].rec)
         target, ratio = LOOP_TARGETS[name], (b + sh) / a
-        line = (f"{name:<6} {a:>9.2f} {b:>12.2f} {sh:>10.2f} {ratio:>6.3f} {target:>7.2f}"
+        spread = round_range(times["plain"], times["record"], steps, sh)
+        line = (f"{name:<6} {a:>9.2f} {b:>12.2f} {sh:>10.2f} {ratio:>6.3f} {spread:>9} {target:>7.2f}"
                 f" {'yes' if ratio <= target else 'NO':>4}")
         if with_dattri:
             if "dattri" in times:
@@ -350,8 +360,8 @@ def lightning_part(models: list[str], steps: int, rounds: int, tmp: str) -> list
 
     lines = [f"Lightning: InfluenceCallback(projection={PROJECTION}) versus none; {steps} steps x {rounds} "
              "rounds per configuration, alternating", "",
-             f"{'model':<6} {'plain ms':>9} {'recorded ms':>12} {'shards ms':>10} {'ratio':>6} {'target':>7} {'met':>4}"
-             "  description"]
+             f"{'model':<6} {'plain ms':>9} {'recorded ms':>12} {'shards ms':>10} {'ratio':>6} {'rounds':>9} {'target':>7}"
+             f" {'met':>4}  description"]
     for name in models:
         make_module, data, bs, describe = setup(name)
         without, with_cb, shards = [], [], []
@@ -362,8 +372,9 @@ def lightning_part(models: list[str], steps: int, rounds: int, tmp: str) -> list
         a, b, sh = ms(without), ms(with_cb), statistics.median(shards)
         ratio = (b + sh) / a
         met = "yes" if ratio <= LIGHTNING_TARGET else "NO"
-        lines.append(f"{name:<6} {a:>9.2f} {b:>12.2f} {sh:>10.2f} {ratio:>6.3f} {LIGHTNING_TARGET:>7.2f} {met:>4}"
-                     f"  {describe}")
+        spread = round_range(without, with_cb, steps, sh)  # a round: one fit of each
+        lines.append(f"{name:<6} {a:>9.2f} {b:>12.2f} {sh:>10.2f} {ratio:>6.3f} {spread:>9} {LIGHTNING_TARGET:>7.2f}"
+                     f" {met:>4}  {describe}")
         print(lines[-1], flush=True)
     return lines
 
