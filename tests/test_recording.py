@@ -86,18 +86,8 @@ def test_rows_of_uneven_batches_over_many_shards_are_each_samples_own_gradient(t
     # the writer keeps one row store from shard to shard and grows it when a batch does not fit:
     # batches that grow, shrink and grow again within and across shards (2 steps per shard)
     model, (X, Y) = mlp(), tabular()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    rec = GradientRecorder(tmp_path / "run", model, projection="none", storage_dtype="float64",
-                           steps_per_shard=2)
-    expected = {}
-    for t, ids in enumerate(batches_of([3, 7, 2, 6, 1, 4, 1])):
-        expected[t] = (ids, func_per_sample_grads(model, ce_sample, (X[ids], Y[ids]), ["0", "2"]))
-        rec.begin_micro_batch(ids)
-        F.cross_entropy(model(X[ids]), Y[ids]).backward()
-        rec.end_step(opt)
-        opt.step()
-        opt.zero_grad()
-    rec.finish()
+    _, expected = _train_sgd_and_reference(tmp_path / "run", model, X, Y, sizes=(3, 7, 2, 6, 1, 4, 1),
+                                           projection="none", steps_per_shard=2)
     with open_run(tmp_path / "run") as run:
         assert run.steps.tolist() == list(range(7))
         assert len(list((tmp_path / "run" / fmt.SHARD_DIR).glob("*.h5"))) == 4
@@ -210,13 +200,13 @@ def cnn_data():
     return SmallCNN, torch.randn(N_DATA, 2, 6, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (N_DATA,), generator=g)
 
 
-def _train_sgd_and_reference(run_dir, model, X, Y, **options):
-    """Train 3 steps of plain SGD on batches of 5, recording; return (recorder, reference rows at w_t)."""
+def _train_sgd_and_reference(run_dir, model, X, Y, sizes=(5, 5, 5), **options):
+    """Train plain SGD on batches of `sizes`, recording; return (recorder, reference rows at w_t)."""
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     rec = GradientRecorder(run_dir, model, storage_dtype="float64", **options)
     layers = [l.name for l in rec.layers]
     expected = {}
-    for t, ids in enumerate(batches_of([5, 5, 5])):
+    for t, ids in enumerate(batches_of(sizes)):
         expected[t] = (ids, func_per_sample_grads(model, ce_sample, (X[ids], Y[ids]), layers))
         rec.begin_micro_batch(ids)
         F.cross_entropy(model(X[ids]), Y[ids]).backward()
