@@ -2,7 +2,7 @@
 
 Writing. HDF5 can crash the whole process (SIGSEGV) when a write hits a full disk and the file is
 closed afterwards, so no file of a run is written through HDF5 onto the disk: `h5_image(fill)`
-builds the complete HDF5 file in memory (HDF5's core driver; nothing touches the disk) and
+builds the complete HDF5 file in memory (nothing touches the disk) and
 `write_atomic(path, data)` writes its bytes with plain os.write under a temporary name, fsyncs and
 renames. A full disk is then an OSError raised in Python, before the rename, the temporary file is
 removed, and nothing already written is touched. `check_free_space` refuses up front, with the
@@ -128,11 +128,15 @@ class MemoryFile:
         pass
 
 
-def h5_image(fill: Callable[[h5py.File], None], into: MemoryFile | None = None) -> memoryview:
+def h5_image(fill: Callable[[h5py.File], None], into: MemoryFile | None = None,
+             size_hint: int = 0) -> memoryview:
     """The bytes of an HDF5 file that `fill(f)` populates, built entirely in memory: in `into`
-    (emptied first; the bytes are valid until it is next used), or in a file of their own."""
+    (emptied first; the bytes are valid until it is next used), or in a file of their own.
+    `size_hint`: the file's expected size in bytes (its arrays' and a little more), reserved up
+    front so that the image is not copied as it grows."""
     into = MemoryFile() if into is None else into
     into.clear()
+    into.reserve(size_hint)
     with h5py.File(into, "w", libver=fmt.H5_LIBVER) as f:
         fill(f)
     return into.view()

@@ -112,6 +112,7 @@ class _ShardBuffer:
 
 
 _STOP = object()
+IMAGE_SLACK = 1 << 20  # bytes reserved for a file's HDF5 metadata beyond its arrays
 
 # Steps reach the writer thread in batches: waking it for every step costs a fast training step
 # (a few ms on a CPU) about 0.1 ms. A batch is handed over once it holds HANDOFF_STEPS steps, its
@@ -604,8 +605,8 @@ class RunWriter:
         final = self.path / fmt.SHARD_DIR / fmt.shard_name(self.rank, buf.index)
         self._writing = final.name
         # the file is its data (rows, their steps and ids, queries) and a little HDF5 metadata
-        self._image.reserve(buf.nbytes + 16 * buf.n_rows + (1 << 20))
-        image = h5_image(lambda f: self._fill_shard(f, buf), into=self._image)
+        image = h5_image(lambda f: self._fill_shard(f, buf), into=self._image,
+                         size_hint=buf.nbytes + 16 * buf.n_rows + IMAGE_SLACK)
         check_free_space(final.parent, len(image), f"shard {final.name}")
         write_atomic(final, image)
         self._bytes_written += len(image)
@@ -688,7 +689,8 @@ class RunWriter:
                     write_array(og, key, _to_numpy(t))
 
         self._writing = final.name
-        image = h5_image(fill)
+        arrays = [*params.values(), *(t for state in optim.values() for t in state.values())]
+        image = h5_image(fill, size_hint=sum(_to_numpy_nbytes(t) for t in arrays) + IMAGE_SLACK)
         check_free_space(final.parent, len(image), f"{kind} {final.name}")
         write_atomic(final, image)
         self._bytes_written += len(image)
@@ -711,6 +713,11 @@ def _to_numpy(t: torch.Tensor) -> np.ndarray:
     if t.dtype == torch.bfloat16:
         t = t.float()  # numpy has no bfloat16; the loader casts back to the model's dtype
     return t.numpy()
+
+
+def _to_numpy_nbytes(t: torch.Tensor) -> int:
+    """The size of `_to_numpy(t)` in bytes."""
+    return t.numel() * (4 if t.dtype == torch.bfloat16 else t.element_size())
 
 
 def _start_error(path: Path, e: OSError) -> Exception:
