@@ -530,3 +530,25 @@ def test_a_module_called_twice_records_the_sum_of_its_calls_and_an_unused_one_ze
         assert_rows_close(rows, expected[t] @ P.T)
         assert (rows[4:, extra.offset:extra.offset + extra.spec.out_dim] == 0).all()
         assert (rows[:4, extra.offset:extra.offset + extra.spec.out_dim] != 0).any()
+
+
+def test_end_step_reads_nothing_from_a_record_the_writer_already_took(tmp_path, monkeypatch):
+    # the writer thread moves a step's rows into its shard as soon as it gets the record; here it
+    # gets every record at once and finishes with it before end_step returns (the worst timing)
+    from influence_hooks.storage.writer import RunWriter
+
+    handed = RunWriter.write_step
+
+    def write_and_wait(self, record):
+        handed(self, record)
+        self.drain()
+        assert record.grads is None  # taken and moved by the writer thread
+
+    monkeypatch.setattr(RunWriter, "write_step", write_and_wait)
+    model, (X, Y) = mlp(), tabular()
+    rec, expected = _train_sgd_and_reference(tmp_path / "run", model, X, Y, projection="none",
+                                             queue_size=1)
+    assert rec.stats.rows == 15 and rec.stats.bytes == 15 * rec.plan["dim"] * 8
+    with open_run(tmp_path / "run") as run:
+        for b in run.iter_steps(dtype=torch.float64):
+            assert_rows_close(b.grads, expected[b.step][1])

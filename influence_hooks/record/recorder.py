@@ -298,9 +298,11 @@ class GradientRecorder:
         if self.rank == 0:
             self.params.save_if_due(self.writer, step, self.layers, optimizer)
         self._optimizer = optimizer
+        # read before the hand-off: from then on the record is the writer thread's (it drops the rows)
+        nbytes = rec.grads.nelement() * rec.grads.element_size()
         t0 = time.perf_counter()
         self.writer.write_step(rec)
-        self._count(t0, steps=1, rows=len(ids), nbytes=rec.grads.nelement() * rec.grads.element_size())
+        self._count(t0, steps=1, rows=len(ids), nbytes=nbytes)
         self._step = step + 1
 
     def finish(self, *, final_step: int | None = None) -> None:

@@ -45,6 +45,9 @@ class StepRecord:
     update_weight: the factor w_t such that the step's update is -lr * w_t * sum_i g_t(i)
     (1/|B_t| for a mean-reduced loss, 1 for a sum). finite / skipped may be device tensors; the
     writer thread reads them after `ready`, so the training thread never waits for them.
+    Once handed to `RunWriter.write_step` a record belongs to the writer thread, which moves the
+    rows into its shard (grads becomes None) and normalises other fields: read nothing from it
+    afterwards.
     """
 
     step: int
