@@ -2,6 +2,7 @@
 
 import warnings
 
+import pytest
 import torch
 from torch import nn
 
@@ -252,3 +253,30 @@ def test_a_reused_memory_file_builds_the_same_file_as_a_fresh_one(tmp_path):
     with files.open_h5(tmp_path / "small.h5") as f:
         assert np.array_equal(f["rows"][:], small)
         assert isinstance(f, h5py.File)
+    # as a file: reading past the end gives nothing and leaves the position where it was
+    end = memory.seek(0, 2)
+    memory.seek(end + 10)
+    assert memory.read() == b"" and memory.tell() == end + 10
+    with pytest.raises(ValueError):
+        memory.seek(0, 7)
+
+
+@pytest.mark.parametrize("rows", [[[2.0]], [2.0, -2.0], [[2.0, -2.0], [3.0, -3.0]]],
+                         ids=["one_column", "one_dimensional", "more_rows_than_ids"])
+def test_rows_of_the_wrong_shape_are_refused_and_earlier_steps_written(tmp_path, rows):
+    # numpy would broadcast [1, 1] or [2] into a [1, 2] slot: the writer checks the shape itself
+    from influence_hooks.errors import ConfigurationError
+    from influence_hooks.storage.writer import RunWriter
+
+    w = RunWriter.create(tmp_path, _one_layer_manifest("shape"))
+    w.write_step(_step(0))
+    w.write_step(_step(1))
+    bad = _step(2)
+    bad.grads = torch.tensor(rows, dtype=torch.float64)
+    with pytest.raises(ConfigurationError, match=r"step 2: the gradient rows have shape .* needs \[1, 2\]"):
+        w.write_step(bad)
+        w.close(final_step=3)
+    w.abort()
+    with open_run(tmp_path) as run:
+        assert run.steps.tolist() == [0, 1] and not run.complete
+        assert [b.grads.tolist() for b in run.iter_steps(dtype=torch.float64)] == [[[0.0, 0.0]], [[1.0, -1.0]]]

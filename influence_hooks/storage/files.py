@@ -70,8 +70,10 @@ class MemoryFile:
 
     # the file protocol, as h5py uses it
     def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
-        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._pos, os.SEEK_END: self._size}[whence]
-        self._pos = base + offset
+        bases = {os.SEEK_SET: 0, os.SEEK_CUR: self._pos, os.SEEK_END: self._size}
+        if whence not in bases:
+            raise ValueError(f"invalid whence ({whence})")
+        self._pos = bases[whence] + offset
         return self._pos
 
     def tell(self) -> int:
@@ -111,7 +113,8 @@ class MemoryFile:
         return n
 
     def read(self, n: int = -1) -> bytes:
-        n = self._size - self._pos if n is None or n < 0 else max(0, min(n, self._size - self._pos))
+        left = max(0, self._size - self._pos)  # nothing past the end, and the position stays
+        n = left if n is None or n < 0 else min(n, left)
         out = self._mem[self._pos:self._pos + n].tobytes()
         self._pos += n
         return out

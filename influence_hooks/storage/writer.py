@@ -399,7 +399,7 @@ class RunWriter:
         try:
             try:
                 self.flush()
-            except (NonFiniteGradientError, SampleIdError):
+            except (NonFiniteGradientError, SampleIdError, ConfigurationError):
                 # the steps before the bad one are still buffered: write them, then report
                 self.flush()
                 raise
@@ -466,7 +466,7 @@ class RunWriter:
         if err is None:
             return
         self._error = None
-        if isinstance(err, (NonFiniteGradientError, StorageError, SampleIdError)):
+        if isinstance(err, (NonFiniteGradientError, StorageError, SampleIdError, ConfigurationError)):
             raise err
         raise StorageError(
             f"recording to {self.path} failed on the writer thread: {err!r}. {self._written()} stay "
@@ -557,6 +557,13 @@ class RunWriter:
             check_sample_ids(rec.sample_ids, rec.step, allow_repeated=self._allow_repeated_ids)
         # in numpy from here: torch's multi-threaded kernels on this thread would compete with training's
         grads = to_stored(rec.grads, self._storage_dtype)
+        width = self._rows.shape[1]
+        if grads.ndim != 2 or grads.shape[1] != width or len(grads) != len(rec.sample_ids):
+            raise ConfigurationError(
+                f"step {rec.step}: the gradient rows have shape {list(grads.shape)}, but a step of "
+                f"{len(rec.sample_ids)} sample ids needs [{len(rec.sample_ids)}, {width}] (one row of the "
+                f"run's {width} dims per sample id). Nothing of this step was written; earlier steps are "
+                f"kept in {self.path}.")
         finite = bool(rec.finite) if rec.finite is not None else all_finite(grads, self._storage_dtype)
         if not finite:
             if self._on_nonfinite == "raise":
@@ -569,12 +576,13 @@ class RunWriter:
             warnings.warn(f"step {rec.step}: per-sample gradients contain NaN/inf (or overflow "
                           f"{self._storage_dtype} storage); the step is flagged in the run and skipped "
                           "by aggregators.", RuntimeWarning)
-        buf = self._buffer
-        self._store_rows(buf, grads)
-        rec.grads, rec.finite = None, torch.tensor(finite)  # the rows are in the store now
+        rec.finite = torch.tensor(finite)
         rec.skipped = bool(rec.skipped) if rec.skipped is not None else False
         if isinstance(rec.layer_lr, torch.Tensor):
             rec.layer_lr = rec.layer_lr.detach().double().cpu().numpy()
+        buf = self._buffer  # the rows and the step enter the shard together
+        self._store_rows(buf, grads)
+        rec.grads = None  # the rows are in the store now
         buf.steps.append(rec)
         buf.nbytes += grads.nbytes
         if len(buf.steps) >= self._steps_per_shard or buf.nbytes >= self._max_shard_bytes:
