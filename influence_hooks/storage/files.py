@@ -79,25 +79,19 @@ class MemoryFile:
     def tell(self) -> int:
         return self._pos
 
-    def reserve(self, size: int) -> None:
-        """Room for `size` bytes without growing (the contents kept): a file of about known size
-        is then built without copying it as it grows."""
+    def reserve(self, size: int, *, doubling: bool = False) -> None:
+        """Room for `size` bytes (the contents kept). Exactly that much, so that a file of about
+        known size is built without copying it as it grows; `doubling` (while it is written): at
+        least twice the room it had."""
         if size > len(self._mem):
-            grown = np.empty(size, np.uint8)
-            grown[:self._size] = self._mem[:self._size]
-            self._mem = grown
-
-    def _reserve(self, size: int) -> None:
-        """Room for `size` bytes, growing at least twofold (the contents kept)."""
-        if size > len(self._mem):
-            grown = np.empty(max(size, 2 * len(self._mem), 1 << 20), np.uint8)
+            grown = np.empty(max(size, 2 * len(self._mem), 1 << 20) if doubling else size, np.uint8)
             grown[:self._size] = self._mem[:self._size]
             self._mem = grown
 
     def write(self, data) -> int:
         data = np.frombuffer(data, np.uint8)
         end = self._pos + len(data)
-        self._reserve(end)
+        self.reserve(end, doubling=True)
         if self._pos > self._size:  # a write past the end leaves zeros in the gap, as in a file
             self._mem[self._size:self._pos] = 0
         self._mem[self._pos:end] = data
@@ -121,7 +115,7 @@ class MemoryFile:
 
     def truncate(self, size: int | None = None) -> int:
         size = self._pos if size is None else size
-        self._reserve(size)
+        self.reserve(size, doubling=True)
         if size > self._size:
             self._mem[self._size:size] = 0
         self._size = size
