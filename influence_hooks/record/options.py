@@ -66,8 +66,8 @@ class RecordingConfig:
         "Save the whole model and optimizer state every n steps (replay starts there).", None)
     on_nonfinite: str = _help("'warn' (flag the step) or 'raise' on NaN/inf gradients.", _W.on_nonfinite)
     steps_per_shard: int = _help(
-        "Optimizer steps per HDF5 shard. The writer keeps about two shards' size of memory for the "
-        "whole run (the open shard's rows and the file image it writes), reused from shard to shard.",
+        "Optimizer steps per HDF5 shard. The writer keeps about one shard's size of memory for the "
+        "whole run (the open shard's rows, written to disk from there), reused from shard to shard.",
         _W.steps_per_shard)
     queue_size: int = _help("Steps that may wait for the writer thread before training blocks.", _W.queue_size)
     allow_repeated_ids: bool = _help(

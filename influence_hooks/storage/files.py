@@ -6,11 +6,14 @@ builds the complete HDF5 file in memory (nothing touches the disk) and
 `write_atomic(path, data)` writes its bytes with plain os.write under a temporary name, fsyncs and
 renames. A full disk is then an OSError raised in Python, before the rename, the temporary file is
 removed, and nothing already written is touched. `check_free_space` refuses up front, with the
-numbers, when the bytes cannot fit. The price is holding one file's bytes in memory twice (its
-arrays and their image) while it is written. The image lives in a `MemoryFile` (HDF5 writes it
-through h5py's file-object driver); a writer that makes many files of similar size, like the
-shards of a run, keeps one and reuses its memory: freshly allocated memory costs a page fault
-per 4 KiB on first touch, which was most of the CPU time of writing a shard.
+numbers, when the bytes cannot fit. The image lives in a `MemoryFile` (HDF5 writes it through
+h5py's file-object driver); a writer that makes many files, like the shards of a run, keeps one
+and reuses its memory: freshly allocated memory costs a page fault per 4 KiB on first touch,
+which was most of the CPU time of writing a shard. A shard's gradient rows are not copied into
+the image at all: HDF5 allocates their chunks, back to back, when the dataset is created, and
+the rows are *placed* there (`MemoryFile.place`), written to disk straight from the writer's row
+store between the image's bytes before and after them. A parameter file's arrays are copied, so
+its bytes are held twice while it is written.
 
 Integrity. `write_array` chunks every dataset and adds HDF5's fletcher32 checksum to each chunk;
 scalars are compact (stored inside their object header). The gradient rows, the bulk of a shard,
@@ -50,23 +53,97 @@ from . import format as fmt
 class MemoryFile:
     """A growable in-memory binary file for h5py's file-object driver, whose memory is kept when
     it is emptied (`clear`) and filled again: only growth beyond the largest file so far
-    allocates. `view()` is its bytes, without a copy, valid until it is next written."""
+    allocates.
+
+    One region of the file may be *placed* (`place`): its bytes are an array that the caller
+    keeps, written to disk from there (`pieces`) and never copied into the image. The gradient
+    rows of a shard, nearly all of its bytes, take this way (`write_checked_rows`), so building a
+    shard copies only its metadata. Offsets seen by HDF5 are the file's; the memory holds the
+    bytes before and after the placed region. Should HDF5 ever read, write or cut into the placed
+    region, it is first copied in and the file goes on as an ordinary one (nothing is raised:
+    an exception inside h5py's driver callbacks can crash the process)."""
 
     def __init__(self) -> None:
         self._mem = np.empty(0, np.uint8)
-        self._size = 0
+        self._size = 0  # the file's size, the placed region included
         self._pos = 0
+        self._placed: tuple[int, int, np.ndarray] | None = None  # (start, length, bytes)
 
     def clear(self) -> None:
         self._size = self._pos = 0
+        self._placed = None
 
     def release(self) -> None:
         """Give the memory back."""
         self._mem = np.empty(0, np.uint8)
         self.clear()
 
+    @property
+    def size(self) -> int:
+        """The file's size in bytes, the placed region included."""
+        return self._size
+
+    @property
+    def placed(self) -> bool:
+        return self._placed is not None
+
+    def _stored(self, size: int | None = None) -> int:
+        """Bytes in memory for a file of `size` bytes (default: its size): all but the placed region."""
+        size = self._size if size is None else size
+        if self._placed is None:
+            return size
+        start, length, _ = self._placed
+        return size - length if size >= start + length else min(size, start)
+
+    def _at(self, pos: int, n: int) -> int:
+        """Where the file's bytes [pos, pos + n) are in memory; a placed region they touch is
+        copied in first."""
+        if self._placed is not None:
+            start, length, _ = self._placed
+            if pos >= start + length:
+                return pos - length
+            if pos + n > start and n:
+                self._copy_in()
+        return pos
+
+    def _copy_in(self) -> None:
+        """Turn the placed region into ordinary bytes in memory."""
+        start, length, raw = self._placed
+        stored = self._stored()
+        mem = np.empty(max(self._size, len(self._mem)), np.uint8)
+        mem[:start] = self._mem[:start]
+        mem[start:start + len(raw)] = raw
+        mem[start + len(raw):start + length] = 0
+        mem[start + length:self._size] = self._mem[start:stored]
+        self._mem, self._placed = mem, None
+
+    def place(self, data: np.ndarray, start: int, length: int) -> bool:
+        """Make the file's bytes [start, start + length) be `data`'s bytes followed by zeros,
+        without copying them: `data` must stay unchanged until the file is written. Refused
+        (False) if a region is placed already, or anything was written at or after `start`."""
+        raw = np.frombuffer(memoryview(np.ascontiguousarray(data)).cast("B"), np.uint8)
+        if self._placed is not None or self._size > start or len(raw) > length:
+            return False
+        self._extend(start)
+        self._placed = (start, length, raw)
+        self._size = start + length
+        return True
+
     def view(self) -> memoryview:
+        """The file's bytes, without a copy (valid until it is next written); a placed region
+        is copied in first (`pieces` does without)."""
+        if self._placed is not None:
+            self._copy_in()
         return memoryview(self._mem[:self._size])
+
+    def pieces(self) -> list[memoryview]:
+        """The file's bytes in order, as buffers to write one after another, without a copy."""
+        if self._placed is None:
+            return [self.view()]
+        start, length, raw = self._placed
+        pad = np.zeros(length - len(raw), np.uint8)
+        parts = (self._mem[:start], raw, pad, self._mem[start:self._stored()])
+        return [memoryview(a) for a in parts if len(a)]
 
     # the file protocol, as h5py uses it
     def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
@@ -80,44 +157,52 @@ class MemoryFile:
         return self._pos
 
     def reserve(self, size: int, *, doubling: bool = False) -> None:
-        """Room for `size` bytes (the contents kept). Exactly that much, so that a file of about
-        known size is built without copying it as it grows; `doubling` (while it is written): at
-        least twice the room it had."""
+        """Room for `size` bytes in memory (the contents kept). Exactly that much, so that a file
+        of about known size is built without copying it as it grows; `doubling` (while it is
+        written): at least twice the room it had."""
         if size > len(self._mem):
             grown = np.empty(max(size, 2 * len(self._mem), 1 << 20) if doubling else size, np.uint8)
-            grown[:self._size] = self._mem[:self._size]
+            stored = self._stored()
+            grown[:stored] = self._mem[:stored]
             self._mem = grown
+
+    def _extend(self, end: int) -> None:
+        """Grow the file to `end` bytes, zeros after its old end, as a write past the end does."""
+        if end > self._size:
+            old, new = self._stored(), self._stored(end)
+            self.reserve(new, doubling=True)
+            self._mem[old:new] = 0
+            self._size = end
 
     def write(self, data) -> int:
         data = np.frombuffer(data, np.uint8)
+        at = self._at(self._pos, len(data))
         end = self._pos + len(data)
-        self.reserve(end, doubling=True)
-        if self._pos > self._size:  # a write past the end leaves zeros in the gap, as in a file
-            self._mem[self._size:self._pos] = 0
-        self._mem[self._pos:end] = data
-        self._size = max(self._size, end)
+        self._extend(end)  # a write past the end leaves zeros in the gap, as in a file
+        self._mem[at:at + len(data)] = data
         self._pos = end
         return len(data)
 
     def readinto(self, buffer) -> int:
         out = np.frombuffer(buffer, np.uint8)
         n = max(0, min(len(out), self._size - self._pos))
-        out[:n] = self._mem[self._pos:self._pos + n]
+        at = self._at(self._pos, n)
+        out[:n] = self._mem[at:at + n]
         self._pos += n
         return n
 
     def read(self, n: int = -1) -> bytes:
         left = max(0, self._size - self._pos)  # nothing past the end, and the position stays
         n = left if n is None or n < 0 else min(n, left)
-        out = self._mem[self._pos:self._pos + n].tobytes()
-        self._pos += n
-        return out
+        out = bytearray(n)
+        self.readinto(out)
+        return bytes(out)
 
     def truncate(self, size: int | None = None) -> int:
         size = self._pos if size is None else size
-        self.reserve(size, doubling=True)
-        if size > self._size:
-            self._mem[self._size:size] = 0
+        if self._placed is not None and size < self._placed[0] + self._placed[1]:
+            self._copy_in()
+        self._extend(size)
         self._size = size
         return size
 
@@ -126,29 +211,32 @@ class MemoryFile:
 
 
 def h5_image(fill: Callable[[h5py.File], None], into: MemoryFile | None = None,
-             size_hint: int = 0) -> memoryview:
-    """The bytes of an HDF5 file that `fill(f)` populates, built entirely in memory: in `into`
-    (emptied first; the bytes are valid until it is next used), or in a file of their own.
-    `size_hint`: the file's expected size in bytes (its arrays' and a little more), reserved up
-    front so that the image is not copied as it grows."""
+             size_hint: int = 0) -> list[memoryview]:
+    """The bytes of an HDF5 file that `fill(f)` populates, built entirely in memory, as pieces to
+    write one after another (`write_atomic`): in `into` (emptied first; the bytes are valid until
+    it is next used, and placed arrays as long as they are unchanged), or in a file of their own.
+    `size_hint`: the bytes the image holds in memory (a file's arrays and a little more, less
+    what is placed), reserved up front so that the image is not copied as it grows."""
     into = MemoryFile() if into is None else into
     into.clear()
     into.reserve(size_hint)
     with h5py.File(into, "w", libver=fmt.H5_LIBVER) as f:
         fill(f)
-    return into.view()
+    return into.pieces()
 
 
-def write_atomic(path: Path, data: bytes | memoryview) -> None:
-    """Write `data` to `path` as a whole: under a temporary name, fsync'ed, then renamed over
-    `path`. On any failure (ENOSPC included) the temporary file is removed and `path` is unchanged."""
+def write_atomic(path: Path, data: bytes | memoryview | list[memoryview]) -> None:
+    """Write `data` (bytes, or pieces of it in order) to `path` as a whole: under a temporary
+    name, fsync'ed, then renamed over `path`. On any failure (ENOSPC included) the temporary
+    file is removed and `path` is unchanged."""
     tmp = path.with_name(path.name + fmt.TMP_SUFFIX)
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
+            for piece in (data if isinstance(data, list) else [data]):
+                view = memoryview(piece).cast("B")
+                while view:
+                    view = view[os.write(fd, view):]
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -221,19 +309,55 @@ def row_chunk_rows(n_rows: int, row_bytes: int) -> int:
 
 
 def write_checked_rows(group: h5py.Group, name: str, sums_name: str, data: np.ndarray,
-                       storage_dtype: str | None = None) -> None:
+                       storage_dtype: str | None = None, place_in: MemoryFile | None = None) -> None:
     """A [rows, K] dataset checked by storage.checksum (format 3): unfiltered chunks of whole rows,
     their sums in the fletcher32-checked dataset `sums_name`, the algorithm named in its attribute
-    format.ATTR_CHECKSUM. storage_dtype names the values' dtype when they are raw bits (bfloat16)."""
+    format.ATTR_CHECKSUM. storage_dtype names the values' dtype when they are raw bits (bfloat16).
+
+    `place_in`: the MemoryFile the group's file is built in. The chunks are then allocated in one
+    run when the dataset is created and `data` is placed there (`MemoryFile.place`) instead of
+    being copied into the image through HDF5; `data` must stay unchanged until the file is
+    written. Where HDF5 did not lay the chunks out back to back, the rows go through HDF5."""
     data = np.ascontiguousarray(data)
     n, k = data.shape
     rows = row_chunk_rows(n, k * data.dtype.itemsize)
-    maxshape = (None, None) if 0 in data.shape else None  # an empty dataset can only be chunked when it may grow
-    ds = group.create_dataset(name, data=data, chunks=(rows, max(k, 1)), maxshape=maxshape)
+    if 0 in data.shape:  # an empty dataset can only be chunked when it may grow
+        ds = group.create_dataset(name, data=data, chunks=(rows, max(k, 1)), maxshape=(None, None))
+    elif place_in is not None and not place_in.placed:
+        dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+        dcpl.set_chunk((rows, k))
+        dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)  # every chunk now, where place() can find them
+        dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)  # and no fill values written over them
+        ds = group.create_dataset(name, shape=data.shape, dtype=data.dtype, dcpl=dcpl)
+        span = _chunk_span(ds, rows * k * data.dtype.itemsize)
+        if span is None or not place_in.place(data, *span):
+            ds[...] = data
+    else:
+        ds = group.create_dataset(name, data=data, chunks=(rows, k))
     write_array(group, sums_name, checksum.as_stored(checksum.chunk_sums(data, rows * k * data.dtype.itemsize)))
     set_attrs(ds, **{fmt.ATTR_CHECKSUM: checksum.NAME})
     if storage_dtype in fmt.RAW_BITS:
         set_attrs(ds, **{fmt.ATTR_DTYPE: storage_dtype})
+
+
+def _chunk_span(ds: h5py.Dataset, chunk_bytes: int) -> tuple[int, int] | None:
+    """(file offset, length) of a 2-D dataset's allocated chunks, one chunk of whole rows after
+    another in row order, unfiltered and back to back; None if they are not laid out so."""
+    found: list[tuple[int, int, int, int]] = []  # (first row, byte offset, size, filter mask)
+    if hasattr(ds.id, "chunk_iter"):  # HDF5 >= 1.14: one pass
+        ds.id.chunk_iter(lambda c: found.append((c.chunk_offset[0], c.byte_offset, c.size, c.filter_mask)))
+    else:
+        for i in range(ds.id.get_num_chunks()):
+            c = ds.id.get_chunk_info(i)
+            found.append((c.chunk_offset[0], c.byte_offset, c.size, c.filter_mask))
+    found.sort()
+    expected = -(-ds.shape[0] // ds.chunks[0])
+    if len(found) != expected or any(size != chunk_bytes or mask for _, _, size, mask in found):
+        return None
+    start = found[0][1]
+    if any(offset != start + i * chunk_bytes for i, (_, offset, _, _) in enumerate(found)):
+        return None
+    return start, expected * chunk_bytes
 
 
 def to_stored(t: torch.Tensor, storage_dtype: str) -> np.ndarray:

@@ -157,9 +157,10 @@ class RunWriter:
         self._query_ids = np.asarray((manifest.get("queries") or {}).get("ids", []), np.int64)
         self._warned_query_nonfinite = False
         self._buffer = _ShardBuffer(next_shard)
-        # the open shard's gradient rows, and the image of the shard file being written: both
-        # kept from shard to shard, so that only the first shard's memory is freshly allocated
-        # (a page fault per 4 KiB, which was most of the CPU time of writing a shard)
+        # the open shard's gradient rows, and the image of the shard file being written (its
+        # metadata: the rows are written from the row store): both kept from shard to shard, so
+        # that only the first shard's memory is freshly allocated (a page fault per 4 KiB, which
+        # was most of the CPU time of writing a shard)
         self._rows = np.empty((0, int(manifest["dim"])), self._np_dtype)
         self._image = MemoryFile()
         # what waits for the writer, the batch not yet handed over included, is bounded by
@@ -615,12 +616,18 @@ class RunWriter:
             return
         final = self.path / fmt.SHARD_DIR / fmt.shard_name(self.rank, buf.index)
         self._writing = final.name
-        # the file is its data (rows, their steps and ids, queries) and a little HDF5 metadata
+        # the file is its rows, written to disk from the row store (placed, not copied), their
+        # steps and ids, the queries, and a little HDF5 metadata: the image holds all but the rows
+        queries = sum(a.nbytes for a in buf.query_grads)
         image = h5_image(lambda f: self._fill_shard(f, buf), into=self._image,
-                         size_hint=buf.nbytes + 16 * buf.n_rows + IMAGE_SLACK)
-        check_free_space(final.parent, len(image), f"shard {final.name}")
-        write_atomic(final, image)
-        self._bytes_written += len(image)
+                         size_hint=queries + 16 * buf.n_rows + IMAGE_SLACK)
+        size = sum(len(p) for p in image)
+        try:
+            check_free_space(final.parent, size, f"shard {final.name}")
+            write_atomic(final, image)
+        finally:
+            self._image.clear()  # drops its reference to the row store, which may be replaced
+        self._bytes_written += size
         self._shards_written += 1
         steps = [r.step for r in buf.steps]
         rows = int(sum(len(r.sample_ids) for r in buf.steps))
@@ -648,7 +655,7 @@ class RunWriter:
         lr_groups = np.full((len(buf.steps), n_groups), np.nan)
         for j, r in enumerate(buf.steps):
             lr_groups[j, :len(r.lr_groups)] = r.lr_groups
-        write_checked_rows(f, fmt.ROWS_GRAD, fmt.ROWS_GRAD_SUMS, grads, self._storage_dtype)
+        write_checked_rows(f, fmt.ROWS_GRAD, fmt.ROWS_GRAD_SUMS, grads, self._storage_dtype, place_in=self._image)
         write_array(f, fmt.ROWS_STEP, np.repeat(np.array(steps, np.int64), counts))
         write_array(f, fmt.ROWS_SAMPLE_ID, np.concatenate([r.sample_ids for r in buf.steps]) if buf.steps
                     else np.zeros(0, np.int64))
@@ -702,9 +709,10 @@ class RunWriter:
         self._writing = final.name
         arrays = [*params.values(), *(t for state in optim.values() for t in state.values())]
         image = h5_image(fill, size_hint=sum(_to_numpy_nbytes(t) for t in arrays) + IMAGE_SLACK)
-        check_free_space(final.parent, len(image), f"{kind} {final.name}")
+        size = sum(len(p) for p in image)
+        check_free_space(final.parent, size, f"{kind} {final.name}")
         write_atomic(final, image)
-        self._bytes_written += len(image)
+        self._bytes_written += size
         self._params_written += 1
         # listed in the rank file with the next shard: a file on disk but not listed is not a gap
         self._rank_state[fmt.RANK_PARAMS].append(final.name)
