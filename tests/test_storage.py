@@ -283,6 +283,26 @@ def test_placed_rows_are_written_from_their_array_and_read_back(tmp_path):
         assert np.array_equal(f["sums"][:], checksum.as_stored(checksum.chunk_sums(rows, chunk_bytes)))
 
 
+def test_rows_that_cannot_be_placed_make_the_same_file(tmp_path, monkeypatch):
+    # where HDF5 did not lay the chunks out back to back the rows go through HDF5: the file must
+    # be the placed one byte for byte (the last chunk's padding zeros, not HDF5's buffer)
+    from influence_hooks.storage import files
+
+    rows = np.random.default_rng(2).standard_normal((1001, 96)).astype(np.float16)
+
+    def build() -> bytes:
+        memory = files.MemoryFile()
+        return b"".join(files.h5_image(
+            lambda f: files.write_checked_rows(f, "rows", "sums", rows, place_in=memory), into=memory))
+
+    placed = build()
+    monkeypatch.setattr(files.MemoryFile, "place", lambda self, *a: False)
+    assert build() == placed
+    (tmp_path / "unplaced.h5").write_bytes(build())
+    with files.open_h5(tmp_path / "unplaced.h5") as f:
+        assert np.array_equal(f["rows"][:], rows)
+
+
 def test_a_write_into_a_placed_region_copies_it_in_first():
     # HDF5 never writes raw data it allocated early and does not fill; if it did, the file must
     # still hold the right bytes (and nothing may raise inside h5py's driver callbacks)

@@ -331,7 +331,13 @@ def write_checked_rows(group: h5py.Group, name: str, sums_name: str, data: np.nd
         ds = group.create_dataset(name, shape=data.shape, dtype=data.dtype, dcpl=dcpl)
         span = _chunk_span(ds, rows * k * data.dtype.itemsize)
         if span is None or not place_in.place(data, *span):
-            ds[...] = data
+            # whole chunks, the last padded with zeros: HDF5 writing a partial chunk of a dataset
+            # that is never filled would pad it with whatever its chunk buffer held
+            for r0 in range(0, n, rows):
+                chunk = data[r0:r0 + rows]
+                if len(chunk) < rows:
+                    chunk = np.concatenate([chunk, np.zeros((rows - len(chunk), k), data.dtype)])
+                ds.id.write_direct_chunk((r0, 0), np.ascontiguousarray(chunk))
     else:
         ds = group.create_dataset(name, data=data, chunks=(rows, k))
     write_array(group, sums_name, checksum.as_stored(checksum.chunk_sums(data, rows * k * data.dtype.itemsize)))
