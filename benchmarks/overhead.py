@@ -20,7 +20,7 @@ recorded step: on a machine whose cores training uses, training shares that cost
 - scaling: the hand-written loop on MLPs 784-W-W-10 over width W x batch x projection k, with the
   added milliseconds per step, to show how the cost grows.
 
-    python benchmarks/overhead.py                          # everything (about 15 minutes on 2 cores)
+    python benchmarks/overhead.py                          # everything (about 5 minutes on 2 cores)
     python benchmarks/overhead.py --parts loop --models small,wide
     python benchmarks/overhead.py --quick                  # fewer steps, for a smoke run
     python benchmarks/overhead.py --out benchmarks/results/overhead.md
