@@ -621,13 +621,10 @@ class RunWriter:
         queries = sum(a.nbytes for a in buf.query_grads)
         image = h5_image(lambda f: self._fill_shard(f, buf), into=self._image,
                          size_hint=queries + 16 * buf.n_rows + IMAGE_SLACK)
-        size = sum(len(p) for p in image)
         try:
-            check_free_space(final.parent, size, f"shard {final.name}")
-            write_atomic(final, image)
+            self._write_file(final, image, f"shard {final.name}")
         finally:
             self._image.clear()  # drops its reference to the row store, which may be replaced
-        self._bytes_written += size
         self._shards_written += 1
         steps = [r.step for r in buf.steps]
         rows = int(sum(len(r.sample_ids) for r in buf.steps))
@@ -690,6 +687,13 @@ class RunWriter:
                 set_attrs(f[fmt.QUERY_GRAD], **{fmt.ATTR_DTYPE: self._storage_dtype})
             write_array(f, fmt.QUERY_NONFINITE, np.stack(buf.query_nonfinite))
 
+    def _write_file(self, final: Path, image: list[memoryview], what: str) -> None:
+        """Write a file's image (`h5_image`'s pieces) to `final`, after checking that it fits."""
+        size = sum(len(p) for p in image)
+        check_free_space(final.parent, size, what)
+        write_atomic(final, image)
+        self._bytes_written += size
+
     def _write_params(self, kind: str, step: int, params: dict[str, torch.Tensor],
                       optim: dict[str, dict[str, torch.Tensor]], attrs: dict[str, Any], ready: Any) -> None:
         self._wait(ready)
@@ -709,10 +713,7 @@ class RunWriter:
         self._writing = final.name
         arrays = [*params.values(), *(t for state in optim.values() for t in state.values())]
         image = h5_image(fill, size_hint=sum(_to_numpy_nbytes(t) for t in arrays) + IMAGE_SLACK)
-        size = sum(len(p) for p in image)
-        check_free_space(final.parent, size, f"{kind} {final.name}")
-        write_atomic(final, image)
-        self._bytes_written += size
+        self._write_file(final, image, f"{kind} {final.name}")
         self._params_written += 1
         # listed in the rank file with the next shard: a file on disk but not listed is not a gap
         self._rank_state[fmt.RANK_PARAMS].append(final.name)
