@@ -201,17 +201,18 @@ class GradientCapture:
         ref = next((mb.block for mb in finished if mb.block is not None), None)
         device = ref.device if ref is not None else next(self.layers[0].module.parameters()).device
         blocks = [mb.filled(self.layers, self.dim, dtype, device) for mb in finished]
+        if row_scales is not None:
+            # in place, in the gradients' dtype: the blocks are this capture's own, made for this
+            # step, so no second [N, K] tensor is allocated for the scaled values
+            for b, scale in zip(blocks, row_scales):
+                b.mul_(scale)
         dtype = dtype or blocks[0].dtype
-        if len(blocks) == 1 and row_scales is None:
+        if len(blocks) == 1:
             return blocks[0].to(dtype)
-        # one pass per block: scaled in the gradients' dtype, then cast into its rows of the result
+        # one pass per block: cast into its rows of the result
         out = torch.empty(sum(len(b) for b in blocks), self.dim, dtype=dtype, device=device)
         start = 0
-        for j, b in enumerate(blocks):
-            rows = out[start:start + len(b)]
-            if row_scales is None:
-                rows.copy_(b)
-            else:
-                torch.mul(b, row_scales[j], out=rows)
+        for b in blocks:
+            out[start:start + len(b)].copy_(b)
             start += len(b)
         return out
