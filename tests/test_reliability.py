@@ -40,7 +40,7 @@ from influence_hooks.record.recorder import GradientRecorder
 from influence_hooks.storage import format as fmt
 from influence_hooks.storage.files import h5_image, write_array, write_atomic
 from influence_hooks.storage.jsonio import write_json_atomic
-from influence_hooks.storage.writer import RunWriter, StepRecord
+from influence_hooks.storage.writer import SMALL_ID_CHECK, RunWriter, StepRecord, check_sample_ids
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*LeafSpec.*is deprecated", "ignore:Be aware that when using `ckpt_path`")
 
@@ -806,6 +806,31 @@ def test_repeated_sample_ids_are_accepted_when_the_sampler_draws_with_replacemen
     rec.finish()
     with open_run(tmp_path / "run") as run:
         assert run.step_sample_ids(1).tolist() == [5, 5, 6, 7] and run.verify() == []
+
+
+@pytest.mark.parametrize("n", [1, 64, SMALL_ID_CHECK, SMALL_ID_CHECK + 1, 4096])
+def test_the_sample_id_check_agrees_with_a_brute_force_rule_on_both_of_its_paths(n):
+    """Small batches are checked with a Python set, larger ones with a sort: both refuse what a
+    brute-force rule refuses, with the same message."""
+    rng = np.random.default_rng(n)
+    valid = rng.permutation(10 * n)[:n]
+    cases = [valid]
+    if n > 1:
+        repeated = valid.copy()
+        repeated[-1] = repeated[0]
+        negative = valid.copy()
+        negative[n // 2] = -7
+        cases += [repeated, negative]
+    for ids in cases:
+        for allow_repeated in (False, True):
+            bad_negative = any(int(i) < 0 for i in ids)
+            bad_repeat = not allow_repeated and len(set(ids.tolist())) < len(ids)
+            if not (bad_negative or bad_repeat):
+                check_sample_ids(ids, 3, allow_repeated=allow_repeated)
+                continue
+            match = r"step 3: negative sample ids \[-7\]" if bad_negative else rf"sample ids \[{ids[0]}\] occur more than once"
+            with pytest.raises(SampleIdError, match=match):
+                check_sample_ids(ids, 3, allow_repeated=allow_repeated)
 
 
 def test_ids_on_the_writer_thread_are_checked_too(tmp_path):
