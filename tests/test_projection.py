@@ -78,6 +78,13 @@ BILINEAR = {
     "embedding_row_major": (lambda: nn.Embedding(60, 50), lambda: torch.randint(0, 60, (4, 9)), 400),
     "gpt2_conv1d_frozen_bias_row_major": (lambda: frozen(gpt2_conv1d(50, 60), "bias"),
                                           lambda: torch.randn(4, 6, 60), 400),
+    # on the CPU, factors of 12 to 15 dims, and of fewer dims over rows of 1024 and more, are
+    # computed with 16 columns, the extra ones zeros (rules.PAD_TO)
+    "linear_2d_padded": (lambda: nn.Linear(60, 50), lambda: torch.randn(4, 60), 169),
+    "linear_3d_padded": (lambda: nn.Linear(60, 50), lambda: torch.randn(4, 3, 60), 169),
+    "linear_long_inputs_padded": (lambda: nn.Linear(1100, 30), lambda: torch.randn(4, 3, 1100), 64),
+    "linear_long_outputs_padded": (lambda: nn.Linear(30, 1100), lambda: torch.randn(4, 30), 64),
+    "gpt2_conv1d_long_inputs_padded": (lambda: gpt2_conv1d(60, 1100), lambda: torch.randn(4, 6, 1100), 64),
     # more positions than output dims: the output-gradient side is summed over positions first
     "linear_3d_many_positions_row_major": (lambda: nn.Linear(60, 50), lambda: torch.randn(4, 60, 60), 400),
     "gpt2_conv1d_frozen_bias": (

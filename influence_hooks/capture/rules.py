@@ -298,6 +298,19 @@ def factor_product(left: Tensor, right: Tensor, out: Tensor | None = None) -> Te
 # (measured on GPT-2 and MLP shapes; from 12 on, row-major is as fast or up to 25% faster,
 # the per-sample products reading its contiguous factors included).
 ROW_MAJOR_FROM_K = 12
+PAD_TO = 16
+
+
+def _padded_width(k: int, d: int, device: torch.device) -> int:
+    """The number of columns a product of rows of length ``d`` with ``k`` projected dims is
+    computed with: on the CPU, PAD_TO for 12 <= k < PAD_TO, and for fewer dims when d >= 1024
+    (the extra columns of the matrix are zeros; the result is a view of the first k); else k.
+    Measured with torch 2.13's MKL on this project's 2-core AMD EPYC (AVX2), 1024 rows: 16 columns
+    run up to 2x faster than 12 to 15, and 1.3x to 1.7x faster than the transposed product of 4 to
+    10 over rows of 1024 and 2048, which wins over shorter rows."""
+    if device.type != "cpu" or k >= PAD_TO or (k < ROW_MAJOR_FROM_K and d < 1024):
+        return k
+    return PAD_TO
 
 
 def _over_rows(product: Callable[[Tensor], Tensor], k: int) -> Callable[[Tensor], Tensor]:
@@ -313,10 +326,16 @@ def _over_rows(product: Callable[[Tensor], Tensor], k: int) -> Callable[[Tensor]
 def row_projector(p: Tensor | None) -> Callable[[Tensor], Tensor]:
     """``a -> a P^T`` for rows ``a [..., d]`` and ``p [k, d]``: ``[..., k]`` (``a`` itself if ``p``
     is None). The matrix is laid out once, at bind time; a call is one matrix product, row-major
-    from ``ROW_MAJOR_FROM_K`` dims on, else a transposed view of ``P a^T``."""
+    from ``ROW_MAJOR_FROM_K`` dims on, else a transposed view of ``P a^T``; on the CPU, with
+    PAD_TO columns where ``_padded_width`` says so."""
     if p is None:
         return lambda a: a
     k = p.shape[0]
+    width = _padded_width(k, p.shape[1], p.device)
+    if width > k:
+        p_t = p.new_zeros(p.shape[1], width)
+        p_t[:, :k] = p.T
+        return _over_rows(lambda m: torch.mm(m, p_t)[:, :k], k)
     if k < ROW_MAJOR_FROM_K:
         p = p.contiguous()
         return _over_rows(lambda m: torch.mm(p, m.T).T, k)
@@ -344,6 +363,11 @@ def affine_projector(p: Tensor | None, use_x: bool, use_one: bool) -> Callable[[
     d, k = p.shape[1] - int(use_one), p.shape[0]
     if not use_one:
         return row_projector(p[:, :d])
+    width = _padded_width(k, d, p.device)
+    if width > k:  # see row_projector
+        p_x_t, p_one = p.new_zeros(d, width), p.new_zeros(1, width)
+        p_x_t[:, :k], p_one[:, :k] = p[:, :d].T, p[:, d:].T
+        return _over_rows(lambda m: torch.addmm(p_one, m, p_x_t)[:, :k], k)
     if k < ROW_MAJOR_FROM_K:  # see row_projector
         p_x, p_one = p[:, :d].contiguous(), p[:, d:].contiguous()  # [k, d], [k, 1]
         return _over_rows(lambda m: torch.addmm(p_one, p_x, m.T).T, k)
