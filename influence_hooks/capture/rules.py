@@ -303,12 +303,13 @@ PAD_TO = 16
 
 def _padded_width(k: int, d: int, device: torch.device) -> int:
     """The number of columns a product of rows of length ``d`` with ``k`` projected dims is
-    computed with: on the CPU, PAD_TO for 12 <= k < PAD_TO, and for fewer dims when d >= 1024
+    computed with: on the CPU, PAD_TO for 12 <= k < PAD_TO, and for 4 <= k < 12 when d >= 1024
     (the extra columns of the matrix are zeros; the result is a view of the first k); else k.
     Measured with torch 2.13's MKL on this project's 2-core AMD EPYC (AVX2), 1024 rows: 16 columns
-    run up to 2x faster than 12 to 15, and 1.3x to 1.7x faster than the transposed product of 4 to
-    10 over rows of 1024 and 2048, which wins over shorter rows."""
-    if device.type != "cpu" or k >= PAD_TO or (k < ROW_MAJOR_FROM_K and d < 1024):
+    run 1.5x to 2x faster than 12 to 15; than the transposed product of 4 to 11 columns, about as
+    fast over rows of 1024 and 1.4x to 2x faster over 2048, but slower over shorter rows, and
+    below 4 columns always."""
+    if device.type != "cpu" or k >= PAD_TO or k < 4 or (k < ROW_MAJOR_FROM_K and d < 1024):
         return k
     return PAD_TO
 
