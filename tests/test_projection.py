@@ -71,7 +71,8 @@ BILINEAR = {
     "linear_3d_few_positions": (lambda: nn.Linear(7, 12), lambda: torch.randn(4, 3, 7), 20),
     "conv2d_few_positions": (lambda: nn.Conv2d(3, 16, 3), lambda: torch.randn(4, 3, 4, 4), 30),
     "gpt2_conv1d": (lambda: gpt2_conv1d(5, 7), lambda: torch.randn(4, 6, 7), 12),
-    # factors of 12 dims and more are projected row-major (rules.ROW_MAJOR_FROM_K), smaller ones transposed
+    # factors of 12 dims and more are projected row-major (rules.ROW_MAJOR_FROM_K), smaller ones
+    # transposed (unless padded, below)
     "linear_2d_row_major": (lambda: nn.Linear(60, 50), lambda: torch.randn(4, 60), 400),
     "linear_3d_row_major": (lambda: nn.Linear(60, 50), lambda: torch.randn(4, 3, 60), 400),
     "gpt2_conv1d_row_major": (lambda: gpt2_conv1d(50, 60), lambda: torch.randn(4, 6, 60), 400),
@@ -84,6 +85,9 @@ BILINEAR = {
     "linear_3d_padded": (lambda: nn.Linear(60, 50), lambda: torch.randn(4, 3, 60), 169),
     "linear_long_inputs_padded": (lambda: nn.Linear(1100, 30), lambda: torch.randn(4, 3, 1100), 64),
     "linear_long_outputs_padded": (lambda: nn.Linear(30, 1100), lambda: torch.randn(4, 30), 64),
+    # one factor padded, the other transposed: their outer products are not laid out row-major
+    "linear_2d_long_inputs_padded": (lambda: nn.Linear(1100, 30), lambda: torch.randn(4, 1100), 64),
+    "linear_2d_mixed_split": (lambda: nn.Linear(60, 50), lambda: torch.randn(4, 60), 128),
     "gpt2_conv1d_long_inputs_padded": (lambda: gpt2_conv1d(60, 1100), lambda: torch.randn(4, 6, 1100), 64),
     # more positions than output dims: the output-gradient side is summed over positions first
     "linear_3d_many_positions_row_major": (lambda: nn.Linear(60, 50), lambda: torch.randn(4, 60, 60), 400),

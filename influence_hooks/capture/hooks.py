@@ -204,7 +204,7 @@ class GradientCapture:
         if row_scales is not None:
             # in place, in the gradients' dtype: the blocks are this capture's own, made for this
             # step, so no second [N, K] tensor is allocated for the scaled values
-            for b, scale in zip(blocks, row_scales):
+            for b, scale in zip(blocks, row_scales, strict=True):
                 b.mul_(scale)
         dtype = dtype or blocks[0].dtype
         if len(blocks) == 1:

@@ -314,7 +314,7 @@ class LayerProjector:
                 result = torch.bmm(p, m, out=result) if left_side else torch.bmm(m, p, out=result)
             else:
                 result = factor_product(*factors(inputs, grad_output), out=result)
-            return result.view(n, -1) if out is None else out
+            return result.reshape(n, -1) if out is None else out  # a copy when the product is not row-major
 
         return dtype, kronecker
 

@@ -293,10 +293,11 @@ def factor_product(left: Tensor, right: Tensor, out: Tensor | None = None) -> Te
     return torch.bmm(left.transpose(1, 2), right, out=out)
 
 
-# Below this many projected dims a product is computed as P a^T and returned transposed: the
-# row-major a P^T is then a GEMM with very few output columns, which MKL runs up to 2x slower
-# (measured on GPT-2 and MLP shapes; from 12 on, row-major is as fast or up to 25% faster,
-# the per-sample products reading its contiguous factors included).
+# Below this many projected dims a product is computed as P a^T and returned transposed (unless
+# it is padded to PAD_TO columns, below): the row-major a P^T is then a GEMM with very few output
+# columns, which MKL runs up to 2x slower (measured on GPT-2 and MLP shapes; from 12 on,
+# row-major is as fast or up to 25% faster, the per-sample products reading its contiguous
+# factors included).
 ROW_MAJOR_FROM_K = 12
 PAD_TO = 16
 

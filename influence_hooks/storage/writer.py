@@ -96,7 +96,7 @@ def check_sample_ids(ids: np.ndarray, step: int, *, allow_repeated: bool = False
     ids = np.asarray(ids)
     if not len(ids):
         return
-    if len(ids) <= SMALL_ID_CHECK:  # ids that fail go on below, for the details
+    if ids.ndim == 1 and len(ids) <= SMALL_ID_CHECK:  # ids that fail go on below, for the details
         values = ids.tolist()
         if min(values) >= 0 and (allow_repeated or len(set(values)) == len(values)):
             return
