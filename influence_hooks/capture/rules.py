@@ -27,6 +27,7 @@ from typing import Callable, ClassVar
 import weakref
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from influence_hooks.errors import InfluenceHooksError
@@ -335,8 +336,7 @@ def row_projector(p: Tensor | None) -> Callable[[Tensor], Tensor]:
     k = p.shape[0]
     width = _padded_width(k, p.shape[1], p.device)
     if width > k:
-        p_t = p.new_zeros(p.shape[1], width)
-        p_t[:, :k] = p.T
+        p_t = F.pad(p.T, (0, width - k))  # zero columns after the k of P^T
         return _over_rows(lambda m: torch.mm(m, p_t)[:, :k], k)
     if k < ROW_MAJOR_FROM_K:
         p = p.contiguous()
@@ -367,8 +367,7 @@ def affine_projector(p: Tensor | None, use_x: bool, use_one: bool) -> Callable[[
         return row_projector(p[:, :d])
     width = _padded_width(k, d, p.device)
     if width > k:  # see row_projector
-        p_x_t, p_one = p.new_zeros(d, width), p.new_zeros(1, width)
-        p_x_t[:, :k], p_one[:, :k] = p[:, :d].T, p[:, d:].T
+        p_x_t, p_one = F.pad(p[:, :d].T, (0, width - k)), F.pad(p[:, d:].T, (0, width - k))
         return _over_rows(lambda m: torch.addmm(p_one, m, p_x_t)[:, :k], k)
     if k < ROW_MAJOR_FROM_K:  # see row_projector
         p_x, p_one = p[:, :d].contiguous(), p[:, d:].contiguous()  # [k, d], [k, 1]
