@@ -13,7 +13,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="summary of a recorded run")
     p.add_argument("run", help="run directory")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
-    p.add_argument("--skip-corrupt", action="store_true", help="leave unreadable shards out")
+    p.add_argument("--skip-corrupt", action="store_true", help="leave out shards that cannot be read whole (reads every shard's rows once)")
     p.set_defaults(func=cmd_info)
     p = sub.add_parser("verify", help="read every file in full, checking its checksums, and report problems: "
                                       "damaged or missing files, disagreements between shards and rank files "

@@ -34,7 +34,7 @@ from ..errors import CorruptShardError, RunDirectoryError, UnsafeFileError, shor
 from . import format as fmt
 from .files import get_attr, open_h5
 from .jsonio import read_json
-from .rowio import RowFile
+from .rowio import RowFile, Stage
 
 MAX_OPEN_FILES = 32
 
@@ -304,12 +304,17 @@ class ShardIndex:
     def build(cls, path: Path, run_id: str, pool: FilePool, *, dim: int | None = None,
               on_corrupt: str = "raise") -> "ShardIndex":
         """Index the finished files of run `run_id` in `path`. on_corrupt: 'raise' stops at an
-        unreadable shard, naming it; 'skip' leaves it out with a warning."""
+        unreadable shard, naming it; 'skip' also reads every shard's gradient rows once, checking
+        their checksums, and leaves out, with a warning, each shard that cannot be read whole."""
         rank_states = read_rank_states(path)
         shards, skipped, read = [], [], []
+        stage = Stage() if on_corrupt == "skip" else None
         for sh in finished_shards(path):
             try:
-                read.append((sh, *_read_step_columns(pool.get(sh.path), sh, run_id, dim)))
+                columns = _read_step_columns(pool.get(sh.path), sh, run_id, dim)
+                if stage is not None:  # rows that fail later would stop an aggregation half way
+                    pool.rows(sh.path).verify(stage)
+                read.append((sh, *columns))
             except Exception as e:  # noqa: BLE001 - any failure to read means a broken shard
                 pool.drop(sh.path)
                 if isinstance(e, OSError) and e.errno in (errno.EMFILE, errno.ENFILE):

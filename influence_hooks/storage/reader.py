@@ -102,8 +102,11 @@ def _ordered_shapes(entry: Any) -> dict[str, tuple[int, ...]]:
 def open_run(path: str | os.PathLike, *, on_corrupt: str = "raise") -> "Run":
     """Open the run recorded in `path`.
 
-    on_corrupt: 'raise' (default) stops at a shard that cannot be read, naming it; 'skip' leaves
-    such shards out with a warning, so the rest of the run stays usable.
+    on_corrupt: 'raise' (default) stops at a shard that cannot be read, naming it (damaged gradient
+    rows are found when they are read, by an aggregator); 'skip' also reads every shard's gradient
+    rows once, checking their checksums (the time of one pass over the run), and leaves out with a
+    warning each shard that cannot be read whole, so that the rest of the run stays usable and its
+    steps count as missing (`Run.gaps`).
     Finished files that are missing (`Run.gaps`) and disagreements between the shards and the rank
     files (`Run.inconsistencies`) give a RuntimeWarning; the manifest is checked against its schema.
     """
@@ -386,7 +389,7 @@ class Run:
             return fetch(plan, stage, lambda sh: self._pool.rows(sh.path),
                          lambda sh, r0, r1: self._pool.rows(sh.path).sample_ids(r0, r1))
         except RowsDamaged as e:
-            raise self._damaged(e.shard.path, fmt.ROWS_GRAD, e.cause) from e.cause
+            raise self._damaged(e.shard.path, fmt.ROWS_GRAD, e.cause, shard=True) from e.cause
 
     def coef_of(self, steps: np.ndarray) -> np.ndarray:
         """eta_t * w_t of each row's step (steps [R] of recorded steps): float64 [R]."""
@@ -554,13 +557,17 @@ class Run:
         try:
             return self._pool.get(shard.path)[name][sel]
         except (OSError, KeyError, ValueError) as e:
-            raise self._damaged(shard.path, name, e) from e
+            raise self._damaged(shard.path, name, e, shard=True) from e
 
-    def _damaged(self, path: Any, what: str, e: BaseException) -> CorruptShardError:
+    def _damaged(self, path: Any, what: str, e: BaseException, *, shard: bool = False) -> CorruptShardError:
+        if shard:
+            rest = ("open_run(path, on_corrupt='skip') (`--skip-corrupt` on the command line) leaves the damaged "
+                    "shards out and uses the rest (their steps are then reported as missing).")
+        else:
+            rest = "move this file out of the run directory to use the rest (its step is then reported as missing)."
         return CorruptShardError(
             f"{path}: {what} cannot be read ({e}); the file is damaged (a checksum does not match, or it "
-            f"was truncated). `influence-hooks verify {self.path}` lists every damaged file; move this one "
-            "out of the run directory to use the rest (its steps are then reported as missing).")
+            f"was truncated). `influence-hooks verify {self.path}` lists every damaged file; {rest}")
 
     def _param_h5(self, step: int, kind: str | None) -> h5py.File:
         path = self.param_file(step, kind)
