@@ -348,7 +348,7 @@ def test_validate_is_the_function_even_after_its_package_is_imported():
     assert callable(influence_hooks.validate) and influence_hooks.validate is validate
 
 
-def test_cli_validates_a_run_trained_from_a_lightning_config(tmp_path):
+def test_cli_validates_a_run_trained_from_a_lightning_config(tmp_path, capsys):
     from influence_hooks.cli.demo import run_lightning_cli
 
     cfg = yaml.safe_load((CONFIGS / "digits.yaml").read_text())
@@ -366,3 +366,9 @@ def test_cli_validates_a_run_trained_from_a_lightning_config(tmp_path):
     assert data["reproduction"]["reproduced"] and data["reproduction"]["max_parameter_error"] < 1e-4
     assert [s["window"] for s in data["scopes"]] == [[0, 4], [8, 12], [0, 12]]
     assert set(data["scopes"][-1]["lds"]) == {"tracin", "dit_fisher"}
+    # a second validation does not replace the first one's report unless told to, and says so at once
+    report = (tmp_path / "run" / "validate" / "report.md").read_text()
+    capsys.readouterr()
+    assert cli_main(["validate", "--config", str(path), "--quiet", "--methods", "tracin"]) == 2
+    assert "already holds a validation report" in capsys.readouterr().err
+    assert (tmp_path / "run" / "validate" / "report.md").read_text() == report

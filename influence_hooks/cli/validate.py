@@ -8,7 +8,9 @@ config the run was trained with.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
+from ..errors import ConfigurationError
 from .aggregate import parse_epochs, parse_windows, window_args
 
 METHODS = "tracin,dit_none,dit_fisher,dit_exact,dvemb"
@@ -49,6 +51,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--tolerance", type=float, default=None,
                    help="largest relative parameter error at a checkpoint (default 1000 x machine epsilon)")
     p.add_argument("--out", default="validate", help="report directory, relative to RUN (default RUN/validate)")
+    p.add_argument("--overwrite", action="store_true", help="replace a report already in the report directory")
     p.add_argument("--device", default=None, help="e.g. cuda (default: cpu)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default torch's; small models retrain fastest with 1)")
@@ -69,6 +72,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
         "window" in wins or "windows" in wins) else ({"epochs": wins["epochs"]} if "epochs" in wins else {})
     run, sources = setup_from_config(args.config, args.run)
     with run:
+        out = Path(args.out) if Path(args.out).is_absolute() else run.path / args.out
+        if (out / "report.md").exists() and not args.overwrite:  # checked before hours of retraining
+            raise ConfigurationError(f"{out} already holds a validation report (report.md); pass --overwrite to "
+                                     "replace it, or --out DIR to write elsewhere.")
         v = validate(run, **sources, out=args.out, methods=[m for m in args.methods.split(",") if m.strip()],
                      samples=args.samples, eval_at=args.eval_at, lds=args.lds, lds_subsets=args.lds_subsets,
                      lds_fraction=args.lds_fraction, n_queries=args.queries or None, budget_steps=args.budget_steps,

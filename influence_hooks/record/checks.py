@@ -64,5 +64,7 @@ def check_first_step(capture: GradientCapture, n_rows: int, explicit_selection: 
             "per-sample gradients cannot be read from hooks. Leave them out (exclude=[...]).")
     warnings.warn(f"not recording {sorted(broadcast)}: applied to an input shared by the whole "
                   "batch (e.g. position embeddings), so per-sample gradients are not available "
-                  f"from hooks. Pass exclude={sorted(broadcast)} to silence this.", RuntimeWarning, stacklevel=4)
+                  "from hooks. Their share of the projection stays unused: pass "
+                  f"exclude={sorted(broadcast)} to give it to the other layers and silence this.",
+                  RuntimeWarning, stacklevel=4)
     return broadcast
