@@ -11,14 +11,14 @@ three recordings share one trajectory: exact per-sample gradients (projection 'n
 parameter snapshot at every step) and random projections to k = 1024 and k = 256 (stored as
 float32, so only the projection differs; --storage float16 / bfloat16 shows what 16-bit storage adds).
 
-Ground truth, per training sample of a random subset (REFERENCE.md): the same training, with the
-sample's term dropped from the steps of the window and the denominator |B_t| kept, started from
-the actual parameters at the window start; all samples of the subset are retrained at once (vmap
-over models). Three notions, per window (early, middle and late quarter of the epochs, and the
-whole run):
-  R@t2: window-removal influence evaluated at the window end (estimator 2, t_e = t2);
+Ground truth, per training sample of a random subset (README, "Conventions and limits"): the
+same training, with the sample's term dropped from the steps of the window and the denominator
+|B_t| kept, started from the actual parameters at the window start; all samples of the subset
+are retrained at once (vmap over models). Three notions, per window (early, middle and late
+quarter of the epochs, and the whole run):
+  R@t2: window-removal influence evaluated at the window end (t_e = t2);
   R@T:  window-removal influence evaluated at the end of training (t_e = T; dvemb's notion);
-  A:    accrued influence R([0, t2), t2) - R([0, t1), t1) (estimator 3).
+  A:    accrued influence R([0, t2), t2) - R([0, t1), t1).
 For the late window and the whole run R@T = R@t2, and for the whole run A = R: those columns
 are shown once. Each cell is Pearson / Spearman correlation with the ground truth over the
 subset, averaged over the queries.

@@ -1,4 +1,4 @@
-"""The aggregators against independent brute-force computations (REFERENCE.md estimators 1-5).
+"""The aggregators against independent brute-force computations (README, "Which samples mattered, and when").
 
 Runs are tiny (a 2-layer MLP, float64, plain SGD, exact per-sample gradients from torch.func,
 projection 'none'), so every estimator can be written as explicit loops over steps and samples

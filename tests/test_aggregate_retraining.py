@@ -2,7 +2,7 @@
 
 A 2-layer MLP (float64, plain SGD, fixed batch order, 64 samples, batches of 8, 48 steps) is
 recorded with exact per-sample gradients; every sample is then removed in turn (its term dropped
-from the mean, the denominator |B_t| kept, REFERENCE.md) and the model retrained from the same
+from the mean, the denominator |B_t| kept) and the model retrained from the same
 init, to measure the true change of each query loss. Training sample 0 is a copy of query point 0.
 """
 

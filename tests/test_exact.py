@@ -108,7 +108,7 @@ def scores(run, model, ds, q, window, mode, curvature="exact", **kw):
 
 # ---------------------------------------------------------------------- dense reference
 def dense_removal(run, model, ds, q, t1, t2, te, names=None, ggn=False):
-    """REFERENCE.md estimator 2 written out: explicit per-sample gradients and dense H_t (or GGN)
+    """Window-removal influence written out: explicit per-sample gradients and dense H_t (or GGN)
     of the batch-mean loss at the snapshot w_t. Returns [N, Q]."""
     names = names or [n for n, _ in model.named_parameters()]
     X, Y = ds.tensors

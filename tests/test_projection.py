@@ -1,4 +1,4 @@
-"""Per-layer random projections of per-sample gradients (REFERENCE.md, "Random projection")."""
+"""Per-layer random projections of per-sample gradients (README, "Recording a run": Projection)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """GradientRecorder in hand-written training loops.
 
-Specification (REFERENCE.md): the row recorded for sample i at optimizer step t is
+Specification (README, "Conventions and limits"): the row recorded for sample i at optimizer step t is
 g_t(i) = grad l_i(w_t), the gradient of the sample's OWN loss at the parameters before the
 update -- whatever the loss reduction, gradient accumulation or loss scaling -- or, projected,
 P g_t(i) with the layer's fixed projection P. Every check differentiates each sample's loss with

@@ -2,8 +2,8 @@
 (wte / lm_head), the default scaled-dot-product attention, queries given as a Dataset.
 
 The reference is forward-mode differentiation (torch.func.jvp) of the SGD training written out
-functionally, with respect to each sample's weight in the window's batch losses (REFERENCE.md:
-removal influence to first order is minus that derivative)."""
+functionally, with respect to each sample's weight in the window's batch losses (removal
+influence to first order is minus that derivative)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Aggregators: turn a recorded run into influence scores (REFERENCE.md estimators 1-5).
+"""Aggregators: turn a recorded run into influence scores (README, "Which samples mattered, and when").
 
     from influence_hooks.aggregate import tracin, dit, dvemb, self_influence, InfluenceScores
     s = tracin(run, window=(0, 500))

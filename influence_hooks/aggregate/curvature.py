@@ -1,4 +1,5 @@
-"""Curvatures H_t for the backward recursion u <- u - eta_t H_t u (REFERENCE.md item 5), by name.
+"""Curvatures H_t for the backward recursion u <- u - eta_t H_t u, by name (README, "Which
+samples mattered, and when").
 
 Every curvature `dit` accepts is registered here with `@register_curvature("name")` (Opacus'
 grad-sampler registry is the model), in one of two spaces:

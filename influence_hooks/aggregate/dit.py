@@ -1,4 +1,5 @@
-"""Window-removal and accrued influence (REFERENCE.md estimators 2 and 3, Dynamic Influence Tracker).
+"""Window-removal and accrued influence, after the Dynamic Influence Tracker (README, "Which
+samples mattered, and when").
 
 Removal, R(i, q; [t1, t2), t_e): one backward pass from the evaluation step,
     U <- [u_q(t_e)]  (all queries at once: U is [K, Q])

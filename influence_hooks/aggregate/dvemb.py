@@ -1,4 +1,4 @@
-"""Data value embeddings (REFERENCE.md estimator 4, Wang et al. 2024).
+"""Data value embeddings (Wang et al. 2024; README, "Which samples mattered, and when").
 
     emb_t(i) = (eta_t w_t) (I - M_t) g_t(i),  M = 0 after the last step,
     after step t: M_{t-1} = M_t + sum_{z in B_t} emb_t(z) g_t(z)^T

@@ -1,8 +1,8 @@
 """Removal tasks: what the backward passes of windowed influence compute, for both modes.
 
-A `Task` is one window-removal estimate R(i, q; [start, end), eval_step) (REFERENCE.md estimator
-2): the query is carried back from eval_step, and the steps [start, end) are scored. A window is
-one task (mode 'removal') or the difference of two (mode 'accrued', estimator 3):
+A `Task` is one window-removal estimate R(i, q; [start, end), eval_step) (README, "Which samples
+mattered, and when"): the query is carried back from eval_step, and the steps [start, end) are
+scored. A window is one task (mode 'removal') or the difference of two (mode 'accrued'):
 
     A(i, q; [t1, t2)) = R(i, q; [first, t2), t2) - R(i, q; [first, t1), t1)
 

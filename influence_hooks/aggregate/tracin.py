@@ -1,4 +1,5 @@
-"""TracIn and self-influence over windows of steps (REFERENCE.md estimator 1).
+"""TracIn and self-influence over windows of steps (Pruthi et al. 2020; README, "Which samples
+mattered, and when").
 
     TI(i, q; W) = sum_{t in W, i in B_t} (eta_t w_t) g_t(i) . u_q(t)
     SI(i; W)    = sum_{t in W, i in B_t} (eta_t w_t) |g_t(i)|^2

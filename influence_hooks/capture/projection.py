@@ -2,8 +2,8 @@
 
 A layer's projection ``P [k, p]`` maps its canonical per-sample gradient ``g [p]`` (layout in
 ``capture/rules.py``) to ``P g`` with ``E[P^T P] = I``, so every layer preserves its own inner
-products in expectation and no layer is reweighted against another (REFERENCE.md, "Random
-projection"):
+products in expectation and no layer is reweighted against another (README, "Recording a run":
+Projection):
 
 - "gaussian": entries N(0, 1/k); "rademacher": entries +-1/sqrt(k). Dense: ``g @ P^T``.
 - "kronecker" (bilinear rules only, LoGra): ``P = P_L (x) P_R`` over ``vec(G)`` (row-major),

@@ -1,7 +1,7 @@
 """The methods' scores for each retrained scope, computed as a user computes them (the public
 aggregators, their defaults), for the queries validate compares.
 
-Which notion each method estimates (REFERENCE.md), and so where it is compared:
+Which notion each method estimates (README, "Which samples mattered, and when"), and so where it is compared:
 - dit_none / dit_fisher / dit_ggn / dit_exact: window removal evaluated at the scope's step t_e;
 - dvemb: window removal evaluated at the end of training T, so only scopes with t_e = T;
 - tracin: no particular notion (a sum over the window of first-order terms); compared everywhere.

@@ -6,7 +6,7 @@ Leave-one-out agreement: per query q, the Pearson and Spearman correlation over 
 
 LDS (Park et al. 2023, TRAK, section 2): per query, the Spearman correlation over random subsets S_j
 between the query loss actually reached when training keeps only S_j, f_q(S_j), and the loss the
-scores predict for it. The scores here follow REFERENCE.md's sign, score_i ~= f_q(without i) -
+scores predict for it. The scores here follow the library's sign, score_i ~= f_q(without i) -
 f_q(with i), and are additive to first order, so dropping the complement R_j of S_j changes the loss
 by about sum_{i in R_j} score_i:
     predicted_j = sum_{i in R_j} score_i[q]    ~=   f_q(S_j) - f_q(all)

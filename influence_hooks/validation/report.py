@@ -17,8 +17,8 @@ from .results import ScopeResult, Validation, method_label
 
 READING = """\
 - **Leave-one-out (P / S)**: for each window [t1, t2), random training samples were left out of the
-  window's batches one at a time (REFERENCE.md: the sample's term leaves the batch loss, the batch
-  size |B_t| stays), the window was retrained from the run's checkpoint with the recorded batches and
+  window's batches one at a time (the sample's term leaves the batch loss, the batch size |B_t|
+  stays), the window was retrained from the run's checkpoint with the recorded batches and
   learning rates, and every query loss compared at the evaluation step. The truth is
   f_q(without) - f_q(with); each cell is the Pearson / Spearman correlation of the method's scores
   with it over the samples, averaged over the queries. 1 is perfect; a method that estimates

@@ -5,7 +5,7 @@ checkpoint at or before t1 (replayed, nothing left out, up to t1), then each mem
 samples from the batches of [t1, t2) and all train on to the evaluation step t_e, where their query
 losses are taken. Member 0, the base, drops nothing: it is the recorded run itself, retrained.
 
-Each step is REFERENCE.md's removal convention, applied through per-sample weights c in {0, 1}:
+Each step follows the library's removal convention, applied through per-sample weights c in {0, 1}:
     L_t(w) = w_t sum_{i in B_t} c_i l_i(w)      (w_t the recorded update weight, 1/|B_t| for a mean
                                                 loss: a removed sample's term goes, |B_t| stays)
 with the batch B_t rebuilt from the recorded sample ids (dataset[i]), the recorded learning rate,

@@ -1,4 +1,4 @@
-"""Window-removal and accrued influence with full-space curvature (REFERENCE.md estimators 2, 3, item 5).
+"""Window-removal and accrued influence with full-space curvature (README, "Exact curvature").
 
 `dit(run, ..., curvature='exact' | 'ggn', model=, dataset=, queries=, loss_fn=)` lands here. The
 recording alone is not enough: the recursion needs the curvature of each step's batch loss at the
@@ -15,14 +15,14 @@ parameters the run actually went through. So this backend recomputes, in full pa
   per-sample gradients are ever formed.
 
 The recursion is the adjoint of the recorded optimizer's linearized update (`optimizers.py`); for
-plain SGD it is REFERENCE.md's:
+plain SGD it is:
     u <- u_q(t_e); for t = t_e - 1 down to t1:
         if t < t2: score[i] += (eta_t w_t) u . g_t(i)  for i in B_t
         u <- u - eta_t H_t u
 Optimizers without an exact form use the plain SGD form with the recorded learning rate, on exact
 parameters from snapshots (noted in the result).
 
-Sign (REFERENCE.md): a score is f_q(without i) - f_q(actual); positive = i helped.
+Sign (README, "Conventions and limits"): a score is f_q(without i) - f_q(actual); positive = i helped.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ Each supported optimizer is one `OptimizerForm`, the single place that knows its
   every g_t(i) . p, scores sample i with -w_t p . g_t(i) (removing i adds -w_t g_t(i) to g_t), and
   `pull_back` gives the adjoint of the state before step t.
 
-Plain SGD is REFERENCE.md's recursion: p = -eta u, u <- u + H p.
+Plain SGD is the recursion of dit's backward pass: p = -eta u, u <- u + H p.
 """
 
 from __future__ import annotations
@@ -152,7 +152,7 @@ class SGDForm(OptimizerForm):
 
 @dataclass(frozen=True)
 class AdamForm(OptimizerForm):
-    """torch.optim.Adam and AdamW (REFERENCE.md, "Adam and AdamW"). Per parameter, with the step
+    """torch.optim.Adam and AdamW (README, "Exact curvature"). Per parameter, with the step
     count n (after its increment), g the batch gradient and lambda the weight decay:
 
         g^ = g + lambda w (Adam's L2; AdamW: g^ = g and w is first scaled by a = 1 - eta lambda)
