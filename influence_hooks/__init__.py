@@ -26,6 +26,7 @@ from .errors import (
     RunDirectoryError,
     SampleIdError,
     StorageError,
+    UnsafeFileError,
     WindowError,
 )
 
@@ -37,13 +38,14 @@ _EXPORTS = {
     "dvemb": ".aggregate.dvemb", "DataValueEmbeddings": ".aggregate.dvemb",
     "InfluenceScores": ".aggregate.results",
     "compare_windows": ".report.compare", "WindowComparison": ".report.compare",
-    "validate": ".validation", "Validation": ".validation",
+    "validate": ".validation", "Validation": ".validation", "ReproductionError": ".validation",
 }
 
 __all__ = [
     "__version__", *_EXPORTS,
     "InfluenceHooksError", "ConfigurationError", "CorruptShardError", "MissingDataError",
-    "NonFiniteGradientError", "RunDirectoryError", "SampleIdError", "StorageError", "WindowError",
+    "NonFiniteGradientError", "RunDirectoryError", "SampleIdError", "StorageError", "UnsafeFileError",
+    "WindowError",
 ]
 
 

@@ -217,6 +217,14 @@ def test_layer_pattern_matching_nothing_fails_at_construction_listing_the_layers
     assert not (tmp_path / "run").exists()
 
 
+def test_a_misspelt_layer_type_fails_at_construction_naming_the_types_present(tmp_path):
+    with pytest.raises(ConfigurationError) as err:
+        GradientRecorder(tmp_path / "run", WithBatchNorm(), layer_types=["Linaer"])
+    msg = str(err.value)
+    assert "'Linaer'" in msg and "'Linear'" in msg and "'BatchNorm1d'" in msg
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("options", [{"layers": ["bn"]}, {"layer_types": [nn.BatchNorm1d]}], ids=["name", "type"])
 def test_selecting_batchnorm_raises_unsupported_module_error(tmp_path, options):
     with pytest.raises(UnsupportedModuleError) as err:

@@ -86,7 +86,11 @@ def select_layers(model: nn.Module, layers: Sequence[str] | str | None = None,
     for t in layer_types or []:
         hits = [(n, m) for n, m in named if _type_matches(m, [t]) and own_trainable(m)]
         if not hits:
-            raise ConfigurationError(f"layer type {t!r} selects no module with trainable parameters.")
+            present = sorted({type(m).__name__ for _, m in named if own_trainable(m)})
+            raise ConfigurationError(
+                f"layer type {t!r} selects no module with trainable parameters. The model's modules with "
+                f"trainable parameters of their own are of types {present}; give one of these names (or "
+                "the class itself).")
         for n, m in hits:
             chosen.setdefault(n, m)
     if isinstance(exclude, str):

@@ -83,10 +83,11 @@ def ids_from_indexed_batch(batch: Any) -> Any:
 
 
 NO_IDS_HELP = (
-    "influence_hooks cannot tell which dataset samples are in each training batch: {why}. Either wrap "
-    "the dataset, `IndexedDataset(dataset)` (items become (index, sample) and the training_step "
-    "unpacks `ids, batch = batch`), or pass `sample_ids=lambda batch, batch_idx: ...` returning the "
-    "batch's sample ids (e.g. batch['idx']) to InfluenceCallback.")
+    "influence_hooks cannot tell which dataset samples are in each training batch: {why}. Pass "
+    "`sample_ids=lambda batch, batch_idx: ...` returning the batch's sample ids (e.g. batch['idx'], "
+    "which an IterableDataset must then yield) to InfluenceCallback, or, for a map-style dataset, "
+    "wrap it in `IndexedDataset(dataset)` (items become (index, sample) and the training_step "
+    "unpacks `ids, batch = batch`).")
 
 
 def as_ids(sample_ids: Any) -> Any:

@@ -324,7 +324,8 @@ def _dit_options(method: str, mode: str | None, curvature: str | None, detection
         raise ConfigurationError(
             f"mode={mode!r} applies to method='dit' only; method={method!r} has no mode (tracin sums "
             "g.u over the window; dvemb is removal evaluated at the end of training). For DIT's "
-            "detection scores in a given mode, name them in detection_methods: 'dit_removal', 'dit_accrued'.")
+            "detection scores in a given mode, name them in detection_methods (--detection on the command "
+            "line): 'dit_removal', 'dit_accrued'.")
     if curvature is not None and method != "dit" and not any(m.startswith("dit") for m in detection):
         raise ConfigurationError(
             f"curvature={curvature!r} applies to DIT, and nothing here computes DIT (method={method!r}, "

@@ -54,7 +54,8 @@ def score_methods(run: Run, methods: tuple[str, ...], scopes: list[Scope], setup
             for s in scopes:
                 if m == "dvemb" and s.eval_step != run.final_step:
                     out[m].append(f"dvemb estimates removal evaluated at the end of training (step {run.final_step}); "
-                                  f"this scope is evaluated at step {s.eval_step} (eval_at='final' compares it)")
+                                  "these scopes are evaluated earlier, at their window's end (eval_at='final' "
+                                  "compares them)")
                     continue
                 try:
                     t0 = time.perf_counter()

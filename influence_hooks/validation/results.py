@@ -98,12 +98,13 @@ class Validation:
         return all(c.ok for c in self.checks)
 
     def missing(self) -> list[tuple[str, str, list[str]]]:
-        """(method, the first reason, the scopes) for every method without an estimate somewhere."""
-        out: dict[str, tuple[str, list[str]]] = {}
+        """(method, a reason, the scopes it applies to) for every method without an estimate
+        somewhere, one entry per distinct reason."""
+        out: dict[tuple[str, str], list[str]] = {}
         for s in self.scopes:
             for m, r in s.reasons.items():
-                out.setdefault(m, (r, []))[1].append(s.name)
-        return [(m, r, names) for m, (r, names) in out.items()]
+                out.setdefault((m, r), []).append(s.name)
+        return [(m, r, names) for (m, r), names in out.items()]
 
     # ------------------------------------------------------------------ tables
     def agreement_table(self) -> list[dict[str, Any]]:
