@@ -161,39 +161,43 @@ def test_truncated_shard_is_named_and_skipping_it_keeps_the_others(tmp_path):
         assert any(broken.name in p for p in run.verify())
 
 
-def test_skipping_leaves_out_a_shard_whose_gradient_rows_fail_their_checksum(tmp_path):
-    # the rows are most of a shard's bytes: their damage is found when the run is opened with
-    # on_corrupt='skip', not half way through an aggregation
+@pytest.mark.parametrize("dataset", [fmt.ROWS_GRAD, fmt.ROWS_SAMPLE_ID, fmt.QUERY_GRAD])
+def test_skipping_leaves_out_a_shard_with_any_damaged_dataset(tmp_path, dataset):
+    # the gradient rows (most of a shard's bytes), the sample ids or the query gradients: with
+    # on_corrupt='skip' the damage is found when the run is opened, not half way through an aggregation
     from influence_hooks import InfluenceScores
-    from influence_hooks.aggregate import self_influence
+    from influence_hooks.aggregate import tracin
     from influence_hooks.cli import main
 
     run_dir = tmp_path / "run"
-    record(run_dir, 6, steps_per_shard=2)
+    record(run_dir, 6, steps_per_shard=2, queries=(X[:3], Y[:3]), query_every_n_steps=1,
+           query_loss_fn=lambda m, b: F.cross_entropy(m(b[0]), b[1]))
     broken = shard_files(run_dir)[1]
     with h5py.File(broken) as f:
-        at = f[fmt.ROWS_GRAD].id.get_chunk_info(0).byte_offset + 5
+        at = f[dataset].id.get_chunk_info(0).byte_offset + 5
     with open(broken, "r+b") as fh:
         fh.seek(at)
         byte = fh.read(1)[0]
         fh.seek(at)
         fh.write(bytes([byte ^ 0x10]))
-    with open_run(run_dir) as run, pytest.raises(CorruptShardError, match=broken.name):
-        self_influence(run, progress=False)
+    with open_run(run_dir) as run, pytest.raises(CorruptShardError) as err:
+        tracin(run, progress=False)
+    assert broken.name in str(err.value) and "on_corrupt='skip'" in str(err.value)
 
-    with pytest.warns(RuntimeWarning, match=f"skipping unreadable shard .*{broken.name}.*checksum"):
+    with pytest.warns(RuntimeWarning, match=f"skipping unreadable shard .*{broken.name}"):
         run = open_run(run_dir, on_corrupt="skip")
     with run:
         assert run.steps.tolist() == [0, 1, 4, 5] and [p.name for p, _ in run.skipped_shards] == [broken.name]
-        got = self_influence(run, progress=False)
+        got = tracin(run, progress=False)
+    assert any("unreadable shard(s) left out" in n for n in got.approximations)
     # the same from the command line
     with pytest.warns(RuntimeWarning, match="skipping unreadable shard"):
-        assert main(["self-influence", str(run_dir), "--skip-corrupt", "--quiet", "--out", str(tmp_path / "si.h5")]) == 0
-    assert torch.equal(InfluenceScores.load(tmp_path / "si.h5").values, got.values)
+        assert main(["tracin", str(run_dir), "--skip-corrupt", "--quiet", "--out", str(tmp_path / "ti.h5")]) == 0
+    assert torch.equal(InfluenceScores.load(tmp_path / "ti.h5").values, got.values)
     # the same as the run with the damaged shard moved out of it
     broken.rename(tmp_path / broken.name)
     with pytest.warns(RuntimeWarning, match="missing"), open_run(run_dir) as run:
-        want = self_influence(run, progress=False)
+        want = tracin(run, progress=False)
     assert torch.equal(got.values, want.values) and np.array_equal(got.train_ids, want.train_ids)
 
 

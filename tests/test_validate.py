@@ -369,6 +369,11 @@ def test_cli_validates_a_run_trained_from_a_lightning_config(tmp_path, capsys):
     # a second validation does not replace the first one's report unless told to, and says so at once
     report = (tmp_path / "run" / "validate" / "report.md").read_text()
     capsys.readouterr()
-    assert cli_main(["validate", "--config", str(path), "--quiet", "--methods", "tracin"]) == 2
+    again = ["validate", "--config", str(path), "--quiet", "--samples", "4", "--lds", "none", "--queries", "2",
+             "--methods", "tracin", "--epochs", "0"]
+    assert cli_main(again) == 2
     assert "already holds a validation report" in capsys.readouterr().err
     assert (tmp_path / "run" / "validate" / "report.md").read_text() == report
+    assert cli_main([*again, "--overwrite"]) == 0
+    data = json.loads((tmp_path / "run" / "validate" / "validation.json").read_text())
+    assert [s["window"] for s in data["scopes"]] == [[0, 4]]

@@ -1,8 +1,9 @@
 """`InfluenceScores`: the one result type every aggregator returns.
 
-Sign convention (README, "Conventions and limits"): a score is f_q(counterfactual without
-sample i) - f_q(actual). Positive: removing i raises the query loss, so i helped (a proponent). Negative: i hurt (an
-opponent). Self-influence is a non-negative magnitude, not a signed effect.
+Sign convention (README, "Which samples mattered, and when"): a score is f_q(counterfactual
+without sample i) - f_q(actual). Positive: removing i raises the query loss, so i helped (a
+proponent). Negative: i hurt (an opponent). Self-influence is a non-negative magnitude, not a
+signed effect.
 """
 
 from __future__ import annotations

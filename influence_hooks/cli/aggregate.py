@@ -46,9 +46,7 @@ def _command(subparsers: argparse._SubParsersAction, name: str, help: str,
              func: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
     p = subparsers.add_parser(name, help=help, description=help)
     p.add_argument("run", metavar="RUN", help="run directory")
-    p.add_argument("--skip-corrupt", action="store_true",
-                   help="leave out shards that cannot be read whole (every shard's rows are read once to check "
-                        "them); their steps count as missing")
+    add_skip_corrupt(p)
     p.add_argument("--window", action="append", default=None, metavar="T1:T2", type=parse_windows,
                    help="half-open step window; repeat it or give a comma list for many windows in one pass")
     p.add_argument("--epochs", action="append", default=None, metavar="E1:E2", type=parse_epochs,
@@ -93,6 +91,17 @@ parse_epochs = _argparse_type(W.parse_epochs_text)
 def window_args(args: argparse.Namespace) -> dict[str, Any]:
     """The window keyword arguments for an aggregator from --window / --epochs (parsed, appended)."""
     return W.window_kwargs(args.window, args.epochs)
+
+
+def add_skip_corrupt(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--skip-corrupt", action="store_true",
+                   help="leave out shards that cannot be read (every shard is read whole first, to check it); "
+                        "the results name them")
+
+
+def on_corrupt(args: argparse.Namespace) -> str:
+    """open_run's on_corrupt for --skip-corrupt."""
+    return "skip" if args.skip_corrupt else "raise"
 
 
 def _common(args: argparse.Namespace) -> dict[str, Any]:
@@ -152,7 +161,7 @@ def _emit(args: argparse.Namespace, results: Any, run_dir: str | os.PathLike) ->
 def _open(args: argparse.Namespace) -> Any:
     from ..storage.reader import open_run
 
-    return open_run(args.run, on_corrupt="skip" if args.skip_corrupt else "raise")
+    return open_run(args.run, on_corrupt=on_corrupt(args))
 
 
 def _run_tracin(args: argparse.Namespace) -> int:

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigurationError
-from .aggregate import parse_epochs, parse_windows, recorded_curvature
+from .aggregate import add_skip_corrupt, on_corrupt, parse_epochs, parse_windows, recorded_curvature
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -28,9 +28,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
                     "patterns, top proponents/opponents, and (with known-corrupted samples) detection "
                     "quality per window; written as report.md with PNG plots, CSV and HDF5.")
     p.add_argument("run", metavar="RUN", help="run directory")
-    p.add_argument("--skip-corrupt", action="store_true",
-                   help="leave out shards that cannot be read whole (every shard's rows are read once to check "
-                        "them); their steps count as missing")
+    add_skip_corrupt(p)
     g = p.add_mutually_exclusive_group()
     g.add_argument("--windows", default=None, metavar="T1:T2,...", type=parse_windows,
                    help="chronological half-open step windows, e.g. 0:100,100:200,200:300")
@@ -110,7 +108,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if (out / "report.md").exists() and not args.overwrite:
         raise ConfigurationError(f"{out} already holds a report (report.md); pass --overwrite to replace it, "
                                  "or --out DIR to write elsewhere.")
-    run = open_run(args.run, on_corrupt="skip" if args.skip_corrupt else "raise")
+    run = open_run(args.run, on_corrupt=on_corrupt(args))
     kw: dict[str, Any] = {}
     if args.windows:
         kw["windows"] = args.windows

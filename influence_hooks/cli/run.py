@@ -7,13 +7,14 @@ import json
 import warnings
 
 from ..errors import short_list
+from .aggregate import add_skip_corrupt, on_corrupt
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="summary of a recorded run")
     p.add_argument("run", help="run directory")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
-    p.add_argument("--skip-corrupt", action="store_true", help="leave out shards that cannot be read whole (reads every shard's rows once)")
+    add_skip_corrupt(p)
     p.set_defaults(func=cmd_info)
     p = sub.add_parser("verify", help="read every file in full, checking its checksums, and report problems: "
                                       "damaged or missing files, disagreements between shards and rank files "
@@ -36,7 +37,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     with warnings.catch_warnings():  # what open_run warns about is printed below
         warnings.simplefilter("ignore", RuntimeWarning)
-        run = open_run(args.run, on_corrupt="skip" if args.skip_corrupt else "raise")
+        run = open_run(args.run, on_corrupt=on_corrupt(args))
     info = run.info()
     if args.json:
         print(json.dumps(info, indent=2))
@@ -76,11 +77,11 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from ..storage.reader import open_run
+    from ..storage.reader import Run
 
     with warnings.catch_warnings():  # every problem is printed below
         warnings.simplefilter("ignore", RuntimeWarning)
-        run = open_run(args.run, on_corrupt="skip")
+        run = Run(args.run, on_corrupt="skip", read_whole=False)  # verify() reads every file whole
     problems = run.verify(require_complete=False)
     for p in problems:
         print(f"PROBLEM  {p}")

@@ -8,7 +8,6 @@ config the run was trained with.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from ..errors import ConfigurationError
 from .aggregate import parse_epochs, parse_windows, window_args
@@ -63,6 +62,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     import torch
 
     from ..validation import validate
+    from ..validation.api import report_dir
     from ..validation.sources import setup_from_config
 
     if args.threads:
@@ -72,7 +72,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         "window" in wins or "windows" in wins) else ({"epochs": wins["epochs"]} if "epochs" in wins else {})
     run, sources = setup_from_config(args.config, args.run)
     with run:
-        out = Path(args.out) if Path(args.out).is_absolute() else run.path / args.out
+        out = report_dir(run.path, args.out)
         if (out / "report.md").exists() and not args.overwrite:  # checked before hours of retraining
             raise ConfigurationError(f"{out} already holds a validation report (report.md); pass --overwrite to "
                                      "replace it, or --out DIR to write elsewhere.")

@@ -18,8 +18,8 @@ aggregator pass per method:
   samples should be opponents of a clean validation loss (low, negative influence) and have large
   self-influence, so the corruption score is -influence for DIT/TracIn/DVEmb and +self-influence.
 
-Sign convention (README, "Conventions and limits"): positive influence = removing the sample
-raises the query loss = the sample helped (a proponent); negative = it hurt (an opponent).
+Sign convention (README, "Which samples mattered, and when"): positive influence = removing the
+sample raises the query loss = the sample helped (a proponent); negative = it hurt (an opponent).
 """
 
 from __future__ import annotations

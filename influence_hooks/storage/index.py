@@ -302,18 +302,19 @@ class ShardIndex:
 
     @classmethod
     def build(cls, path: Path, run_id: str, pool: FilePool, *, dim: int | None = None,
-              on_corrupt: str = "raise") -> "ShardIndex":
+              on_corrupt: str = "raise", read_whole: bool = True) -> "ShardIndex":
         """Index the finished files of run `run_id` in `path`. on_corrupt: 'raise' stops at an
-        unreadable shard, naming it; 'skip' also reads every shard's gradient rows once, checking
-        their checksums, and leaves out, with a warning, each shard that cannot be read whole."""
+        unreadable shard, naming it; 'skip' leaves out, with a warning, each shard that cannot be
+        read, and with `read_whole` first reads every dataset of every shard once, checking their
+        checksums (damage found later would stop an aggregation half way)."""
         rank_states = read_rank_states(path)
         shards, skipped, read = [], [], []
-        stage = Stage() if on_corrupt == "skip" else None
+        stage = Stage() if on_corrupt == "skip" and read_whole else None
         for sh in finished_shards(path):
             try:
                 columns = _read_step_columns(pool.get(sh.path), sh, run_id, dim)
-                if stage is not None:  # rows that fail later would stop an aggregation half way
-                    pool.rows(sh.path).verify(stage)
+                if stage is not None:
+                    _read_whole(pool.get(sh.path), pool.rows(sh.path), stage)
                 read.append((sh, *columns))
             except Exception as e:  # noqa: BLE001 - any failure to read means a broken shard
                 pool.drop(sh.path)
@@ -376,6 +377,18 @@ class ShardIndex:
         return cls(shards=shards, skipped_shards=skipped, table=table, step_rows=step_rows,
                    query_index=query_index, query_nonfinite=query_nonfinite, param_files=param_files,
                    rank_states=rank_states, gaps=gaps, inconsistencies=inconsistencies)
+
+
+def _read_whole(f: h5py.File, rows: RowFile, stage: Stage) -> None:
+    """Read every dataset of a shard once (the gradient rows verified against their sums, the rest
+    by HDF5's checksums): a damaged one raises here."""
+    rows.verify(stage)
+
+    def read(name: str, obj: Any) -> None:
+        if isinstance(obj, h5py.Dataset) and name != fmt.ROWS_GRAD:
+            obj[()]
+
+    f.visititems(read)
 
 
 def _shard_attrs(f: h5py.File) -> dict[str, Any]:

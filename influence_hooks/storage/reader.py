@@ -102,11 +102,11 @@ def _ordered_shapes(entry: Any) -> dict[str, tuple[int, ...]]:
 def open_run(path: str | os.PathLike, *, on_corrupt: str = "raise") -> "Run":
     """Open the run recorded in `path`.
 
-    on_corrupt: 'raise' (default) stops at a shard that cannot be read, naming it (damaged gradient
-    rows are found when they are read, by an aggregator); 'skip' also reads every shard's gradient
-    rows once, checking their checksums (the time of one pass over the run), and leaves out with a
-    warning each shard that cannot be read whole, so that the rest of the run stays usable and its
-    steps count as missing (`Run.gaps`).
+    on_corrupt: 'raise' (default) stops at a shard that cannot be read, naming it (damage inside its
+    gradient rows is found when they are read, by an aggregator); 'skip' first reads every shard
+    whole, checking its checksums (the time of one pass over the run), and leaves out with a
+    warning each shard that cannot be read, so that the rest of the run stays usable: the shards
+    left out are `Run.skipped_shards`, and every result's notes name them.
     Finished files that are missing (`Run.gaps`) and disagreements between the shards and the rank
     files (`Run.inconsistencies`) give a RuntimeWarning; the manifest is checked against its schema.
     """
@@ -116,9 +116,13 @@ def open_run(path: str | os.PathLike, *, on_corrupt: str = "raise") -> "Run":
 class Run:
     """A recorded run. See the module docstring; all step numbers are optimizer steps."""
 
-    def __init__(self, path: str | os.PathLike, *, on_corrupt: str = "raise"):
+    def __init__(self, path: str | os.PathLike, *, on_corrupt: str = "raise", read_whole: bool = True):
+        """See `open_run`. read_whole=False (with on_corrupt='skip') leaves out only the shards whose
+        step tables cannot be read, without reading every shard first: for `verify_run`, which
+        reads everything itself."""
         if on_corrupt not in ("raise", "skip"):
             raise ValueError(f"on_corrupt must be 'raise' or 'skip', got {on_corrupt!r}")
+        self.on_corrupt = on_corrupt
         self.path = Path(path)
         self.manifest: dict[str, Any] = read_manifest(self.path)
         self.run_id: str = self.manifest["run_id"]
@@ -130,7 +134,8 @@ class Run:
                       projection=dict(l["projection"]))
             for l in self.manifest["layers"]]
         self._pool = FilePool()
-        self._index = ShardIndex.build(self.path, self.run_id, self._pool, dim=self.dim, on_corrupt=on_corrupt)
+        self._index = ShardIndex.build(self.path, self.run_id, self._pool, dim=self.dim, on_corrupt=on_corrupt,
+                                       read_whole=read_whole)
         self.table: StepTable = self._index.table
         self._sample_ids: np.ndarray | None = None
         if self.gaps:
@@ -560,11 +565,11 @@ class Run:
             raise self._damaged(shard.path, name, e, shard=True) from e
 
     def _damaged(self, path: Any, what: str, e: BaseException, *, shard: bool = False) -> CorruptShardError:
-        if shard:
+        if shard and self.on_corrupt != "skip":
             rest = ("open_run(path, on_corrupt='skip') (`--skip-corrupt` on the command line) leaves the damaged "
-                    "shards out and uses the rest (their steps are then reported as missing).")
-        else:
-            rest = "move this file out of the run directory to use the rest (its step is then reported as missing)."
+                    "shards out and uses the rest (their steps are then left out, and the results say so).")
+        else:  # a parameter file, or a shard that changed after the run was opened and read whole
+            rest = "move this file out of the run directory to use the rest (its steps are then reported as missing)."
         return CorruptShardError(
             f"{path}: {what} cannot be read ({e}); the file is damaged (a checksum does not match, or it "
             f"was truncated). `influence-hooks verify {self.path}` lists every damaged file; {rest}")

@@ -134,13 +134,21 @@ class RowFile:
         skip = (r0 - c0 * R) * rb
         return stage[skip:skip + (r1 - r0) * rb].view(self.np_dtype).reshape(shape)
 
+    def blocks(self, stage: "Stage", max_bytes: int = 64 << 20) -> Iterator[np.ndarray]:
+        """Every row, verified, in blocks of whole chunks of about `max_bytes` (views of `stage`,
+        valid until the next block)."""
+        step = max(1, max_bytes // max(self.row_bytes, 1))
+        if self.checked:
+            step = max(1, step // self.chunk_rows) * self.chunk_rows
+        for r0 in range(0, self.n, step):
+            r1 = min(self.n, r0 + step)
+            yield self.read(r0, r1, stage.reserve(self.stage_bytes(r0, r1)))
 
-    def verify(self, stage: "Stage", rows_at_once: int = 65536) -> None:
+    def verify(self, stage: "Stage") -> None:
         """Read every row once, so that a damaged chunk raises OSError now rather than in the
-        middle of an aggregation (open_run(..., on_corrupt='skip'))."""
-        for r0 in range(0, self.n, rows_at_once):
-            r1 = min(self.n, r0 + rows_at_once)
-            self.read(r0, r1, stage.reserve(self.stage_bytes(r0, r1)))
+        middle of an aggregation."""
+        for _ in self.blocks(stage):
+            pass
 
 
 # ---------------------------------------------------------------------- blocks

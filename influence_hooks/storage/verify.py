@@ -22,7 +22,6 @@ if TYPE_CHECKING:
     from .index import ShardFile
     from .reader import Run
 
-_CHUNK_ROWS = 65536
 
 
 def verify_run(run: "Run", *, require_complete: bool = True) -> list[str]:
@@ -71,10 +70,8 @@ def _check_shard(run: "Run", f: h5py.File, sh: "ShardFile") -> list[str]:
         out.append(f"rows/grad has shape {g.shape}, expected ({n_rows}, {run.dim})")
     nonfinite_rows = 0
     rows = run.open_rows(sh)  # every chunk verified as it is read (fletcher32 by HDF5 in format 2)
-    stage = Stage()
-    for r in range(0, rows.n, _CHUNK_ROWS):
-        r1 = min(rows.n, r + _CHUNK_ROWS)
-        block = from_stored(rows.read(r, r1, stage.reserve(rows.stage_bytes(r, r1))), rows.dtype)
+    for stored in rows.blocks(Stage()):
+        block = from_stored(stored, rows.dtype)
         nonfinite_rows += int((~torch.isfinite(block)).any(dim=1).sum()) if block.ndim == 2 else 0
     if nonfinite_rows:
         flagged = int(counts[cols["nonfinite"].astype(bool)].sum())

@@ -738,15 +738,18 @@ def _snapshot(t: torch.Tensor) -> torch.Tensor:
     return t.to("cpu", copy=True)
 
 
+# numpy has no bfloat16: such tensors are stored as float32, and the loader casts them back to the
+# model's dtype
+_NUMPY_STAND_IN = {torch.bfloat16: torch.float32}
+
+
 def _to_numpy(t: torch.Tensor) -> np.ndarray:
-    if t.dtype == torch.bfloat16:
-        t = t.float()  # numpy has no bfloat16; the loader casts back to the model's dtype
-    return t.numpy()
+    return t.to(_NUMPY_STAND_IN.get(t.dtype, t.dtype)).numpy()
 
 
 def _to_numpy_nbytes(t: torch.Tensor) -> int:
     """The size of `_to_numpy(t)` in bytes."""
-    return t.numel() * (4 if t.dtype == torch.bfloat16 else t.element_size())
+    return t.numel() * _NUMPY_STAND_IN.get(t.dtype, t.dtype).itemsize
 
 
 def _start_error(path: Path, e: OSError) -> Exception:

@@ -38,6 +38,12 @@ from .sources import TrainingSetup
 DEFAULT_DIR = "validate"
 
 
+def report_dir(run_path: Path, out: str | os.PathLike) -> Path:
+    """Where `validate(..., out=out)` writes its report: `out` itself if absolute, else inside the run."""
+    d = Path(out)
+    return d if d.is_absolute() else Path(run_path) / d
+
+
 def validate(run: Run | str | os.PathLike, *, model: Any = None, dataset: Any = None, datamodule: Any = None,
              queries: Any = None, queries_from: str | None = None, loss_fn: Callable | None = None,
              query_loss_fn: Callable | None = None, collate_fn: Callable | None = None,
@@ -132,9 +138,7 @@ def validate(run: Run | str | os.PathLike, *, model: Any = None, dataset: Any = 
         seconds=seconds, estimated_seconds=estimate, model_steps=rt.model_steps)
     v.seconds["total"] = time.perf_counter() - t_start
     if out is not None:
-        d = Path(out)
-        d = d if d.is_absolute() else run.path / d
-        path = write_report(v, d)
+        path = write_report(v, report_dir(run.path, out))
         v.notes.append(f"report: {path}")
         say(f"Report: {path}")
     say(v.summary())

@@ -22,7 +22,8 @@ plain SGD it is:
 Optimizers without an exact form use the plain SGD form with the recorded learning rate, on exact
 parameters from snapshots (noted in the result).
 
-Sign (README, "Conventions and limits"): a score is f_q(without i) - f_q(actual); positive = i helped.
+Sign (README, "Which samples mattered, and when"): a score is f_q(without i) - f_q(actual);
+positive = i helped.
 """
 
 from __future__ import annotations
