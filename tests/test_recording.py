@@ -422,6 +422,29 @@ def test_bf16_recorded_gradients_are_close_to_fp32_and_finite(tmp_path, mode):
         assert err.max() < 2e-2, err
 
 
+def test_bf16_parameter_snapshots_hold_the_exact_parameters_of_each_step(tmp_path):
+    # numpy has no bfloat16: the files hold float32, which represents every bfloat16 value exactly
+    model, (X, Y) = mlp(torch.float32), tabular(torch.float32)
+    model = model.to(torch.bfloat16)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = GradientRecorder(tmp_path / "run", model, projection="none", snapshot_every_n_steps=1)
+    before = {}
+    for t, ids in enumerate(batches_of([5, 5, 5])):
+        before[t] = {k: v.detach().clone() for k, v in model.named_parameters()}
+        rec.begin_micro_batch(ids)
+        F.cross_entropy(model(X[ids].to(torch.bfloat16)), Y[ids]).backward()
+        rec.end_step(opt)
+        opt.step()
+        opt.zero_grad()
+    rec.finish()
+    with open_run(tmp_path / "run") as run:
+        for t, params in before.items():
+            got = run.load_parameters(t)
+            assert set(got) == set(params)
+            for name, p in params.items():
+                assert got[name].dtype == torch.float32 and torch.equal(got[name].to(torch.bfloat16), p)
+
+
 # ---------------------------------------------------------------------------- layer selection
 class EncoderHead(nn.Module):
     def __init__(self):
