@@ -213,19 +213,14 @@ class WithBatchNorm(nn.Module):
         return self.head(self.bn(self.encoder(x)))
 
 
-def test_layer_pattern_matching_nothing_fails_at_construction_listing_the_layers(tmp_path):
+@pytest.mark.parametrize("options, says", [
+    ({"layers": ["decoder.*"]}, ["'decoder.*'", "encoder.0", "head"]),  # the module names there are
+    ({"layer_types": ["Linaer"]}, ["'Linaer'", "'Linear'", "'BatchNorm1d'"]),  # the types there are
+], ids=["pattern", "type"])
+def test_a_selection_matching_nothing_fails_at_construction_naming_what_there_is(tmp_path, options, says):
     with pytest.raises(ConfigurationError) as err:
-        GradientRecorder(tmp_path / "run", WithBatchNorm(), layers=["decoder.*"])
-    msg = str(err.value)
-    assert "'decoder.*'" in msg and "encoder.0" in msg and "head" in msg
-    assert not (tmp_path / "run").exists()
-
-
-def test_a_misspelt_layer_type_fails_at_construction_naming_the_types_present(tmp_path):
-    with pytest.raises(ConfigurationError) as err:
-        GradientRecorder(tmp_path / "run", WithBatchNorm(), layer_types=["Linaer"])
-    msg = str(err.value)
-    assert "'Linaer'" in msg and "'Linear'" in msg and "'BatchNorm1d'" in msg
+        GradientRecorder(tmp_path / "run", WithBatchNorm(), **options)
+    assert all(s in str(err.value) for s in says), str(err.value)
     assert not (tmp_path / "run").exists()
 
 
