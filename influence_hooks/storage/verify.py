@@ -23,7 +23,6 @@ if TYPE_CHECKING:
     from .reader import Run
 
 
-
 def verify_run(run: "Run", *, require_complete: bool = True) -> list[str]:
     """Problems found (empty: all good). An interrupted run counts as a problem unless
     require_complete=False."""
