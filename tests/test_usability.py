@@ -128,17 +128,81 @@ def test_start_summary_lists_layers_dims_bytes_and_run_path(tmp_path, capsys, ca
     with open_run(tmp_path / "run") as run:
         layers = run.layers
         K = run.dim
-    # 16 layers shared 1024 dims (64 each); wpe was left out at the first step: 15 remain
-    assert len(layers) == 15 and [l.dim for l in layers] == [64] * 15 and K == 960
+    # wpe was left out at the first gradient, and the 15 other layers share the 1024 dims: the five
+    # LayerNorms keep their 64 exactly, the ten others share the rest, 70 each (7 x 10)
+    dims = [l.dim for l in layers]
+    assert len(layers) == 15 and K == sum(dims) == 1020 and "transformer.wpe" not in [l.name for l in layers]
     assert f"recording 15 layers of GPT2LMHeadModel into {tmp_path / 'run'}" in text
     for l in layers:
-        assert any(line.split()[:1] == [l.name] and line.split()[3] == "64" for line in text.splitlines()), l.name
-    assert "transformer.h.0.attn.c_attn  Conv1D            3,168        64  kronecker 8 x 8" in text
+        assert any(line.split()[:1] == [l.name] and line.split()[3] == str(l.dim) for line in text.splitlines()), l.name
+    assert "transformer.h.0.attn.c_attn  Conv1D            3,168        70  kronecker 7 x 10" in text
     assert "left out: transformer.wpe" in text
-    assert f"per step: 4 samples x 960 dims x 2 bytes = {4 * 960 * 2 / 1024:.1f} KiB" in text
-    assert rec.plan["dims"] == [64] * 15 and rec.plan["bytes_per_step"] == 4 * 960 * 2
-    assert rec.plan["bytes_per_query_step"] == 2 * 960 * 2
+    assert f"per step: 4 samples x 1,020 dims x 2 bytes = {4 * 1020 * 2 / 1024:.1f} KiB" in text
+    assert rec.plan["dims"] == dims and rec.plan["bytes_per_step"] == 4 * 1020 * 2
+    assert rec.plan["bytes_per_query_step"] == 2 * 1020 * 2
     assert text.strip() in caplog.text  # the same text goes to the "influence_hooks" logger
+
+
+def train_lm(rec: GradientRecorder, model: nn.Module, tokens: torch.Tensor, steps, **plan) -> GradientRecorder:
+    """SGD steps `steps` on batches of 4 sequences (step t: tokens[4t:4t+4]), the dropout masks
+    seeded by the step; plan: plan_start's arguments (e.g. a resume)."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec.plan_start(**plan)
+    for t in steps:
+        torch.manual_seed(t)
+        rec.begin_micro_batch(torch.arange(4 * t, 4 * t + 4))
+        lm_loss(model, tokens[4 * t:4 * t + 4]).backward()
+        rec.end_step(opt)
+        opt.step()
+        opt.zero_grad()
+    rec.finish()
+    return rec
+
+
+def test_a_layer_left_out_at_the_first_step_gives_its_share_to_the_others(tmp_path):
+    # wpe sees a position input shared by the batch: it is left out at the first gradient, before
+    # anything is computed, and the projection is shared among the other layers, so the run is the
+    # one that exclude=["transformer.wpe"] records, row for row
+    x = torch.randint(0, 64, (8, 16), generator=torch.Generator().manual_seed(0))
+
+    def record(run_dir, **options):
+        model = tiny_gpt2()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            train_lm(GradientRecorder(run_dir, model, verbose=False, **options), model, x, range(2))
+        with open_run(run_dir) as run:
+            rows = [b.grads for b in run.iter_steps()]
+            return run.manifest["layers"], rows, [str(w.message) for w in caught]
+
+    auto_layers, auto_rows, said = record(tmp_path / "auto")
+    excluded_layers, excluded_rows, _ = record(tmp_path / "excluded", exclude=["transformer.wpe"])
+    assert any("not recording ['transformer.wpe']" in m for m in said)
+    assert auto_layers == excluded_layers and sum(l["dim"] for l in auto_layers) == 1020
+    assert len(auto_rows) == 2 and all(torch.equal(a, b) for a, b in zip(auto_rows, excluded_rows))
+
+
+@pytest.mark.parametrize("first_planned", ["without wpe", "with wpe"])
+def test_a_run_with_a_layer_left_out_resumes_with_its_own_projection(tmp_path, monkeypatch, first_planned):
+    # "with wpe": recorded as before the re-planning (wpe dropped at the end of the first step, its
+    # share unused); a resume must continue either run with the projection it has
+    x = torch.randint(0, 64, (12, 16), generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tied weights, wpe
+        with monkeypatch.context() as m:
+            if first_planned == "with wpe":
+                m.setattr(GradientRecorder, "_leave_out_broadcast", lambda self: None)
+            model = tiny_gpt2()
+            first = train_lm(GradientRecorder(tmp_path / "run", model, verbose=False), model, x, [0, 1])
+        with open_run(tmp_path / "run") as run:
+            dim = run.dim
+        model = tiny_gpt2()
+        again = train_lm(GradientRecorder(tmp_path / "run", model, verbose=False), model, x, [1, 2],
+                         resume_run_id=first.run_id, resume_step=1)
+    assert dim == (1020 if first_planned == "without wpe" else 960)
+    with open_run(tmp_path / "run") as run:
+        assert run.dim == dim and run.steps.tolist() == [0, 1, 2] and run.complete
+        assert "transformer.wpe" not in [l.name for l in run.layers]
+    assert again.dim == dim
 
 
 def test_start_summary_is_only_logged_when_not_verbose(tmp_path, capsys, caplog):

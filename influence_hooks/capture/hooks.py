@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from functools import partial
+from typing import Callable
 
 import torch
 from torch import nn
@@ -83,6 +84,12 @@ class GradientCapture:
         self.seen_layers: set[int] = set()
         # layers whose hook saw a different batch size than the micro-batch: {layer: rows seen}
         self.batch_mismatch: dict[int, int] = {}
+        # the same, seen by the forward hooks of the current micro-batch
+        self.forward_mismatch: dict[int, int] = {}
+        # called once, at the first gradient, before anything is computed: the recorder may then
+        # re-plan the layers (replace_layers) from what the forward pass showed
+        self.before_first_gradient: Callable[[], None] | None = None
+        self._renumbered: dict[int, int | None] | None = None  # see replace_layers
         self.seconds = 0.0  # spent inside the hooks (on a GPU: launching their work)
 
     # hooks ----------------------------------------------------------------
@@ -105,6 +112,8 @@ class GradientCapture:
         if not isinstance(output, torch.Tensor) or not output.requires_grad:
             return
         t0 = time.perf_counter()
+        if self._current_rows and output.shape[0] != self._current_rows:
+            self.forward_mismatch[index] = output.shape[0]
         saved = tuple(x.detach() if isinstance(x, torch.Tensor) else x for x in inputs)
         out = output.detach()
         output.register_hook(partial(self._on_grad, index, module, saved, out))
@@ -112,6 +121,13 @@ class GradientCapture:
 
     def _on_grad(self, index: int, module: nn.Module, inputs: tuple, output: torch.Tensor,
                  grad: torch.Tensor) -> None:
+        if self.before_first_gradient is not None:
+            hook, self.before_first_gradient = self.before_first_gradient, None
+            hook()
+        if self._renumbered is not None:  # registered before the layers were re-planned
+            index = self._renumbered[index]
+            if index is None:  # left out
+                return
         if self._current_rows and grad.shape[0] != self._current_rows:
             # e.g. a position embedding applied to a [1, T] input broadcast over the batch: its
             # output gradient is already summed over samples, per-sample values are lost
@@ -145,6 +161,12 @@ class GradientCapture:
         elif self._current_rows:
             self._finished.append(_MicroBatch(self._current_rows))
         self._current, self._current_rows = None, 0
+        self.forward_mismatch, self._renumbered = {}, None
+
+    @property
+    def current_rows(self) -> int:
+        """Rows of the micro-batch being collected (0 between micro-batches)."""
+        return self._current_rows
 
     def take_state(self) -> tuple:
         """Set aside what was collected so far (to capture something else in between)."""
@@ -159,6 +181,17 @@ class GradientCapture:
         """Drop everything collected since the last `collect`."""
         self._current, self._finished, self._current_rows = None, [], 0
         self.batch_mismatch = {}
+
+    def replace_layers(self, layers: list[CapturedLayer], renumbered: dict[int, int | None]) -> None:
+        """Capture `layers` instead, before any gradient was taken in (from `before_first_gradient`).
+        The hooks that the current micro-batch's forward pass registered find their layer through
+        `renumbered` (old index -> new index, None: no longer captured)."""
+        if self._current is not None or any(mb.block is not None for mb in self._finished):
+            raise RuntimeError("replace_layers after gradients were collected")
+        self.detach()
+        self.layers, self._renumbered = layers, dict(renumbered)
+        self.dim = sum(l.spec.out_dim for l in layers)
+        self.attach()
 
     def drop_layers(self, names: set[str]) -> None:
         """Stop recording `names`; what the other layers collected is kept, offsets recomputed."""

@@ -39,6 +39,27 @@ def warn_tied_parameters(layers: list) -> None:
         "model.named_modules() names them), or untie the weights.", RuntimeWarning, stacklevel=4)
 
 
+def broadcast_layers(capture: GradientCapture, mismatch: dict[int, int], n_rows: int) -> set[str]:
+    """The layers of `mismatch` ({layer index: batch size its hook saw}) applied to an input shared
+    by the whole batch (batch size 1 where the micro-batch has more rows). Empty unless every
+    mismatched layer is one and some layer is not: then the sample ids are wrong instead, and
+    collect() says so."""
+    broadcast = {capture.layers[i].name for i, seen in mismatch.items() if seen == 1 and n_rows > 1}
+    if broadcast != {capture.layers[i].name for i in mismatch} or len(broadcast) == len(capture.layers):
+        return set()
+    return broadcast
+
+
+def warn_left_out(broadcast: set[str], planned: bool, stacklevel: int = 4) -> None:
+    """planned: whether the projection was shared out again without them."""
+    unused = ("" if planned else " Their share of the projection stays unused: pass "
+              f"exclude={sorted(broadcast)} to give it to the other layers.")
+    warnings.warn(f"not recording {sorted(broadcast)}: applied to an input shared by the whole "
+                  "batch (e.g. position embeddings), so per-sample gradients are not available "
+                  f"from hooks.{unused} Pass exclude={sorted(broadcast)} to silence this.",
+                  RuntimeWarning, stacklevel=stacklevel)
+
+
 def check_first_step(capture: GradientCapture, n_rows: int, explicit_selection: bool) -> set[str]:
     """Validate the layers on the first step, before anything is written. Raises for layers that got
     no gradient; returns the batch-broadcast layers to leave out (an error if the user named them)."""
@@ -50,21 +71,15 @@ def check_first_step(capture: GradientCapture, n_rows: int, explicit_selection: 
             "called as modules in the forward pass (e.g. weights used through a functional call, "
             "like nn.MultiheadAttention.out_proj) or not used at all. Exclude them "
             "(exclude=[...]) or select other layers.")
-    mismatch = dict(capture.batch_mismatch)
-    if not mismatch:
+    broadcast = broadcast_layers(capture, capture.batch_mismatch, n_rows)
+    if not broadcast:
         return set()
-    broadcast = {capture.layers[i].name for i, seen in mismatch.items() if seen == 1 and n_rows > 1}
-    if broadcast != {capture.layers[i].name for i in mismatch} or len(broadcast) == len(capture.layers):
-        return set()  # wrong sample ids: collect() raises with the details
     if explicit_selection:
         capture.discard()
         raise ConfigurationError(
             f"layer(s) {sorted(broadcast)} are applied to an input shared by the whole batch "
             "(batch dimension 1, e.g. position embeddings broadcast over samples), so their "
             "per-sample gradients cannot be read from hooks. Leave them out (exclude=[...]).")
-    warnings.warn(f"not recording {sorted(broadcast)}: applied to an input shared by the whole "
-                  "batch (e.g. position embeddings), so per-sample gradients are not available "
-                  "from hooks. Their share of the projection stays unused: pass "
-                  f"exclude={sorted(broadcast)} to give it to the other layers and silence this.",
-                  RuntimeWarning, stacklevel=4)
+    # seen only after gradients were taken in with them planned (not in the first micro-batch)
+    warn_left_out(broadcast, planned=False)
     return broadcast

@@ -118,6 +118,11 @@ class RecordingConfig:
             return None
         return self.projection
 
+    def names_layers(self) -> bool:
+        """Whether the layers were chosen by name or type (layers= / layer_types=): such layers are
+        never left out silently."""
+        return self.layers is not None or self.layer_types is not None
+
     def writer_options(self) -> WriterOptions:
         return WriterOptions(steps_per_shard=self.steps_per_shard, queue_size=self.queue_size,
                              on_nonfinite=self.on_nonfinite, allow_repeated_ids=bool(self.allow_repeated_ids))

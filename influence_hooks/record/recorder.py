@@ -39,9 +39,10 @@ from ..capture.projection import any_projected
 from ..capture.select import layers_manifest, plan_layers, projection_fingerprint, select_layers
 from ..errors import ConfigurationError, InfluenceHooksError, SampleIdError
 from ..storage import format as fmt
+from ..storage.index import read_manifest
 from ..storage.jsonio import to_jsonable
 from ..storage.writer import RunWriter, StepRecord, check_sample_ids
-from .checks import check_first_step, warn_batch_mixing, warn_tied_parameters
+from .checks import broadcast_layers, check_first_step, warn_batch_mixing, warn_left_out, warn_tied_parameters
 from .distributed import open_on_every_rank, process_position, refuse_sharded
 from .host import event_after, host_copy, loss_scale, scaler_found_inf
 from .ids import as_ids, concat_ids
@@ -106,6 +107,8 @@ class GradientRecorder:
         warn_batch_mixing(self.model)
         self.capture = GradientCapture(self.layers)
         self.capture.attach()  # armed only between begin_micro_batch and end_step
+        if not self.config.names_layers():  # layers the user named are never left out
+            self.capture.before_first_gradient = self._leave_out_broadcast
         self.params = ParameterSaver(self.config, self.model)
         self._lr = RecordedLearningRate(self._recorded_parameters())
         self.writer: RunWriter | None = None
@@ -371,13 +374,43 @@ class GradientRecorder:
 
     def _check_first_step(self, n_rows: int) -> None:
         self._first_step_checked = True
-        explicit = self.config.layers is not None or self.config.layer_types is not None
-        broadcast = check_first_step(self.capture, n_rows, explicit)
+        broadcast = check_first_step(self.capture, n_rows, self.config.names_layers())
         if broadcast:
             self._left_out = sorted(broadcast)
             self.capture.drop_layers(broadcast)
             self.layers = self.capture.layers
             self._lr.reset(self._recorded_parameters())  # the group lookup must be redone for the kept layers
+
+    def _leave_out_broadcast(self) -> None:
+        """At the first gradient of the run, before anything is computed: layers whose forward pass
+        saw an input shared by the whole batch (GPT-2's position embedding) cannot give per-sample
+        gradients. They are left out, and the projection is shared out again among the others, as
+        if they had been excluded."""
+        broadcast = broadcast_layers(self.capture, self.capture.forward_mismatch, self.capture.current_rows)
+        if not broadcast or self.writer is not None:  # start() was called first: its manifest stands
+            return
+        kept = [(l.name, l.module, l.rule) for l in self.layers if l.name not in broadcast]
+        layers = plan_layers(kept, self.config.projection_budget(), self.config.projection_kind,
+                             self.config.seed, self.config.projection_allocation)
+        if not self._continues_the_plan(layers):
+            return  # resuming a run planned with them: they are left out at end_step, as they were then
+        warn_left_out(broadcast, planned=True, stacklevel=2)
+        new_index = {l.name: i for i, l in enumerate(layers)}
+        self.capture.replace_layers(layers, {i: new_index.get(l.name) for i, l in enumerate(self.layers)})
+        self.layers, self._left_out = layers, sorted(broadcast)
+        self._lr.reset(self._recorded_parameters())
+
+    def _continues_the_plan(self, layers: list) -> bool:
+        """Whether `layers` is the projection of the run this recorder resumes, if it resumes one
+        (runs recorded before the re-planning at the first gradient kept the share of the layers
+        left out unused, and a resume must keep their projection)."""
+        if self._start_kwargs.get("resume_run_id") is None:
+            return True
+        try:
+            recorded = read_manifest(Path(self.run_dir), purpose="resume").get("projection_fingerprint")
+        except InfluenceHooksError:
+            return True  # start() says what is wrong with the directory
+        return recorded == projection_fingerprint(layers_manifest(layers))
 
     def _announce(self, batch_size: int) -> None:
         """Say once, at the first step, what is recorded and what it costs."""
