@@ -159,14 +159,22 @@ def train_lm(rec: GradientRecorder, model: nn.Module, tokens: torch.Tensor, step
     return rec
 
 
-def test_a_layer_left_out_at_the_first_step_gives_its_share_to_the_others(tmp_path):
+@pytest.mark.parametrize("checkpointing", [None, "reentrant"])
+def test_a_layer_left_out_at_the_first_step_gives_its_share_to_the_others(tmp_path, checkpointing):
     # wpe sees a position input shared by the batch: it is left out at the first gradient, before
     # anything is computed, and the projection is shared among the other layers, so the run is the
-    # one that exclude=["transformer.wpe"] records, row for row
+    # one that exclude=["transformer.wpe"] records, row for row. With reentrant activation
+    # checkpointing the blocks' hooks are registered during the backward pass, after the re-plan.
     x = torch.randint(0, 64, (8, 16), generator=torch.Generator().manual_seed(0))
 
     def record(run_dir, **options):
         model = tiny_gpt2()
+        if checkpointing:
+            model.config.use_cache = False
+            if hasattr(model, "activation_checkpointing_enable"):  # newer transformers
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             train_lm(GradientRecorder(run_dir, model, verbose=False, **options), model, x, range(2))

@@ -89,7 +89,7 @@ class GradientCapture:
         # called once, at the first gradient, before anything is computed: the recorder may then
         # re-plan the layers (replace_layers) from what the forward pass showed
         self.before_first_gradient: Callable[[], None] | None = None
-        self._renumbered: dict[int, int | None] | None = None  # see replace_layers
+        self._index_of = {l.name: i for i, l in enumerate(layers)}  # see replace_layers
         self.seconds = 0.0  # spent inside the hooks (on a GPU: launching their work)
 
     # hooks ----------------------------------------------------------------
@@ -116,16 +116,16 @@ class GradientCapture:
             self.forward_mismatch[index] = output.shape[0]
         saved = tuple(x.detach() if isinstance(x, torch.Tensor) else x for x in inputs)
         out = output.detach()
-        output.register_hook(partial(self._on_grad, index, module, saved, out))
+        output.register_hook(partial(self._on_grad, self.layers, index, module, saved, out))
         self.seconds += time.perf_counter() - t0
 
-    def _on_grad(self, index: int, module: nn.Module, inputs: tuple, output: torch.Tensor,
-                 grad: torch.Tensor) -> None:
+    def _on_grad(self, layers: list[CapturedLayer], index: int, module: nn.Module, inputs: tuple,
+                 output: torch.Tensor, grad: torch.Tensor) -> None:
         if self.before_first_gradient is not None:
             hook, self.before_first_gradient = self.before_first_gradient, None
             hook()
-        if self._renumbered is not None:  # registered before the layers were re-planned
-            index = self._renumbered[index]
+        if layers is not self.layers:  # registered before the layers were re-planned
+            index = self._index_of.get(layers[index].name)
             if index is None:  # left out
                 return
         if self._current_rows and grad.shape[0] != self._current_rows:
@@ -161,7 +161,7 @@ class GradientCapture:
         elif self._current_rows:
             self._finished.append(_MicroBatch(self._current_rows))
         self._current, self._current_rows = None, 0
-        self.forward_mismatch, self._renumbered = {}, None
+        self.forward_mismatch = {}
 
     @property
     def current_rows(self) -> int:
@@ -169,27 +169,28 @@ class GradientCapture:
         return self._current_rows
 
     def take_state(self) -> tuple:
-        """Set aside what was collected so far (to capture something else in between)."""
-        state = (self._current, self._finished, self._current_rows)
-        self._current, self._finished, self._current_rows = None, [], 0
+        """Set aside what was collected so far (to capture something else in between, which does
+        not call before_first_gradient either)."""
+        state = (self._current, self._finished, self._current_rows, self.before_first_gradient)
+        self._current, self._finished, self._current_rows, self.before_first_gradient = None, [], 0, None
         return state
 
     def restore_state(self, state: tuple) -> None:
-        self._current, self._finished, self._current_rows = state
+        self._current, self._finished, self._current_rows, self.before_first_gradient = state
 
     def discard(self) -> None:
         """Drop everything collected since the last `collect`."""
         self._current, self._finished, self._current_rows = None, [], 0
         self.batch_mismatch = {}
 
-    def replace_layers(self, layers: list[CapturedLayer], renumbered: dict[int, int | None]) -> None:
-        """Capture `layers` instead, before any gradient was taken in (from `before_first_gradient`).
-        The hooks that the current micro-batch's forward pass registered find their layer through
-        `renumbered` (old index -> new index, None: no longer captured)."""
+    def replace_layers(self, layers: list[CapturedLayer]) -> None:
+        """Capture `layers` (some of the current ones, planned anew) instead, before any gradient
+        was taken in (from `before_first_gradient`). A hook registered with the previous list finds
+        its layer in the new one by name, or is ignored if the layer is not there."""
         if self._current is not None or any(mb.block is not None for mb in self._finished):
             raise RuntimeError("replace_layers after gradients were collected")
         self.detach()
-        self.layers, self._renumbered = layers, dict(renumbered)
+        self.layers, self._index_of = layers, {l.name: i for i, l in enumerate(layers)}
         self.dim = sum(l.spec.out_dim for l in layers)
         self.attach()
 
@@ -204,6 +205,7 @@ class GradientCapture:
         self.seen_layers = {new_index[i] for i in self.seen_layers if i in new_index}
         self.batch_mismatch = {}
         self.layers = [self.layers[i] for i in keep]
+        self._index_of = {l.name: i for i, l in enumerate(self.layers)}
         offset = 0
         for l in self.layers:
             l.offset = offset

@@ -50,10 +50,12 @@ def broadcast_layers(capture: GradientCapture, mismatch: dict[int, int], n_rows:
     return broadcast
 
 
-def warn_left_out(broadcast: set[str], planned: bool, stacklevel: int = 4) -> None:
-    """planned: whether the projection was shared out again without them."""
-    unused = ("" if planned else " Their share of the projection stays unused: pass "
-              f"exclude={sorted(broadcast)} to give it to the other layers.")
+def warn_left_out(broadcast: set[str], planned: bool, stacklevel: int) -> None:
+    """planned: whether the projection was shared out again without them (at the first gradient)."""
+    unused = ("" if planned else
+              " Their share of the projection stays unused, since it was planned with them (gradients were "
+              "taken in before they showed, start() was called before the first step, or the run resumed "
+              f"was recorded that way); in a new run exclude={sorted(broadcast)} gives it to the other layers.")
     warnings.warn(f"not recording {sorted(broadcast)}: applied to an input shared by the whole "
                   "batch (e.g. position embeddings), so per-sample gradients are not available "
                   f"from hooks.{unused} Pass exclude={sorted(broadcast)} to silence this.",
@@ -80,6 +82,5 @@ def check_first_step(capture: GradientCapture, n_rows: int, explicit_selection: 
             f"layer(s) {sorted(broadcast)} are applied to an input shared by the whole batch "
             "(batch dimension 1, e.g. position embeddings broadcast over samples), so their "
             "per-sample gradients cannot be read from hooks. Leave them out (exclude=[...]).")
-    # seen only after gradients were taken in with them planned (not in the first micro-batch)
-    warn_left_out(broadcast, planned=False)
+    warn_left_out(broadcast, planned=False, stacklevel=5)  # not re-planned: see _leave_out_broadcast
     return broadcast

@@ -127,6 +127,7 @@ class GradientRecorder:
         self.plan: dict[str, Any] | None = None
         self.stats = RecordingStats()
         self._left_out: list[str] = []
+        self._replanned = False  # layers were left out at the first gradient (_leave_out_broadcast)
 
     @property
     def dim(self) -> int:
@@ -374,6 +375,8 @@ class GradientRecorder:
 
     def _check_first_step(self, n_rows: int) -> None:
         self._first_step_checked = True
+        if self._replanned:  # said here, not inside the backward pass that re-planned
+            warn_left_out(set(self._left_out), planned=True, stacklevel=4)
         broadcast = check_first_step(self.capture, n_rows, self.config.names_layers())
         if broadcast:
             self._left_out = sorted(broadcast)
@@ -394,10 +397,8 @@ class GradientRecorder:
                              self.config.seed, self.config.projection_allocation)
         if not self._continues_the_plan(layers):
             return  # resuming a run planned with them: they are left out at end_step, as they were then
-        warn_left_out(broadcast, planned=True, stacklevel=2)
-        new_index = {l.name: i for i, l in enumerate(layers)}
-        self.capture.replace_layers(layers, {i: new_index.get(l.name) for i, l in enumerate(self.layers)})
-        self.layers, self._left_out = layers, sorted(broadcast)
+        self.capture.replace_layers(layers)
+        self.layers, self._left_out, self._replanned = layers, sorted(broadcast), True
         self._lr.reset(self._recorded_parameters())
 
     def _continues_the_plan(self, layers: list) -> bool:
