@@ -169,14 +169,13 @@ class GradientCapture:
         return self._current_rows
 
     def take_state(self) -> tuple:
-        """Set aside what was collected so far (to capture something else in between, which does
-        not call before_first_gradient either)."""
-        state = (self._current, self._finished, self._current_rows, self.before_first_gradient)
-        self._current, self._finished, self._current_rows, self.before_first_gradient = None, [], 0, None
+        """Set aside what was collected so far (to capture something else in between)."""
+        state = (self._current, self._finished, self._current_rows)
+        self._current, self._finished, self._current_rows = None, [], 0
         return state
 
     def restore_state(self, state: tuple) -> None:
-        self._current, self._finished, self._current_rows, self.before_first_gradient = state
+        self._current, self._finished, self._current_rows = state
 
     def discard(self) -> None:
         """Drop everything collected since the last `collect`."""
