@@ -188,6 +188,10 @@ class GradientCapture:
         its layer in the new one by name, or is ignored if the layer is not there."""
         if self._current is not None or any(mb.block is not None for mb in self._finished):
             raise RuntimeError("replace_layers after gradients were collected")
+        self._use(layers)
+
+    def _use(self, layers: list[CapturedLayer]) -> None:
+        """Hook `layers` (their offsets set) from now on, instead of the current ones."""
         self.detach()
         self.layers, self._index_of = layers, {l.name: i for i, l in enumerate(layers)}
         self.dim = sum(l.spec.out_dim for l in layers)
@@ -195,7 +199,6 @@ class GradientCapture:
 
     def drop_layers(self, names: set[str]) -> None:
         """Stop recording `names`; what the other layers collected is kept, offsets recomputed."""
-        self.detach()
         keep = [i for i, l in enumerate(self.layers) if l.name not in names]
         new_index = {old: new for new, old in enumerate(keep)}
         if self._current is not None:
@@ -203,14 +206,12 @@ class GradientCapture:
         self._finished = [mb.select(keep, self.layers) for mb in self._finished]
         self.seen_layers = {new_index[i] for i in self.seen_layers if i in new_index}
         self.batch_mismatch = {}
-        self.layers = [self.layers[i] for i in keep]
-        self._index_of = {l.name: i for i, l in enumerate(self.layers)}
+        kept = [self.layers[i] for i in keep]
         offset = 0
-        for l in self.layers:
+        for l in kept:
             l.offset = offset
             offset += l.spec.out_dim
-        self.dim = offset
-        self.attach()
+        self._use(kept)
 
     def collect(self, row_scales: list[float | torch.Tensor] | None = None,
                 dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -126,8 +126,7 @@ class GradientRecorder:
         self.verbose = verbose
         self.plan: dict[str, Any] | None = None
         self.stats = RecordingStats()
-        self._left_out: list[str] = []
-        self._replanned = False  # layers were left out at the first gradient (_leave_out_broadcast)
+        self._left_out: list[str] = []  # layers left out, found at the first gradient or step
 
     @property
     def dim(self) -> int:
@@ -375,14 +374,12 @@ class GradientRecorder:
 
     def _check_first_step(self, n_rows: int) -> None:
         self._first_step_checked = True
-        if self._replanned:  # said here, not inside the backward pass that re-planned
+        if self._left_out:  # re-planned at the first gradient; said here, not inside that backward pass
             warn_left_out(set(self._left_out), planned=True, stacklevel=4)
         broadcast = check_first_step(self.capture, n_rows, self.config.names_layers())
         if broadcast:
-            self._left_out = sorted(broadcast)
             self.capture.drop_layers(broadcast)
-            self.layers = self.capture.layers
-            self._lr.reset(self._recorded_parameters())  # the group lookup must be redone for the kept layers
+            self._keep(self.capture.layers, broadcast)
 
     def _leave_out_broadcast(self) -> None:
         """At the first gradient of the run, before anything is computed: layers whose forward pass
@@ -398,8 +395,12 @@ class GradientRecorder:
         if not self._continues_the_plan(layers):
             return  # resuming a run planned with them: they are left out at end_step, as they were then
         self.capture.replace_layers(layers)
-        self.layers, self._left_out, self._replanned = layers, sorted(broadcast), True
-        self._lr.reset(self._recorded_parameters())
+        self._keep(layers, broadcast)
+
+    def _keep(self, layers: list, left_out: set[str]) -> None:
+        """Record `layers` (the capture's now), `left_out` having been left out of them."""
+        self.layers, self._left_out = layers, sorted(left_out)
+        self._lr.reset(self._recorded_parameters())  # the group lookup must be redone for the kept layers
 
     def _continues_the_plan(self, layers: list) -> bool:
         """Whether `layers` is the projection of the run this recorder resumes, if it resumes one

@@ -312,9 +312,10 @@ class ShardIndex:
         stage = Stage() if on_corrupt == "skip" and read_whole else None
         for sh in finished_shards(path):
             try:
-                columns = _read_step_columns(pool.get(sh.path), sh, run_id, dim)
+                f = pool.get(sh.path)
+                columns = _read_step_columns(f, sh, run_id, dim)
                 if stage is not None:
-                    _read_whole(pool.get(sh.path), pool.rows(sh.path), stage)
+                    _read_whole(f, pool.rows(sh.path), stage)
                 read.append((sh, *columns))
             except Exception as e:  # noqa: BLE001 - any failure to read means a broken shard
                 pool.drop(sh.path)
